@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Set up singularity-stack on Debian 12: Debian packages, then a virtualenv with the project.
+#   scripts/setup.sh           what running the product needs
+#   scripts/setup.sh --test    plus what the test suite needs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+packages=(python3-venv python3-pip postgresql)
+if [[ "${1:-}" == "--test" ]]; then
+  extras="[test]"
+  mapfile -t -O "${#packages[@]}" packages < <(grep -v '^#' scripts/debian-test-packages.txt | grep .)
+fi
+
+missing=()
+for pkg in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# One resolver run for everything: the pins in pyproject.toml are chosen to resolve together.
+.venv/bin/python -m pip install -q -e ".${extras}"

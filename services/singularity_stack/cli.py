@@ -1,0 +1,154 @@
+"""The `singularity-stack` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from singularity_stack.provision import credentials as creds
+from singularity_stack.provision.migrations import applied_migrations
+from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError, ProvisionResult
+from singularity_stack.topology import StackLayout
+
+
+def _provision(
+    admin_dsn: str,
+    instances: int,
+    credentials_out: Path,
+    *,
+    rotate: list[str] | None = None,
+    public_endpoint: Endpoint | None = None,
+    pgmq_method: str | None = None,
+    prefix: str = "",
+) -> ProvisionResult:
+    """Provision, reusing the passwords of an existing credentials file, and (re)write that file."""
+    known = creds.known_passwords(creds.load(credentials_out))
+    result = Provisioner(
+        admin_dsn,
+        StackLayout(instances, prefix),
+        known_passwords=known,
+        rotate=rotate or [],
+        public_endpoint=public_endpoint,
+        pgmq_method=pgmq_method,  # type: ignore[arg-type]
+        report=lambda line: print(f"  {line}", flush=True),
+        persist=lambda credentials: creds.save(credentials_out, credentials),
+    ).run()
+    creds.save(credentials_out, result.credentials)
+    return result
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    public = Endpoint(args.public_host, args.public_port) if args.public_host else None
+    result = _provision(
+        args.admin_dsn,
+        args.singularity_instances,
+        args.credentials_out,
+        rotate=args.rotate_password,
+        public_endpoint=public,
+        pgmq_method=args.pgmq_method,
+        prefix=args.prefix,
+    )
+    print(f"pgmq {result.pgmq.version} ({result.pgmq.method})")
+    print(f"{len(result.changes)} change(s); credentials in {args.credentials_out}")
+    return 0
+
+
+def cmd_migrations(args: argparse.Namespace) -> int:
+    applied = applied_migrations(args.database_url)
+    for migration_id in applied:
+        print(migration_id)
+    if not applied:
+        print("(no migrations applied)", file=sys.stderr)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from singularity_stack.postgres.cluster import LocalCluster
+
+    state = args.state_dir.resolve()
+    cluster = None
+    admin_dsn = args.admin_dsn
+    if not admin_dsn:
+        port_file = state / "postgres-port"
+        port = int(port_file.read_text()) if port_file.exists() else None
+        cluster = LocalCluster(state / "postgres", port=port)
+        print(
+            f"starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
+            f"in {cluster.datadir} on port {cluster.port}",
+            flush=True,
+        )
+        cluster.start()
+        port_file.write_text(str(cluster.port))
+        admin_dsn = cluster.dsn()
+    credentials_file = state / "credentials.json"
+    print("provisioning the five databases, roles and queues:", flush=True)
+    result = _provision(admin_dsn, args.singularity_instances, credentials_file)
+    print(f"\npgmq {result.pgmq.version} ({result.pgmq.method}) in database shared_queue")
+    for name, entry in result.credentials.items():
+        print(f"{name:>16}  DATABASE_URL={entry.database_url}")
+    print(f"{'':>16}  SHARED_QUEUE_DB_URL: see {credentials_file}")
+    print(f"credentials (mode 0600): {credentials_file}")
+    if cluster is None:
+        return 0
+    print(f"admin: {admin_dsn}\nthe stack is up; press Ctrl-C to stop PostgreSQL", flush=True)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    print("stopping PostgreSQL", flush=True)
+    cluster.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="singularity-stack", description=__doc__)
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("provision", help="create the databases, roles, queues and schemas (idempotent)")
+    p.add_argument("--admin-dsn", required=True, help="a superuser connection URL")
+    p.add_argument("--singularity-instances", type=int, default=1, metavar="N")
+    p.add_argument(
+        "--credentials-out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="JSON credentials; its passwords are reused when it exists",
+    )
+    p.add_argument(
+        "--rotate-password", action="append", default=[], metavar="ROLE", help="give ROLE a new password (repeatable)"
+    )
+    p.add_argument("--public-host", help="host the services use to reach Postgres (default: the admin DSN's)")
+    p.add_argument("--public-port", type=int, default=5432)
+    p.add_argument("--pgmq-method", choices=["extension", "sql"], help="force how pgmq is installed")
+    p.add_argument("--prefix", default="", help="prefix for database and role names (several stacks, one server)")
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("migrations", help="list the migrations applied to a service database")
+    p.add_argument("--database-url", required=True)
+    p.set_defaults(func=cmd_migrations)
+
+    p = sub.add_parser("up", help="run the whole stack locally")
+    p.add_argument("--singularity-instances", type=int, default=1, metavar="N")
+    p.add_argument("--state-dir", type=Path, default=Path(".local-stack"))
+    p.add_argument("--admin-dsn", help="use this PostgreSQL instead of starting a local one")
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        return int(args.func(args))
+    except ProvisionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

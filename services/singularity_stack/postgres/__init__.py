@@ -1,0 +1,1 @@
+"""Running PostgreSQL locally and installing pgmq."""

@@ -1,0 +1,219 @@
+"""A PostgreSQL cluster on this machine, run with initdb + pg_ctl: for tests and the local stack.
+
+PostgreSQL refuses to run as root, so when we are root the cluster runs as the
+`postgres` system user (Debian's package creates it) or `nobody`.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import secrets
+import socket
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import quote
+
+from singularity_stack.postgres.installation import PostgresInstallation, find_installation
+
+SUPERUSER = "postgres"
+# Settings for a throwaway cluster: durability traded for speed.
+FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+class ClusterError(RuntimeError):
+    """initdb, pg_ctl or the server failed; the message carries its output and log tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_as_user() -> pwd.struct_passwd | None:
+    """The unprivileged account to run the server as, or None to run as ourselves."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise ClusterError("running as root and neither a 'postgres' nor a 'nobody' account exists")
+
+
+def admin_dsn(host: str, port: int, password: str, dbname: str = "postgres", user: str = SUPERUSER) -> str:
+    return f"postgresql://{quote(user)}:{quote(password, safe='')}@{host}:{port}/{dbname}"
+
+
+class LocalCluster:
+    """One cluster in `datadir`; `start()` creates it on first use. Usable as a context manager."""
+
+    def __init__(
+        self,
+        datadir: Path,
+        *,
+        port: int | None = None,
+        installation: PostgresInstallation | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        self.datadir = Path(datadir)
+        self.installation = installation or find_installation()
+        self.port = port or free_port()
+        self.settings = {"max_connections": "300", **(settings or {})}
+        self.host = "127.0.0.1"
+        self._account = _run_as_user()
+
+    # -- paths and credentials -------------------------------------------------------------------
+
+    @property
+    def pgdata(self) -> Path:
+        return self.datadir / "data"
+
+    @property
+    def logfile(self) -> Path:
+        return self.datadir / "postgres.log"
+
+    @property
+    def password_file(self) -> Path:
+        return self.datadir / "superuser-password"
+
+    @property
+    def password(self) -> str:
+        return self.password_file.read_text().strip()
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return admin_dsn(self.host, self.port, self.password, dbname)
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def _run(self, args: list[str]) -> subprocess.CompletedProcess[str]:
+        user = self._account.pw_uid if self._account else None
+        group = self._account.pw_gid if self._account else None
+        result = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            user=user,
+            group=group,
+            cwd="/",
+            env=self.installation.environment(),
+        )
+        if result.returncode != 0:
+            raise ClusterError(
+                f"{Path(args[0]).name} failed ({result.returncode}): {result.stdout}{result.stderr}"
+                f"\n--- log tail ---\n{self.log_tail()}"
+            )
+        return result
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _give_to_account(self, path: Path) -> None:
+        if self._account:
+            os.chown(path, self._account.pw_uid, self._account.pw_gid)
+
+    @property
+    def initialized(self) -> bool:
+        return (self.pgdata / "PG_VERSION").exists()
+
+    def init(self) -> None:
+        if self.initialized:
+            return
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        self.datadir.chmod(0o700)
+        self._give_to_account(self.datadir)
+        self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+        self.password_file.chmod(0o600)
+        self._give_to_account(self.password_file)
+        self._run(
+            [
+                str(self.installation.tool("initdb")),
+                "--pgdata",
+                str(self.pgdata),
+                "--username",
+                SUPERUSER,
+                "--pwfile",
+                str(self.password_file),
+                "--auth-local",
+                "scram-sha-256",
+                "--auth-host",
+                "scram-sha-256",
+                "--encoding",
+                "UTF8",
+                "--locale",
+                "C",
+                "--no-instructions",
+            ]
+        )
+
+    def _options(self) -> str:
+        settings = {
+            **self.settings,
+            "port": str(self.port),
+            "listen_addresses": self.host,
+            "unix_socket_directories": str(self.datadir),
+        }
+        return " ".join(f"-c {key}={value}" for key, value in settings.items())
+
+    @property
+    def running(self) -> bool:
+        result = subprocess.run(
+            [str(self.installation.tool("pg_ctl")), "status", "--pgdata", str(self.pgdata)],
+            capture_output=True,
+            user=self._account.pw_uid if self._account else None,
+            env=self.installation.environment(),
+        )
+        return result.returncode == 0
+
+    def start(self) -> LocalCluster:
+        self.init()
+        if not self.running:
+            self._run(
+                [
+                    str(self.installation.tool("pg_ctl")),
+                    "start",
+                    "--wait",
+                    "--timeout",
+                    "60",
+                    "--pgdata",
+                    str(self.pgdata),
+                    "--log",
+                    str(self.logfile),
+                    "--options",
+                    self._options(),
+                ]
+            )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; mode "immediate" simulates a crash (no shutdown checkpoint)."""
+        if self.initialized and self.running:
+            self._run(
+                [str(self.installation.tool("pg_ctl")), "stop", "--wait", "--mode", mode, "--pgdata", str(self.pgdata)]
+            )
+
+    def restart(self, mode: str = "fast") -> None:
+        self.stop(mode)
+        self.start()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def throwaway_cluster(installation: PostgresInstallation | None = None) -> LocalCluster:
+    """A cluster in a fresh temporary directory, tuned for speed (fsync off). The caller removes the directory."""
+    datadir = Path(tempfile.mkdtemp(prefix="singularity-pg-"))
+    return LocalCluster(datadir, installation=installation, settings=FAST_SETTINGS)

@@ -1,0 +1,72 @@
+"""Pure functions: the SQL that gives each role exactly its queue operations in `shared_queue`.
+
+pgmq's functions run with the caller's privileges, so table grants decide who can do what:
+- send: INSERT on `pgmq.q_<queue>`, plus SELECT on `msg_id` for `RETURNING msg_id` (not on the messages);
+  also the pgmq notify trigger's update of `pgmq.notify_insert_throttle`;
+- consume (read, archive, delete, set_vt): SELECT, UPDATE, DELETE on `q_<queue>`, INSERT on `a_<queue>`
+  and SELECT on its `msg_id`;
+- analytics: SELECT on every archive `pgmq.a_<queue>` and on `pgmq.meta`, nothing else.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from singularity_stack.topology import Access, Grant, StackLayout
+
+PGMQ_CATALOG = ("meta", "notify_insert_throttle", "topic_bindings")
+
+
+def _table(prefix: str, queue: str) -> sql.Composable:
+    return sql.Identifier("pgmq", f"{prefix}_{queue}")
+
+
+def grant_statements(grant: Grant, role: str) -> list[sql.Composable]:
+    who = sql.Identifier(role)
+    queue, archive = _table("q", grant.queue), _table("a", grant.queue)
+    if grant.access is Access.SEND:
+        return [
+            sql.SQL("GRANT INSERT ON {} TO {}").format(queue, who),
+            sql.SQL("GRANT SELECT (msg_id) ON {} TO {}").format(queue, who),
+        ]
+    return [
+        sql.SQL("GRANT SELECT, UPDATE, DELETE ON {} TO {}").format(queue, who),
+        sql.SQL("GRANT INSERT ON {} TO {}").format(archive, who),
+        sql.SQL("GRANT SELECT (msg_id) ON {} TO {}").format(archive, who),
+    ]
+
+
+def schema_statements(layout: StackLayout) -> list[sql.Composable]:
+    """Schema-level privileges: everyone may use pgmq; only CentralCloud may create queues in it."""
+    owner = sql.Identifier(layout.role("centralcloud"))
+    senders = [layout.role(r) for r in ("genesis", "nexus", *layout.instance_ids)]
+    everyone = [layout.role(r) for r in layout.owners] + [layout.analytics_role]
+    statements: list[sql.Composable] = [
+        sql.SQL("GRANT USAGE ON SCHEMA pgmq TO {}").format(sql.SQL(", ").join(map(sql.Identifier, everyone))),
+        sql.SQL("GRANT CREATE ON SCHEMA pgmq TO {}").format(owner),
+    ]
+    for table in PGMQ_CATALOG:
+        statements.append(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(sql.Identifier("pgmq", table), owner)
+        )
+    throttle = sql.Identifier("pgmq", "notify_insert_throttle")
+    who = sql.SQL(", ").join(map(sql.Identifier, senders))
+    statements += [
+        sql.SQL("GRANT SELECT (queue_name, throttle_interval_ms, last_notified_at) ON {} TO {}").format(throttle, who),
+        sql.SQL("GRANT UPDATE (last_notified_at) ON {} TO {}").format(throttle, who),
+        sql.SQL("GRANT SELECT ON {} TO {}").format(
+            sql.Identifier("pgmq", "meta"), sql.Identifier(layout.analytics_role)
+        ),
+    ]
+    return statements
+
+
+def queue_statements(layout: StackLayout) -> list[sql.Composable]:
+    """Per-queue privileges for every grant of the layout, plus read-only archives for analytics."""
+    statements: list[sql.Composable] = []
+    for grant in layout.grants:
+        statements += grant_statements(grant, layout.role(grant.role))
+    analytics = sql.Identifier(layout.analytics_role)
+    for queue in layout.queues:
+        statements.append(sql.SQL("GRANT SELECT ON {} TO {}").format(_table("a", queue), analytics))
+    return statements

@@ -1,0 +1,197 @@
+"""Create a stack's databases, roles, pgmq, queues, privileges and schemas: idempotently.
+
+Running it again changes nothing and never changes an existing password; a larger instance
+count adds only the new instances. Isolation is enforced by PostgreSQL: CONNECT is revoked
+from PUBLIC on every database, each role owns its own database and reaches `shared_queue`
+only through the queue privileges of `privileges.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import sql
+
+from singularity_stack.postgres.pgmq_install import Method, PgmqInstall, ensure_pgmq
+from singularity_stack.provision import privileges
+from singularity_stack.provision.credentials import ServiceCredentials, generate_password, postgres_url
+from singularity_stack.provision.migrations import apply_migrations, service_kind
+from singularity_stack.topology import StackLayout
+
+log = logging.getLogger(__name__)
+
+
+class ProvisionError(RuntimeError):
+    """Provisioning cannot go on; the message says what to do."""
+
+
+@dataclass
+class ProvisionResult:
+    layout: StackLayout
+    credentials: dict[str, ServiceCredentials]
+    passwords: dict[str, str]
+    pgmq: PgmqInstall
+    changes: list[str] = field(default_factory=list)
+    migrations: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+
+def endpoint_of(dsn: str) -> Endpoint:
+    parts = urlsplit(dsn)
+    return Endpoint(parts.hostname or "localhost", parts.port or 5432)
+
+
+def with_database(dsn: str, dbname: str) -> str:
+    parts = urlsplit(dsn)
+    return parts._replace(path="/" + dbname).geturl()
+
+
+class Provisioner:
+    def __init__(
+        self,
+        admin_dsn: str,
+        layout: StackLayout,
+        *,
+        known_passwords: Mapping[str, str] | None = None,
+        rotate: Iterable[str] = (),
+        public_endpoint: Endpoint | None = None,
+        pgmq_method: Method | None = None,
+        report: Callable[[str], None] | None = None,
+        persist: Callable[[dict[str, ServiceCredentials]], None] | None = None,
+    ) -> None:
+        self.admin_dsn = admin_dsn
+        self.layout = layout
+        self.passwords = dict(known_passwords or {})
+        self.rotate = set(rotate)
+        # Where the services reach Postgres (e.g. a Kubernetes Service), if not where we do.
+        self.admin_endpoint = endpoint_of(admin_dsn)
+        self.public_endpoint = public_endpoint or self.admin_endpoint
+        self.pgmq_method = pgmq_method
+        self.report = report or (lambda line: log.info("%s", line))
+        # Called as soon as passwords exist, so a failure in a later step never loses one.
+        self.persist = persist
+        self.changes: list[str] = []
+
+    def _changed(self, what: str) -> None:
+        self.changes.append(what)
+        self.report(what)
+
+    # -- roles and databases (autocommit: CREATE DATABASE cannot run in a transaction) ---------------
+
+    def _ensure_role(self, conn: psycopg.Connection, role: str) -> None:
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        if exists and role not in self.rotate:
+            if role not in self.passwords:
+                raise ProvisionError(
+                    f"role {role} exists but its password is not known: pass the credentials file that holds it, "
+                    f"or set a new one with --rotate-password {role}"
+                )
+            return
+        password = generate_password() if role in self.rotate or role not in self.passwords else self.passwords[role]
+        self.passwords[role] = password
+        verb = "ALTER" if exists else "CREATE"
+        conn.execute(
+            sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)
+            )
+        )
+        self._changed(f"{'rotated password of' if exists else 'created'} role {role}")
+
+    def _ensure_database(self, conn: psycopg.Connection, database: str, owner: str) -> None:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner)))
+            self._changed(f"created database {database}")
+        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+
+    def _roles_and_databases(self) -> None:
+        layout = self.layout
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            for logical in layout.owners:
+                self._ensure_role(conn, layout.role(logical))
+            self._ensure_role(conn, layout.analytics_role)
+            self._ensure_database(conn, layout.shared_queue_database, layout.role("centralcloud"))
+            for logical in layout.owners:
+                self._ensure_database(conn, layout.database(logical), layout.role(logical))
+            members = [layout.role(r) for r in layout.owners] + [layout.analytics_role]
+            conn.execute(
+                sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                    sql.Identifier(layout.shared_queue_database), sql.SQL(", ").join(map(sql.Identifier, members))
+                )
+            )
+
+    # -- shared_queue: pgmq, queues owned by CentralCloud, privileges --------------------------------
+
+    def _shared_queue(self) -> PgmqInstall:
+        layout = self.layout
+        with psycopg.connect(with_database(self.admin_dsn, layout.shared_queue_database)) as conn:
+            installed = ensure_pgmq(conn, prefer=self.pgmq_method)
+            if installed.newly_installed:
+                self._changed(f"installed pgmq {installed.version} ({installed.method})")
+            for statement in privileges.schema_statements(layout):
+                conn.execute(statement)
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(layout.role("centralcloud"))))
+            existing = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.meta")}
+            notifying = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.notify_insert_throttle")}
+            for queue in layout.queues:
+                if queue not in existing:
+                    conn.execute("SELECT pgmq.create(%s)", (queue,))
+                    self._changed(f"created queue {queue}")
+            for queue in layout.work_queues:
+                if queue not in notifying:
+                    # Throttle 0: every insert notifies, so consumers wake in milliseconds.
+                    conn.execute("SELECT pgmq.enable_notify_insert(%s, 0)", (queue,))
+            for statement in privileges.queue_statements(layout):
+                conn.execute(statement)
+            conn.execute("RESET ROLE")
+            conn.commit()
+            return installed
+
+    # -- results -------------------------------------------------------------------------------------
+
+    def _url(self, role: str, database: str, endpoint: Endpoint) -> str:
+        return postgres_url(role, self.passwords[role], endpoint.host, endpoint.port, database)
+
+    def credentials(self, endpoint: Endpoint | None = None) -> dict[str, ServiceCredentials]:
+        """Each service's URLs, pointing at `endpoint` (default: where the services reach Postgres)."""
+        where = endpoint or self.public_endpoint
+        layout = self.layout
+        result = {}
+        for logical in layout.owners:
+            role = layout.role(logical)
+            result[logical] = ServiceCredentials(
+                database_url=self._url(role, layout.database(logical), where),
+                shared_queue_url=self._url(role, layout.shared_queue_database, where),
+            )
+        result["centralcloud"].shared_queue_analytics_url = self._url(
+            layout.analytics_role, layout.shared_queue_database, where
+        )
+        return result
+
+    def _migrate(self) -> dict[str, list[str]]:
+        applied = {}
+        for logical, creds in self.credentials(self.admin_endpoint).items():
+            done = apply_migrations(service_kind(logical), creds.database_url)
+            if done:
+                self._changed(f"migrated {self.layout.database(logical)}: {', '.join(done)}")
+            applied[logical] = done
+        return applied
+
+    def run(self) -> ProvisionResult:
+        self._roles_and_databases()
+        if self.persist:
+            self.persist(self.credentials())
+        installed = self._shared_queue()
+        migrations = self._migrate()
+        return ProvisionResult(
+            self.layout, self.credentials(), dict(self.passwords), installed, self.changes, migrations
+        )
