@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import Stack
 
 from singularity_stack.postgres.cluster import LocalCluster, throwaway_cluster
 from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
@@ -60,3 +61,30 @@ def open_tmp() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_stack(provision_stack: ProvisionFn) -> ProvisionResult:
+    """A stack of its own (one instance) for a test that changes queue contents."""
+    return provision_stack(1)
+
+
+@pytest.fixture
+async def sq(fresh_stack: ProvisionResult) -> AsyncIterator[Stack]:
+    handle = Stack(fresh_stack)
+    yield handle
+    await handle.close()
+
+
+@pytest.fixture
+async def open_stack(provision_stack: ProvisionFn) -> AsyncIterator[Callable[[int], Stack]]:
+    """Provision stacks of N instances during a test; their clients are closed afterwards."""
+    handles: list[Stack] = []
+
+    def open_(instances: int) -> Stack:
+        handles.append(Stack(provision_stack(instances)))
+        return handles[-1]
+
+    yield open_
+    for handle in handles:
+        await handle.close()

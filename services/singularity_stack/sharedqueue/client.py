@@ -1,0 +1,219 @@
+"""The shared-queue client every service uses: pgmq over an async psycopg 3 connection pool.
+
+Calls that fail because the connection or the server went away are retried with back-off
+for `retry_for` seconds (PostgreSQL restarts, failovers); everything else raises at once.
+A retried publish may deliver twice: receivers deduplicate on `request_id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from singularity_stack.contract import DeadLetter, Message, Reply, build
+from singularity_stack.topology import dead_letter_queue, reply_queue
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """A message as pgmq returns it; `body` is the JSON text, parsed by the consumer."""
+
+    msg_id: int
+    read_ct: int
+    enqueued_at: datetime
+    body: str
+    headers: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    queue: str
+    length: int
+    visible: int
+    oldest_age_seconds: int | None
+    total_messages: int
+
+
+def queue_for(message: Message) -> str:
+    """The physical queue a message goes to: replies go to their recipient's own queue."""
+    if isinstance(message, Reply):
+        return reply_queue(message.queue, message.recipient)
+    return message.queue
+
+
+_READ_SQL = "SELECT msg_id, read_ct, enqueued_at, message::text, headers FROM pgmq.read(%s, %s, %s)"
+
+
+class SharedQueue:
+    """Connection pool + pgmq operations. Open with `async with SharedQueue(dsn) as q:` or `await q.open()`."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        retry_for: float = 60.0,
+        name: str = "shared-queue",
+    ) -> None:
+        self.dsn = dsn
+        self.retry_for = retry_for
+        self.pool = AsyncConnectionPool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
+            open=False,
+            name=name,
+        )
+
+    async def open(self) -> SharedQueue:
+        await self.pool.open(wait=False)
+        return self
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def __aenter__(self) -> SharedQueue:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    async def _retrying(self, operation: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            try:
+                async with self.pool.connection() as conn:
+                    return await operation(conn)
+            except psycopg.OperationalError as error:
+                if time.monotonic() >= deadline:
+                    raise
+                log.warning("shared queue unavailable (%s); retrying in %.2fs", error.__class__.__name__, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+
+    async def _rows(self, query: str, params: Sequence[Any]) -> list[TupleRow]:
+        async def run(conn: psycopg.AsyncConnection[TupleRow]) -> list[TupleRow]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+        return await self._retrying(run)
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, message: Message, *, delay_seconds: int = 0) -> int:
+        """Send one validated message to its queue; returns the pgmq message id."""
+        rows = await self._rows(
+            "SELECT * FROM pgmq.send(%s, %s::jsonb, %s)", (queue_for(message), message.model_dump_json(), delay_seconds)
+        )
+        return int(rows[0][0])
+
+    async def publish_data(self, kind: str, data: Any) -> int:
+        """Validate `data` against queue kind `kind` and publish it; raises InvalidMessage naming the field."""
+        return await self.publish(build(kind, data))
+
+    async def publish_batch(self, messages: Sequence[Message]) -> list[int]:
+        """Send many messages, one `send_batch` per destination queue; ids come back in input order."""
+        by_queue: dict[str, list[int]] = defaultdict(list)
+        for index, message in enumerate(messages):
+            by_queue[queue_for(message)].append(index)
+        ids = [0] * len(messages)
+        for queue, indexes in by_queue.items():
+            bodies = [messages[i].model_dump_json() for i in indexes]
+            rows = await self._rows("SELECT * FROM pgmq.send_batch(%s, %s::jsonb[])", (queue, bodies))
+            for index, row in zip(indexes, rows, strict=True):
+                ids[index] = int(row[0])
+        return ids
+
+    async def send_raw(self, queue: str, body: Any) -> int:
+        """Send a JSON value without validation: for tools, tests and dead-letter redrives."""
+        rows = await self._rows("SELECT * FROM pgmq.send(%s, %s::jsonb)", (queue, json.dumps(body)))
+        return int(rows[0][0])
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    async def read(self, queue: str, *, visibility_timeout: int, limit: int) -> list[RawMessage]:
+        rows = await self._rows(_READ_SQL, (queue, visibility_timeout, limit))
+        return [RawMessage(*row) for row in rows]
+
+    async def archive(self, queue: str, msg_ids: Sequence[int]) -> set[int]:
+        if not msg_ids:
+            return set()
+        rows = await self._rows("SELECT * FROM pgmq.archive(%s, %s::bigint[])", (queue, list(msg_ids)))
+        return {int(r[0]) for r in rows}
+
+    async def delete(self, queue: str, msg_ids: Sequence[int]) -> set[int]:
+        if not msg_ids:
+            return set()
+        rows = await self._rows("SELECT * FROM pgmq.delete(%s, %s::bigint[])", (queue, list(msg_ids)))
+        return {int(r[0]) for r in rows}
+
+    async def set_visibility(self, queue: str, msg_ids: Sequence[int], seconds: float) -> None:
+        """Make messages visible again after `seconds` (0: at once). Used for back-off and release."""
+        if msg_ids:
+            await self._rows(
+                "SELECT msg_id FROM pgmq.set_vt(%s, %s::bigint[], clock_timestamp() + make_interval(secs => %s))",
+                (queue, list(msg_ids), seconds),
+            )
+
+    async def dead_letter(self, queue: str, raw: RawMessage, reason: str, error: str) -> int:
+        """Move a message to `<queue>_dlq` with the reason, atomically: it is never in both or neither."""
+        try:
+            original: Any = json.loads(raw.body)
+        except ValueError:
+            original = raw.body
+        letter = DeadLetter(
+            source_queue=queue,
+            source_msg_id=raw.msg_id,
+            attempts=raw.read_ct,
+            reason=reason,  # type: ignore[arg-type]
+            error=error,
+            message=original,
+            headers=raw.headers,
+            enqueued_at=raw.enqueued_at,
+        )
+
+        async def move(conn: psycopg.AsyncConnection[TupleRow]) -> int:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    "SELECT * FROM pgmq.send(%s, %s::jsonb)", (dead_letter_queue(queue), letter.model_dump_json())
+                )
+                row = await cur.fetchone()
+                await conn.execute("SELECT pgmq.delete(%s, %s::bigint)", (queue, raw.msg_id))
+            assert row is not None
+            return int(row[0])
+
+        return await self._retrying(move)
+
+    # -- observing -------------------------------------------------------------------------------
+
+    async def metrics_all(self) -> list[QueueMetrics]:
+        rows = await self._rows(
+            "SELECT queue_name, queue_length, queue_visible_length, oldest_msg_age_sec, total_messages "
+            "FROM pgmq.metrics_all()",
+            (),
+        )
+        return [QueueMetrics(str(r[0]), int(r[1]), int(r[2]), r[3], int(r[4])) for r in rows]

@@ -1,0 +1,195 @@
+"""Consuming a queue: read with a visibility timeout, handle, archive; retry with back-off; dead-letter.
+
+Every message ends in exactly one of three places: the archive (handled, or a duplicate of a
+handled one), back in the queue with a later visibility time (failed, attempts left), or the
+dead-letter queue with the reason (invalid, expired, failed too often).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import psycopg
+from psycopg.rows import TupleRow
+from pydantic import ValidationError
+
+from singularity_stack.contract import Message, describe_validation_error
+from singularity_stack.sharedqueue.client import RawMessage, SharedQueue
+from singularity_stack.sharedqueue.idempotency import IdempotencyStore
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off with jitter; after `max_attempts` failed reads the message is dead-lettered."""
+
+    max_attempts: int = 5
+    base_delay: float = 1.0
+    max_delay: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        ceiling = min(self.max_delay, self.base_delay * 2 ** max(attempt - 1, 0))
+        return ceiling * (0.5 + random.random() / 2)
+
+
+@dataclass(frozen=True)
+class Delivery(Generic[M]):
+    """What a handler gets: the parsed message, its attempt number and, with an idempotency
+    store, `db`: the open transaction in the service's database that also records the message."""
+
+    message: M
+    msg_id: int
+    attempt: int
+    queue: str
+    db: psycopg.AsyncConnection[TupleRow] | None = None
+
+
+Handler = Callable[[Delivery[M]], Awaitable[None]]
+
+
+class Outcome(enum.Enum):
+    HANDLED = "handled"
+    DUPLICATE = "duplicate"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass
+class ConsumerStats:
+    counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+
+    def add(self, outcome: Outcome) -> None:
+        self.counts[outcome] += 1
+
+
+class Consumer(Generic[M]):
+    def __init__(
+        self,
+        client: SharedQueue,
+        queue: str,
+        model: type[M],
+        handler: Handler[M],
+        *,
+        policy: RetryPolicy | None = None,
+        batch_size: int = 10,
+        visibility_timeout: int = 30,
+        poll_interval: float = 1.0,
+        idempotency: IdempotencyStore | None = None,
+        wakeup: asyncio.Event | None = None,
+    ) -> None:
+        self.client = client
+        self.queue = queue
+        self.model = model
+        self.handler = handler
+        self.policy = policy or RetryPolicy()
+        self.batch_size = batch_size
+        self.visibility_timeout = visibility_timeout
+        self.poll_interval = poll_interval
+        self.idempotency = idempotency
+        self.wakeup = wakeup or asyncio.Event()
+        self.stats = ConsumerStats()
+
+    # -- one message -----------------------------------------------------------------------------
+
+    async def _dead(self, raw: RawMessage, reason: str, error: str) -> Outcome:
+        log.warning("queue %s message %s dead-lettered (%s): %s", self.queue, raw.msg_id, reason, error)
+        await self.client.dead_letter(self.queue, raw, reason, error)
+        return Outcome.DEAD
+
+    async def _invoke(self, message: M, raw: RawMessage) -> Outcome:
+        if self.idempotency is None:
+            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue))
+            return Outcome.HANDLED
+        async with self.idempotency.claim(self.model.queue, message.request_id) as claim:
+            if not claim.fresh:
+                return Outcome.DUPLICATE
+            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, claim.db))
+            return Outcome.HANDLED
+
+    async def _process(self, raw: RawMessage) -> Outcome:
+        if raw.read_ct > self.policy.max_attempts:
+            # Read more often than allowed without a verdict: earlier consumers died on it.
+            return await self._dead(raw, "attempts_exhausted", f"read {raw.read_ct} times without completing")
+        try:
+            message = self.model.model_validate_json(raw.body)
+        except ValidationError as error:
+            return await self._dead(raw, "invalid", describe_validation_error(error))
+        if message.expired():
+            return await self._dead(raw, "expired", f"deadline {message.deadline.isoformat()} passed")  # type: ignore[union-attr]
+        try:
+            return await self._invoke(message, raw)
+        except psycopg.OperationalError:
+            raise  # infrastructure, not the message: the batch is abandoned and redelivered
+        except Exception as error:  # any handler failure is retried, then dead-lettered
+            reason = f"{error.__class__.__name__}: {error}"
+            if raw.read_ct >= self.policy.max_attempts:
+                return await self._dead(raw, "failed", reason)
+            delay = self.policy.delay(raw.read_ct)
+            log.info("queue %s message %s failed (%s); retry in %.1fs", self.queue, raw.msg_id, reason, delay)
+            await self.client.set_visibility(self.queue, [raw.msg_id], delay)
+            return Outcome.RETRY
+
+    # -- batches and the loop --------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Read one batch and settle every message in it; returns how many were read."""
+        batch = await self.client.read(self.queue, visibility_timeout=self.visibility_timeout, limit=self.batch_size)
+        if not batch:
+            return 0
+        try:
+            results = await asyncio.gather(*(self._process(raw) for raw in batch), return_exceptions=True)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release([raw.msg_id for raw in batch]))
+            raise
+        done = [
+            raw.msg_id
+            for raw, result in zip(batch, results, strict=True)
+            if result in (Outcome.HANDLED, Outcome.DUPLICATE)
+        ]
+        await self.client.archive(self.queue, done)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # infrastructure failure: unsettled messages return after their timeout
+            self.stats.add(result)
+        return len(batch)
+
+    async def _release(self, msg_ids: list[int]) -> None:
+        """On cancellation, make unfinished messages visible again at once instead of after the timeout.
+        Messages already settled are no longer in the queue, so this touches only the unfinished ones."""
+        try:
+            await self.client.set_visibility(self.queue, msg_ids, 0)
+            log.info("queue %s released %d in-flight messages", self.queue, len(msg_ids))
+        except psycopg.Error as error:
+            log.warning("could not release in-flight messages (%s); they return after their timeout", error)
+
+    async def _wait_for_work(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set; the batch in hand is finished first. Cancelling releases it."""
+        delay = 0.1
+        while not stop.is_set():
+            self.wakeup.clear()
+            try:
+                read = await self.run_once()
+                delay = 0.1
+            except psycopg.OperationalError as error:
+                log.warning("queue %s: database unavailable (%s); retrying", self.queue, error.__class__.__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if read < self.batch_size:
+                await self._wait_for_work(stop)

@@ -1,0 +1,50 @@
+"""Test helpers shared by several test modules."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from singularity_stack.provision.provisioner import ProvisionResult
+from singularity_stack.sharedqueue import SharedQueue
+
+
+class Stack:
+    """Opens clients and pools as a stack's roles; closes them all at the end of the test."""
+
+    def __init__(self, result: ProvisionResult) -> None:
+        self.result = result
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+
+    def url(self, logical: str) -> str:
+        return self.result.credentials[logical].shared_queue_url
+
+    def db_url(self, logical: str) -> str:
+        return self.result.credentials[logical].database_url
+
+    @property
+    def owner_url(self) -> str:
+        return self.url("centralcloud")
+
+    async def queue(self, logical: str, **options: object) -> SharedQueue:
+        client = SharedQueue(self.url(logical), **options)  # type: ignore[arg-type]
+        await client.open()
+        self._closers.append(client.close)
+        return client
+
+    async def db_pool(self, logical: str, max_size: int = 10) -> AsyncConnectionPool:
+        pool = AsyncConnectionPool(self.db_url(logical), min_size=1, max_size=max_size, open=False)
+        await pool.open(wait=True)
+        self._closers.append(pool.close)
+        return pool
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+
+    def owner_query(self, query: str, params: tuple = ()) -> list[tuple]:
+        """Read shared_queue as its owner (CentralCloud): queue and archive contents for assertions."""
+        with psycopg.connect(self.owner_url) as conn:
+            return conn.execute(query, params).fetchall()
