@@ -9,6 +9,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from singularity_stack.provision.provisioner import ProvisionResult
 from singularity_stack.sharedqueue import SharedQueue
+from singularity_stack.sharedqueue.pool import connection_pool
 
 
 class Stack:
@@ -35,7 +36,7 @@ class Stack:
         return client
 
     async def db_pool(self, logical: str, max_size: int = 10) -> AsyncConnectionPool:
-        pool = AsyncConnectionPool(self.db_url(logical), min_size=1, max_size=max_size, open=False)
+        pool = connection_pool(self.db_url(logical), max_size=max_size)
         await pool.open(wait=True)
         self._closers.append(pool.close)
         return pool

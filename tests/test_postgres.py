@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import psycopg
@@ -105,3 +106,16 @@ def test_cluster_survives_restart_and_keeps_data(open_tmp):
             psycopg.connect(cluster.dsn().replace(cluster.password, "wrong"))
     finally:
         cluster.stop()
+
+
+def test_runs_as_unprivileged_account_when_root():
+    if os.geteuid() != 0:
+        pytest.skip("only meaningful as root: checks the server does not run as root")
+    cluster = throwaway_cluster()
+    try:
+        with cluster, psycopg.connect(cluster.dsn()) as conn:
+            pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+            uid = os.stat(f"/proc/{pid}").st_uid
+            assert uid != 0
+    finally:
+        shutil.rmtree(cluster.datadir, ignore_errors=True)

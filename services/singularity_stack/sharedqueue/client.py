@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool
 
 from singularity_stack.contract import DeadLetter, Message, Reply, build
+from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.topology import dead_letter_queue, reply_queue
 
 log = logging.getLogger(__name__)
@@ -74,15 +74,7 @@ class SharedQueue:
     ) -> None:
         self.dsn = dsn
         self.retry_for = retry_for
-        self.pool = AsyncConnectionPool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            kwargs={"autocommit": True},
-            check=AsyncConnectionPool.check_connection,
-            open=False,
-            name=name,
-        )
+        self.pool = connection_pool(dsn, min_size=min_size, max_size=max_size, name=name, autocommit=True)
 
     async def open(self) -> SharedQueue:
         await self.pool.open(wait=False)

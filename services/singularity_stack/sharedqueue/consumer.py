@@ -149,16 +149,19 @@ class Consumer(Generic[M]):
         except asyncio.CancelledError:
             await asyncio.shield(self._release([raw.msg_id for raw in batch]))
             raise
-        done = [
-            raw.msg_id
-            for raw, result in zip(batch, results, strict=True)
-            if result in (Outcome.HANDLED, Outcome.DUPLICATE)
-        ]
-        await self.client.archive(self.queue, done)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result  # infrastructure failure: unsettled messages return after their timeout
-            self.stats.add(result)
+        settled = {
+            raw.msg_id: result for raw, result in zip(batch, results, strict=True) if isinstance(result, Outcome)
+        }
+        await self.client.archive(
+            self.queue, [i for i, outcome in settled.items() if outcome in (Outcome.HANDLED, Outcome.DUPLICATE)]
+        )
+        for outcome in settled.values():
+            self.stats.add(outcome)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            # Infrastructure failed (e.g. the service database restarted): hand the rest back now.
+            await self._release([raw.msg_id for raw in batch if raw.msg_id not in settled])
+            raise failures[0]
         return len(batch)
 
     async def _release(self, msg_ids: list[int]) -> None:
