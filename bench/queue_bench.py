@@ -1,0 +1,213 @@
+"""Shared-queue benchmark: the client against raw pgmq SQL on the same server, and NOTIFY wake-up latency.
+
+    .venv/bin/python bench/queue_bench.py [--admin-dsn DSN] [--messages 10000]
+
+Without --admin-dsn it starts a throwaway local PostgreSQL (fsync off, as in the tests).
+Every figure is publish → consume → archive of the same small LlmRequest, one run each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+
+import psycopg
+
+from singularity_stack import contract as c
+from singularity_stack.postgres.cluster import throwaway_cluster
+from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
+from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, NotifyListener, SharedQueue
+from singularity_stack.sharedqueue.pool import connection_pool
+from singularity_stack.topology import StackLayout
+
+QUEUE = "llm_requests"
+
+
+def request(n: int) -> c.LlmRequest:
+    return c.LlmRequest(
+        reply_to="singularity_1", agent_id="bench", task_type="chat", messages=[{"role": "user", "content": f"q{n}"}]
+    )
+
+
+async def timed(label: str, count: int, work: Callable[[], Awaitable[None]]) -> float:
+    start = time.perf_counter()
+    await work()
+    elapsed = time.perf_counter() - start
+    rate = count / elapsed
+    print(f"  {label:<44} {rate:>10,.0f} msg/s   ({count:,} in {elapsed:.2f} s)", flush=True)
+    return rate
+
+
+def purge(owner_url: str) -> None:
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        conn.execute("SELECT pgmq.purge_queue(%s)", (QUEUE,))
+        conn.execute(f"TRUNCATE pgmq.a_{QUEUE}")
+
+
+async def raw_pgmq(stack: ProvisionResult, count: int, batch: int) -> float:
+    """Plain SQL on one connection per side: pgmq.send / send_batch, read, archive."""
+    bodies = [request(n).model_dump_json() for n in range(count)]
+    sender = await psycopg.AsyncConnection.connect(stack.credentials["singularity_1"].shared_queue_url, autocommit=True)
+    reader = await psycopg.AsyncConnection.connect(stack.credentials["nexus"].shared_queue_url, autocommit=True)
+
+    async def work() -> None:
+        if batch == 1:
+            for body in bodies:
+                await sender.execute("SELECT pgmq.send(%s, %s::jsonb)", (QUEUE, body))
+        else:
+            for start in range(0, count, batch):
+                await sender.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])", (QUEUE, bodies[start : start + batch]))
+        done = 0
+        while done < count:
+            cur = await reader.execute("SELECT msg_id, message::text FROM pgmq.read(%s, 30, %s)", (QUEUE, batch))
+            ids = [row[0] for row in await cur.fetchall()]
+            await reader.execute("SELECT pgmq.archive(%s, %s::bigint[])", (QUEUE, ids))
+            done += len(ids)
+
+    try:
+        return await timed(f"raw pgmq SQL, batch {batch}", count, work)
+    finally:
+        await sender.close()
+        await reader.close()
+
+
+async def notify_cost(stack: ProvisionResult, count: int) -> None:
+    """What pgmq's per-row insert trigger (enable_notify_insert, throttle 0) costs send_batch(100)."""
+    owner = await psycopg.AsyncConnection.connect(stack.credentials["centralcloud"].shared_queue_url, autocommit=True)
+    bodies = [request(n).model_dump_json() for n in range(100)]
+    await owner.execute("SELECT pgmq.create('bench_plain')")
+    try:
+        for queue, label in [("bench_plain", "without"), (QUEUE, "with")]:
+
+            async def send(queue: str = queue) -> None:
+                for _ in range(count // 100):
+                    await owner.execute("SELECT pgmq.send_batch(%s, %s::jsonb[])", (queue, bodies))
+
+            await timed(f"raw send_batch(100) only, {label} notify trigger", count, send)
+    finally:
+        await owner.execute("SELECT pgmq.drop_queue('bench_plain')")
+        await owner.close()
+
+
+async def client(stack: ProvisionResult, count: int, batch: int, idempotent: bool = False) -> float:
+    """The project's client: pydantic messages in, validated messages out, archive per batch."""
+    messages = [request(n) for n in range(count)]
+    handled = 0
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        nonlocal handled
+        handled += 1
+
+    publisher = await SharedQueue(stack.credentials["singularity_1"].shared_queue_url, max_size=1).open()
+    reader = await SharedQueue(stack.credentials["nexus"].shared_queue_url, max_size=1).open()
+    pool = None
+    store = None
+    if idempotent:
+        pool = connection_pool(stack.credentials["nexus"].database_url, max_size=10)
+        await pool.open(wait=True)
+        store = IdempotencyStore(pool)
+    consumer = Consumer(reader, QUEUE, c.LlmRequest, handle, batch_size=batch, idempotency=store)
+
+    async def work() -> None:
+        if batch == 1:
+            for message in messages:
+                await publisher.publish(message)
+        else:
+            for start in range(0, count, batch):
+                await publisher.publish_batch(messages[start : start + batch])
+        while handled < count:
+            await consumer.run_once()
+
+    label = f"client, batch {batch}" + (" + idempotency store" if idempotent else "")
+    try:
+        return await timed(label, count, work)
+    finally:
+        await publisher.close()
+        await reader.close()
+        if pool:
+            await pool.close()
+
+
+async def wake_latency(stack: ProvisionResult, samples: int) -> tuple[float, float]:
+    """Time from just before publish to the handler running, with the consumer asleep on NOTIFY."""
+    publisher = await SharedQueue(stack.credentials["singularity_1"].shared_queue_url, max_size=1).open()
+    reader = await SharedQueue(stack.credentials["nexus"].shared_queue_url, max_size=2).open()
+    listener = NotifyListener(stack.credentials["nexus"].shared_queue_url, [QUEUE])
+    got = asyncio.Event()
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        got.set()
+
+    consumer = Consumer(reader, QUEUE, c.LlmRequest, handle, poll_interval=3600, wakeup=listener.event(QUEUE))
+    stop = asyncio.Event()
+    listening = asyncio.create_task(listener.run())
+    await listener.connected.wait()
+    consuming = asyncio.create_task(consumer.run(stop))
+    latencies = []
+    for n in range(samples):
+        await asyncio.sleep(0.005)  # let the consumer go back to sleep
+        got.clear()
+        start = time.perf_counter()
+        await publisher.publish(request(n))
+        await got.wait()
+        latencies.append((time.perf_counter() - start) * 1000)
+    stop.set()
+    await consuming
+    listening.cancel()
+    await publisher.close()
+    await reader.close()
+    latencies.sort()
+    p50 = statistics.median(latencies)
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(f"  send → handler wake-up over NOTIFY ({samples} samples): p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    return p50, p99
+
+
+async def run(stack: ProvisionResult, count: int) -> None:
+    owner = stack.credentials["centralcloud"].shared_queue_url
+    single = min(count, 2000)
+    print("publish → consume → archive, one run each:")
+    results = {}
+    for name, bench in [
+        ("raw1", lambda: raw_pgmq(stack, single, 1)),
+        ("client1", lambda: client(stack, single, 1)),
+        ("raw100", lambda: raw_pgmq(stack, count, 100)),
+        ("client100", lambda: client(stack, count, 100)),
+        ("client100i", lambda: client(stack, count, 100, idempotent=True)),
+    ]:
+        purge(owner)
+        results[name] = await bench()
+    print(f"  client / raw, batch 1:   {results['client1'] / results['raw1']:.0%}")
+    print(f"  client / raw, batch 100: {results['client100'] / results['raw100']:.0%}  (goal: at least 80%)")
+    purge(owner)
+    await notify_cost(stack, count)
+    purge(owner)
+    await wake_latency(stack, 300)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--admin-dsn")
+    parser.add_argument("--messages", type=int, default=10_000)
+    args = parser.parse_args()
+    cluster = None
+    admin_dsn = args.admin_dsn
+    if not admin_dsn:
+        cluster = throwaway_cluster().start()
+        admin_dsn = cluster.dsn()
+        print(f"PostgreSQL {cluster.installation.version} ({cluster.installation.source}), fsync off, loopback")
+    try:
+        stack = Provisioner(admin_dsn, StackLayout(1, "bench_"), report=lambda _: None).run()
+        asyncio.run(run(stack, args.messages))
+    finally:
+        if cluster:
+            cluster.stop("immediate")
+            shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
