@@ -41,7 +41,7 @@ def test_reply_carries_the_request_id_and_recipient():
     request = c.build(
         "job_requests", {"reply_to": "singularity_1", "agent_id": "a", "code": "print(1)", "language": "python"}
     )
-    reply = c.JobResult(**c.reply_fields(request), status="ok", output="1\n")
+    reply = c.JobResult(**c.reply_fields(request), status=c.JobStatus.OK, output="1\n")
     assert (reply.request_id, reply.recipient) == (request.request_id, "singularity_1")
 
 

@@ -104,6 +104,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from singularity_stack.service.run import run_service
+
+    run_service(args.service)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="singularity-stack", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -131,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrations", help="list the migrations applied to a service database")
     p.add_argument("--database-url", required=True)
     p.set_defaults(func=cmd_migrations)
+
+    p = sub.add_parser("run", help="run one service (settings from the environment: DATABASE_URL, ...)")
+    p.add_argument("service", choices=["singularity", "nexus", "genesis", "centralcloud"])
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("up", help="run the whole stack locally")
     p.add_argument("--singularity-instances", type=int, default=1, metavar="N")

@@ -127,7 +127,10 @@ class LlmResult(Reply):
     queue: ClassVar[str] = "llm_results"
     result: str | None = None
     model: str | None = None
+    complexity: Complexity | None = None
     cost_usd: Annotated[float, Field(ge=0)] = 0.0
+    prompt_tokens: Annotated[int, Field(ge=0)] = 0
+    completion_tokens: Annotated[int, Field(ge=0)] = 0
     error: str | None = None
 
     @model_validator(mode="after")
@@ -137,11 +140,27 @@ class LlmResult(Reply):
         return self
 
 
+class JobStatus(enum.StrEnum):
+    OK = "ok"
+    SYNTAX_ERROR = "syntax_error"
+    LINT = "lint"
+    RUNTIME_ERROR = "runtime_error"
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_TRUNCATED = "output_truncated"
+    ERROR = "error"  # Genesis itself could not run the job
+
+
 class JobResult(Reply):
+    """Genesis's verdict: `output` is stdout, `error` stderr (or why the job could not run)."""
+
     queue: ClassVar[str] = "job_results"
-    status: NonEmpty
+    status: JobStatus
     output: str = ""
     error: str | None = None
+    exit_code: int | None = None
+    lint: list[str] = Field(default_factory=list)
+    timings_ms: dict[str, float] = Field(default_factory=dict)
 
 
 class ApprovalResponse(Reply):

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from singularity_stack.contract import Message, describe_validation_error
 from singularity_stack.sharedqueue.client import RawMessage, SharedQueue
 from singularity_stack.sharedqueue.idempotency import IdempotencyStore
+from singularity_stack.sharedqueue.metrics import HANDLE_SECONDS, MESSAGES
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -114,6 +115,10 @@ class Consumer(Generic[M]):
             await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, claim.db))
             return Outcome.HANDLED
 
+    async def _timed(self, raw: RawMessage) -> Outcome:
+        with HANDLE_SECONDS.labels(self.queue).time():
+            return await self._process(raw)
+
     async def _process(self, raw: RawMessage) -> Outcome:
         if raw.read_ct > self.policy.max_attempts:
             # Read more often than allowed without a verdict: earlier consumers died on it.
@@ -145,7 +150,7 @@ class Consumer(Generic[M]):
         if not batch:
             return 0
         try:
-            results = await asyncio.gather(*(self._process(raw) for raw in batch), return_exceptions=True)
+            results = await asyncio.gather(*(self._timed(raw) for raw in batch), return_exceptions=True)
         except asyncio.CancelledError:
             await asyncio.shield(self._release([raw.msg_id for raw in batch]))
             raise
@@ -157,6 +162,7 @@ class Consumer(Generic[M]):
         )
         for outcome in settled.values():
             self.stats.add(outcome)
+            MESSAGES.labels(self.queue, outcome.value).inc()
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             # Infrastructure failed (e.g. the service database restarted): hand the rest back now.

@@ -1,0 +1,1 @@
+"""What every service shares: settings from the environment, JSON logs, health, metrics, lifecycle."""

@@ -1,0 +1,39 @@
+"""`singularity-stack run <service>`: settings from the environment, JSON logs, uvicorn until SIGTERM."""
+
+from __future__ import annotations
+
+import importlib
+
+import uvicorn
+
+from singularity_stack.service.logs import configure_logging
+from singularity_stack.service.runtime import Service
+
+# service → (module, Service class, Settings class); imported lazily: only the chosen one loads.
+SERVICES = {
+    "singularity": ("singularity_stack.singularity.service", "SingularityService", "SingularitySettings"),
+    "nexus": ("singularity_stack.nexus.service", "NexusService", "NexusSettings"),
+    "genesis": ("singularity_stack.genesis.service", "GenesisService", "GenesisSettings"),
+    "centralcloud": ("singularity_stack.centralcloud.service", "CentralCloudService", "CentralCloudSettings"),
+}
+
+
+def build_service(name: str) -> Service:
+    module_name, service_class, settings_class = SERVICES[name]
+    module = importlib.import_module(module_name)
+    settings = getattr(module, settings_class)()
+    configure_logging(name, settings.log_level)
+    service: Service = getattr(module, service_class)(settings)
+    return service
+
+
+def run_service(name: str) -> None:
+    service = build_service(name)
+    uvicorn.run(
+        service.app(),
+        host=service.settings.host,
+        port=service.settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(service.settings.shutdown_grace_seconds) + 5,
+    )

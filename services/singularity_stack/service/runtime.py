@@ -1,0 +1,142 @@
+"""The lifecycle every service shares: pools, consumers woken by NOTIFY, periodic jobs, an HTTP app.
+
+A service subclasses `Service` and declares its routes, consumers and background jobs. The
+Starlette app adds `/healthz` (the process is alive), `/readyz` (its database and the shared
+queue answer, its listener is connected) and `/metrics` (Prometheus). On shutdown (SIGTERM via
+uvicorn) consumers finish the batch in hand for up to the grace period, then hand the rest back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from psycopg_pool import AsyncConnectionPool
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from singularity_stack.service.settings import ServiceSettings
+from singularity_stack.sharedqueue import Consumer, NotifyListener, SharedQueue
+from singularity_stack.sharedqueue.pool import connection_pool
+
+log = logging.getLogger(__name__)
+Job = Callable[[asyncio.Event], Awaitable[None]]
+
+
+async def every(seconds: float, stop: asyncio.Event, work: Callable[[], Awaitable[Any]], name: str) -> None:
+    """Run `work` now and then every `seconds` until `stop`; a failure is logged and retried next time."""
+    while not stop.is_set():
+        try:
+            await work()
+        except Exception:
+            log.exception("periodic job %s failed", name)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Service:
+    name = "service"
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.queue = SharedQueue(settings.shared_queue_url, max_size=10, name=f"{self.name}-shared-queue")
+        self.db: AsyncConnectionPool = connection_pool(settings.database_url, max_size=10, name=f"{self.name}-db")
+        self.stop_event = asyncio.Event()
+        self._consumers: list[Consumer[Any]] = []
+        self._listener: NotifyListener | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: list[asyncio.Task[None]] = []
+
+    # -- what a service declares -----------------------------------------------------------------
+
+    def routes(self) -> list[BaseRoute]:
+        return []
+
+    def consumers(self) -> list[Consumer[Any]]:
+        """Consumers of this service; their `wakeup` events are wired to the NOTIFY listener."""
+        return []
+
+    def jobs(self) -> list[Job]:
+        """Background jobs, each given the stop event."""
+        return []
+
+    async def on_start(self) -> None:
+        """Hook run after the pools open and before consumers start."""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.queue.open()
+        await self.db.open()
+        await self.on_start()
+        self._consumers = self.consumers()
+        if self._consumers:
+            self._listener = NotifyListener(self.settings.shared_queue_url, [c.queue for c in self._consumers])
+            for consumer in self._consumers:
+                consumer.wakeup = self._listener.event(consumer.queue)
+            self._background.append(asyncio.create_task(self._listener.run(), name="notify-listener"))
+        self._tasks = [asyncio.create_task(c.run(self.stop_event), name=f"consume-{c.queue}") for c in self._consumers]
+        self._tasks += [asyncio.create_task(job(self.stop_event)) for job in self.jobs()]
+        log.info("%s started", self.name, extra={"consumers": [c.queue for c in self._consumers]})
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.settings.shutdown_grace_seconds)
+            for task in pending:
+                task.cancel()  # a cancelled consumer hands its in-flight messages back at once
+            await asyncio.gather(*pending, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.queue.close()
+        await self.db.close()
+        log.info("%s stopped", self.name)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, str]:
+        """Check name → problem, for every check that fails (empty: ready)."""
+        problems: dict[str, str] = {}
+        for check, pool in (("database", self.db), ("shared_queue", self.queue.pool)):
+            try:
+                async with pool.connection(timeout=2) as conn:
+                    await conn.execute("SELECT 1")
+            except Exception as error:
+                problems[check] = f"{error.__class__.__name__}: {error}"
+        if self._listener and not self._listener.connected.is_set():
+            problems["notify_listener"] = "not connected"
+        dead = [t.get_name() for t in self._tasks if t.done() and not self.stop_event.is_set()]
+        if dead:
+            problems["workers"] = "stopped: " + ", ".join(dead)
+        return problems
+
+    def app(self) -> Starlette:
+        async def healthz(request: Request) -> Response:
+            return JSONResponse({"status": "alive", "service": self.name})
+
+        async def readyz(request: Request) -> Response:
+            problems = await self.readiness()
+            if problems:
+                return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
+            return JSONResponse({"status": "ready", "service": self.name})
+
+        async def metrics(request: Request) -> Response:
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            await self.start()
+            try:
+                yield
+            finally:
+                await self.stop()
+
+        base = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
+        return Starlette(routes=[*base, *self.routes()], lifespan=lifespan)

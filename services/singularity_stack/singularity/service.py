@@ -1,0 +1,146 @@
+"""The Singularity service: the tasks API, the task runner, and the consumers of this instance's replies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from singularity_stack import contract as c
+from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
+from singularity_stack.service.runtime import Service
+from singularity_stack.service.settings import ServiceSettings
+from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
+from singularity_stack.singularity.store import TaskStore
+from singularity_stack.singularity.waiter import ReplyWaiter
+from singularity_stack.singularity.workflow import Context, Limits, TaskRun
+from singularity_stack.topology import reply_queue
+
+log = logging.getLogger(__name__)
+
+
+class SingularitySettings(ServiceSettings):
+    instance_id: str = Field("", validation_alias=AliasChoices("SINGULARITY_INSTANCE", "instance_id"))
+    llm_timeout_seconds: float = Field(120.0, validation_alias=AliasChoices("LLM_TIMEOUT_SECONDS"))
+    job_timeout_seconds: float = Field(120.0, validation_alias=AliasChoices("JOB_TIMEOUT_SECONDS"))
+    human_timeout_seconds: float = Field(86400.0, validation_alias=AliasChoices("HUMAN_TIMEOUT_SECONDS"))
+    daily_budget_usd: float = Field(10.0, validation_alias=AliasChoices("DAILY_LLM_BUDGET_USD"))
+    requests_per_minute: int = Field(60, validation_alias=AliasChoices("LLM_REQUESTS_PER_MINUTE"))
+
+    @model_validator(mode="after")
+    def _instance_from_database(self) -> SingularitySettings:
+        """Without SINGULARITY_INSTANCE, the instance is named by its database (…/singularity_3)."""
+        if not self.instance_id:
+            match = re.search(r"(singularity_[1-9][0-9]*)$", self.database_url.split("?")[0])
+            if not match:
+                raise ValueError("set SINGULARITY_INSTANCE (e.g. singularity_1): DATABASE_URL does not name it")
+            self.instance_id = match.group(1)
+        return self
+
+    def limits(self) -> Limits:
+        return Limits(
+            llm_timeout=self.llm_timeout_seconds,
+            job_timeout=self.job_timeout_seconds,
+            human_timeout=self.human_timeout_seconds,
+            daily_budget_usd=self.daily_budget_usd,
+            requests_per_minute=self.requests_per_minute,
+        )
+
+
+class NewTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field(min_length=1, max_length=20_000)
+    files: dict[str, str] = Field(default_factory=dict, max_length=50)
+    language: Literal["python", "javascript", "bash", "elixir"] = "python"
+    agent_id: str = Field("default-agent", min_length=1, max_length=200)
+
+
+class SingularityService(Service):
+    name = "singularity"
+    settings: SingularitySettings
+
+    def __init__(self, settings: SingularitySettings) -> None:
+        super().__init__(settings)
+        self.store = TaskStore(self.db)
+        self.waiter = ReplyWaiter()
+        self.context = Context(settings.instance_id, self.store, self.queue, self.waiter, settings.limits())
+        self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    async def start_task(self, task_id: uuid.UUID) -> None:
+        task = await self.store.task(task_id)
+        if task is None or task_id in self.running:
+            return
+        run = asyncio.create_task(TaskRun(self.context, task).run(), name=f"task-{task_id}")
+        self.running[task_id] = run
+        run.add_done_callback(lambda _: self.running.pop(task_id, None))
+
+    async def on_start(self) -> None:
+        for task_id in await self.store.unfinished_tasks():
+            log.info("resuming task %s", task_id)
+            await self.start_task(task_id)
+
+    async def stop(self) -> None:
+        for run in list(self.running.values()):
+            run.cancel()  # replayed from the database on the next start
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
+        await super().stop()
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    async def _on_reply(self, delivery: Delivery[Any]) -> None:
+        assert delivery.db is not None
+        kind = await self.store.record_reply(delivery.db, delivery.message)
+        if kind is None:
+            log.warning("reply %s waits for no step (late, or not ours)", delivery.message.request_id)
+            return
+        self.waiter.resolve(delivery.message)
+
+    def consumers(self) -> list[Consumer[Any]]:
+        store = IdempotencyStore(self.db)
+        return [
+            Consumer(self.queue, reply_queue(kind, self.context.instance), model, self._on_reply, idempotency=store)
+            for kind, model in c.REPLIES.items()
+        ]
+
+    # -- HTTP API --------------------------------------------------------------------------------
+
+    async def create(self, request: Request) -> Response:
+        try:
+            body = await parse_body(request, NewTask)
+        except BadRequest as bad:
+            return bad.response()
+        task_id = uuid.uuid4()
+        await self.store.create_task(task_id, body.agent_id, body.description, body.language, body.files)
+        await self.start_task(task_id)
+        return json_response({"id": task_id, "state": "pending", "instance": self.context.instance}, 202)
+
+    async def show(self, request: Request) -> Response:
+        try:
+            task_id = path_uuid(request, "task_id")
+        except BadRequest as bad:
+            return bad.response()
+        task = await self.store.task(task_id)
+        if task is None:
+            return error_response(404, f"no task {task_id}")
+        steps = await self.store.steps(task_id)
+        models = sorted({s["model"] for s in steps if s["model"]})
+        return json_response(task | {"steps": steps, "models_used": models, "instance": self.context.instance})
+
+    async def index(self, request: Request) -> Response:
+        return json_response(await self.store.tasks())
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/tasks", self.create, methods=["POST"]),
+            Route("/tasks", self.index, methods=["GET"]),
+            Route("/tasks/{task_id}", self.show, methods=["GET"]),
+        ]

@@ -1,0 +1,254 @@
+"""A coding task as a SPARC workflow (specification, pseudocode, architecture, refinement, completion).
+
+Every request a task sends becomes a numbered step in the database *before* it is published, and
+its reply is stored on that step when it arrives. A task interrupted by a restart is simply run
+again from the top: steps that have replies are replayed from the database, a step still waiting
+re-publishes its request under the same request_id (the receiver deduplicates) and waits on.
+A reply that does not arrive by the step's deadline fails the step, and the task, clearly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from singularity_stack import contract as c
+from singularity_stack.sharedqueue import SharedQueue
+from singularity_stack.singularity.code import ambiguity, extract_code, unified_diff
+from singularity_stack.singularity.store import TaskStore
+from singularity_stack.singularity.waiter import ReplyWaiter
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=c.Reply)
+
+REQUEST_MODEL: dict[str, type[c.Request]] = {
+    "llm": c.LlmRequest,
+    "job": c.JobRequest,
+    "approval": c.ApprovalRequest,
+    "question": c.QuestionRequest,
+}
+REPLY_MODEL: dict[str, type[c.Reply]] = {
+    "llm": c.LlmResult,
+    "job": c.JobResult,
+    "approval": c.ApprovalResponse,
+    "question": c.QuestionResponse,
+}
+ACCEPTED_JOB_STATUSES = {c.JobStatus.OK, c.JobStatus.LINT}
+
+
+class StepFailed(Exception):
+    """A step got no usable reply; the message is the task's failure reason."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    llm_timeout: float = 120.0
+    job_timeout: float = 120.0
+    human_timeout: float = 24 * 3600.0
+    max_fix_attempts: int = 2
+    daily_budget_usd: float = 10.0
+    requests_per_minute: int = 60
+
+
+@dataclass
+class Context:
+    """What every task run of one instance shares."""
+
+    instance: str
+    store: TaskStore
+    queue: SharedQueue
+    waiter: ReplyWaiter
+    limits: Limits
+
+
+class TaskRun:
+    def __init__(self, ctx: Context, task: dict[str, Any]) -> None:
+        self.ctx = ctx
+        self.task_id: uuid.UUID = task["id"]
+        self.agent_id: str = task["agent_id"]
+        self.description: str = task["description"]
+        self.language: str = task["language"]
+        self.files: dict[str, str] = task["files"]
+        self.seq = 0
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    async def _step(
+        self, phase: str, kind: str, timeout: float, build: Callable[[dict[str, Any]], c.Request]
+    ) -> c.Reply:
+        """Send a request (or find it already sent) and wait for its reply until the deadline."""
+        self.seq += 1
+        store = self.ctx.store
+        step = await store.step(self.task_id, self.seq)
+        if step is None:
+            deadline = datetime.now(UTC) + timedelta(seconds=timeout)
+            common = {"reply_to": self.ctx.instance, "agent_id": self.agent_id, "deadline": deadline}
+            request = build(common)
+            await store.add_step(self.task_id, self.seq, phase, kind, request)  # recorded before it is sent
+        elif step.state == "done":
+            return REPLY_MODEL[kind].model_validate(step.reply)
+        elif step.state in ("failed", "expired"):
+            raise StepFailed(f"{phase}: {step.error}")
+        else:
+            request = REQUEST_MODEL[kind].model_validate(step.request)
+        await store.set_phase(self.task_id, phase)
+        future = self.ctx.waiter.expect(request.request_id)
+        await self.ctx.queue.publish(request)
+        if step is not None:  # resumed: the reply may have been stored before we started listening
+            again = await store.step(self.task_id, self.seq)
+            if again is not None and again.state == "done":
+                self.ctx.waiter.forget(request.request_id)
+                return REPLY_MODEL[kind].model_validate(again.reply)
+        remaining = (request.deadline - datetime.now(UTC)).total_seconds() if request.deadline else timeout
+        try:
+            reply = await asyncio.wait_for(future, timeout=max(remaining, 0.001))
+        except TimeoutError:
+            self.ctx.waiter.forget(request.request_id)
+            error = f"no {kind} reply within {timeout:g}s (deadline {request.deadline:%Y-%m-%d %H:%M:%S} UTC)"
+            await store.fail_step(request.request_id, "expired", error)
+            raise StepFailed(f"{phase}: {error}") from None
+        if isinstance(reply, c.LlmResult) and reply.error is not None:
+            raise StepFailed(f"{phase}: the LLM request failed: {reply.error}")
+        return reply
+
+    async def _respect_limits(self) -> None:
+        """The agent's daily LLM budget (fail) and requests-per-minute limit (wait)."""
+        limits = self.ctx.limits
+        while True:
+            spent, last_minute = await self.ctx.store.agent_usage(self.agent_id)
+            if spent >= limits.daily_budget_usd:
+                raise StepFailed(
+                    f"agent {self.agent_id} spent ${spent:.4f} today; its daily LLM budget is "
+                    f"${limits.daily_budget_usd}"
+                )
+            if last_minute < limits.requests_per_minute:
+                return
+            await asyncio.sleep(1.0)
+
+    async def llm(self, phase: str, task_type: str, prompt: str) -> c.LlmResult:
+        await self._respect_limits()
+        messages = [
+            {"role": "system", "content": f"You are a careful software engineer. Language: {self.language}."},
+            {"role": "user", "content": prompt},
+        ]
+        reply = await self._step(
+            phase,
+            "llm",
+            self.ctx.limits.llm_timeout,
+            lambda common: c.LlmRequest(**common, task_type=task_type, messages=messages),
+        )
+        assert isinstance(reply, c.LlmResult)
+        return reply
+
+    async def job(self, phase: str, code: str) -> c.JobResult:
+        reply = await self._step(
+            phase,
+            "job",
+            self.ctx.limits.job_timeout,
+            lambda common: c.JobRequest(**common, code=code, language=self.language),
+        )
+        assert isinstance(reply, c.JobResult)
+        return reply
+
+    async def approval(self, phase: str, file_path: str, diff: str) -> c.ApprovalResponse:
+        reply = await self._step(
+            phase,
+            "approval",
+            self.ctx.limits.human_timeout,
+            lambda common: c.ApprovalRequest(**common, file_path=file_path, diff=diff, description=self.description),
+        )
+        assert isinstance(reply, c.ApprovalResponse)
+        return reply
+
+    async def question(self, phase: str, question: str, context: str) -> c.QuestionResponse:
+        reply = await self._step(
+            phase,
+            "question",
+            self.ctx.limits.human_timeout,
+            lambda common: c.QuestionRequest(**common, question=question, context=context),
+        )
+        assert isinstance(reply, c.QuestionResponse)
+        return reply
+
+    # -- the SPARC phases ------------------------------------------------------------------------
+
+    @property
+    def target_path(self) -> str:
+        if self.files:
+            return next(iter(self.files))
+        return {"python": "main.py", "javascript": "main.js", "bash": "main.sh", "elixir": "main.exs"}[self.language]
+
+    async def run(self) -> None:
+        try:
+            result = await self._sparc()
+        except StepFailed as failure:
+            log.info("task %s failed: %s", self.task_id, failure)
+            await self.ctx.store.fail(self.task_id, str(failure))
+            return
+        await self.ctx.store.finish(self.task_id, result)
+        log.info("task %s succeeded", self.task_id)
+
+    async def _sparc(self) -> dict[str, Any]:
+        brief = self.description
+        files = "".join(f"\n--- {path} ---\n{content}" for path, content in self.files.items())
+        vague = ambiguity(self.description)
+        if vague:
+            answer = await self.question(
+                "specification",
+                f"Could you say more about what this task should do? ({vague})",
+                f"Task: {self.description}",
+            )
+            brief = f"{self.description}\nClarification from a human: {answer.response}"
+
+        spec = await self.llm("specification", "planning", f"Write a short specification for: {brief}{files}")
+        pseudo = await self.llm("pseudocode", "pseudocode", f"Pseudocode for this specification:\n{spec.result}")
+        design = await self.llm("architecture", "architect", f"Architecture for:\n{pseudo.result}")
+        answer = await self.llm(
+            "refinement",
+            "code_generation",
+            f"Write the complete {self.language} program for {self.target_path}.\n"
+            f"Task: {brief}\nDesign:\n{design.result}{files}\nAnswer with one fenced code block.",
+        )
+        code = self._code_of(answer)
+        for attempt in range(self.ctx.limits.max_fix_attempts + 1):
+            verdict = await self.job("refinement", code)
+            if verdict.status in ACCEPTED_JOB_STATUSES:
+                break
+            if attempt == self.ctx.limits.max_fix_attempts:
+                raise StepFailed(
+                    f"refinement: the code still fails after {attempt} fix(es): {verdict.status}: {verdict.error or ''}"
+                )
+            fix = await self.llm(
+                "refinement",
+                "coder",
+                f"This {self.language} code fails with {verdict.status}:\n{verdict.error}\n\nCode:\n{code}\n"
+                "Answer with the corrected program in one fenced code block.",
+            )
+            code = self._code_of(fix)
+
+        review = await self.llm("completion", "qa", f"Review this {self.language} code:\n{code}")
+        diff = unified_diff(self.target_path, self.files.get(self.target_path, ""), code)
+        decision = await self.approval("completion", self.target_path, diff)
+        if not decision.approved:
+            who = decision.decided_by or "a reviewer"
+            raise StepFailed(f"completion: rejected by {who}: {decision.reason}")
+        return {
+            "file_path": self.target_path,
+            "code": code,
+            "diff": diff,
+            "output": verdict.output,
+            "lint": verdict.lint,
+            "review": review.result,
+            "approved_by": decision.decided_by,
+        }
+
+    def _code_of(self, answer: c.LlmResult) -> str:
+        code = extract_code(answer.result or "")
+        if code is None:
+            raise StepFailed(f"refinement: the model {answer.model} answered without a code block")
+        return code

@@ -1,0 +1,270 @@
+"""Singularity's workflow against the real queue, with scripted Nexus and Genesis stand-ins (as their own roles).
+
+The real Nexus and Genesis are exercised end to end in test_stack_e2e.py; here the stand-ins let each
+branch of the workflow (reject, question, missing reply, a fix round, a restart) be driven exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from singularity_stack import contract as c
+from singularity_stack.sharedqueue import Consumer, Delivery
+from singularity_stack.singularity.service import SingularityService, SingularitySettings
+
+CODE_ANSWER = "Here it is:\n```python\nprint('hello from the stand-in')\n```\n"
+
+
+class StandIns:
+    """Consumers that answer Singularity's requests as Nexus and Genesis would, by a script."""
+
+    def __init__(self, stack) -> None:
+        self.stack = stack
+        self.llm = lambda r: c.LlmResult(**c.reply_fields(r), result=CODE_ANSWER, model="stand-in", cost_usd=0.001)
+        self.job: Callable[[c.JobRequest], c.JobResult] = lambda r: c.JobResult(
+            **c.reply_fields(r), status=c.JobStatus.OK, output="hello from the stand-in\n"
+        )
+        self.approval: Callable[[c.ApprovalRequest], c.ApprovalResponse | None] = lambda r: c.ApprovalResponse(
+            **c.reply_fields(r), approved=True, decided_by="alice"
+        )
+        self.question = lambda r: c.QuestionResponse(
+            **c.reply_fields(r), response="print a greeting", answered_by="bob"
+        )
+        self.seen: dict[str, list[Any]] = {"llm": [], "job": [], "approval": [], "question": []}
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        nexus = await self.stack.queue("nexus")
+        genesis = await self.stack.queue("genesis")
+
+        def answering(client, kind: str, script: Callable[[], Callable[[Any], Any]]) -> Callable[..., Awaitable[None]]:
+            async def handle(delivery: Delivery[Any]) -> None:
+                self.seen[kind].append(delivery.message)
+                reply = script()(delivery.message)
+                if reply is not None:
+                    await client.publish(reply)
+
+            return handle
+
+        consumers = [
+            Consumer(
+                nexus, "llm_requests", c.LlmRequest, answering(nexus, "llm", lambda: self.llm), poll_interval=0.05
+            ),
+            Consumer(
+                nexus,
+                "approval_requests",
+                c.ApprovalRequest,
+                answering(nexus, "approval", lambda: self.approval),
+                poll_interval=0.05,
+            ),
+            Consumer(
+                nexus,
+                "question_requests",
+                c.QuestionRequest,
+                answering(nexus, "question", lambda: self.question),
+                poll_interval=0.05,
+            ),
+            Consumer(
+                genesis, "job_requests", c.JobRequest, answering(genesis, "job", lambda: self.job), poll_interval=0.05
+            ),
+        ]
+        self.tasks = [asyncio.create_task(consumer.run(self.stop)) for consumer in consumers]
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def world(sq):
+    stand_ins = StandIns(sq)
+    await stand_ins.start()
+    services: list[SingularityService] = []
+
+    async def start_singularity(**overrides) -> tuple[SingularityService, httpx.AsyncClient]:
+        settings = SingularitySettings(
+            database_url=sq.db_url("singularity_1"), shared_queue_url=sq.url("singularity_1"), **overrides
+        )
+        service = SingularityService(settings)
+        await service.start()
+        services.append(service)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://singularity")
+        return service, client
+
+    yield stand_ins, start_singularity
+    for service in services:
+        if not service.stop_event.is_set():
+            await service.stop()
+    await stand_ins.close()
+
+
+async def wait_for_state(client: httpx.AsyncClient, task_id: str, states=("succeeded", "failed"), timeout=30.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        task = (await client.get(f"/tasks/{task_id}")).json()
+        if task["state"] in states:
+            return task
+        assert asyncio.get_running_loop().time() < deadline, f"task stuck in {task['state']}/{task['phase']}"
+        await asyncio.sleep(0.05)
+
+
+async def submit(client: httpx.AsyncClient, description: str, **extra) -> str:
+    response = await client.post("/tasks", json={"description": description, **extra})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+async def test_a_task_runs_through_every_sparc_phase(world):
+    stand_ins, start = world
+    _, client = await start()
+    task_id = await submit(
+        client, "Write a program that prints a friendly greeting", files={"hello.py": "print('hi')\n"}
+    )
+    task = await wait_for_state(client, task_id)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    assert [(s["phase"], s["kind"]) for s in task["steps"]] == [
+        ("specification", "llm"),
+        ("pseudocode", "llm"),
+        ("architecture", "llm"),
+        ("refinement", "llm"),
+        ("refinement", "job"),
+        ("completion", "llm"),
+        ("completion", "approval"),
+    ]
+    assert [r.task_type for r in stand_ins.seen["llm"]] == [
+        "planning",
+        "pseudocode",
+        "architect",
+        "code_generation",
+        "qa",
+    ]
+    assert task["cost_usd"] == pytest.approx(0.005)
+    assert task["models_used"] == ["stand-in"]
+    assert task["result"]["approved_by"] == "alice"
+    assert "-print('hi')" in task["result"]["diff"] and "+print('hello from the stand-in')" in task["result"]["diff"]
+    assert stand_ins.seen["approval"][0].file_path == "hello.py"
+    assert stand_ins.seen["job"][0].code == "print('hello from the stand-in')\n"
+    assert {r.reply_to for kind in stand_ins.seen.values() for r in kind} == {"singularity_1"}
+    listed = (await client.get("/tasks")).json()
+    assert [t["id"] for t in listed] == [task_id]
+
+
+async def test_a_rejection_fails_the_task_with_the_reviewers_reason(world):
+    stand_ins, start = world
+    stand_ins.approval = lambda r: c.ApprovalResponse(
+        **c.reply_fields(r), approved=False, reason="too risky", decided_by="carol"
+    )
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Write a program that deletes temporary files"))
+    assert task["state"] == "failed"
+    assert task["failure_reason"] == "completion: rejected by carol: too risky"
+
+
+async def test_an_ambiguous_task_asks_a_question_first(world):
+    stand_ins, start = world
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Make it better?"))
+    assert task["state"] == "succeeded"
+    assert task["steps"][0]["kind"] == "question"
+    assert "Could you say more" in stand_ins.seen["question"][0].question
+    assert "Clarification from a human: print a greeting" in stand_ins.seen["llm"][0].messages[-1].content
+
+
+async def test_a_missing_reply_fails_the_step_instead_of_hanging(world):
+    stand_ins, start = world
+    stand_ins.job = lambda r: None  # Genesis never answers
+    _, client = await start(job_timeout_seconds=1.0)
+    task = await wait_for_state(client, await submit(client, "Write a program that prints the date"))
+    assert task["state"] == "failed"
+    assert task["failure_reason"].startswith("refinement: no job reply within 1s")
+    assert task["steps"][-1]["state"] == "expired"
+
+
+async def test_failing_code_gets_a_fix_round(world):
+    stand_ins, start = world
+    verdicts = iter([c.JobStatus.SYNTAX_ERROR, c.JobStatus.OK])
+    stand_ins.job = lambda r: c.JobResult(
+        **c.reply_fields(r), status=next(verdicts), error="SyntaxError: invalid syntax", output="ok\n"
+    )
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Write a program that prints a haiku"))
+    assert task["state"] == "succeeded"
+    kinds = [(s["phase"], s["kind"]) for s in task["steps"] if s["phase"] == "refinement"]
+    assert kinds == [("refinement", "llm"), ("refinement", "job"), ("refinement", "llm"), ("refinement", "job")]
+    assert stand_ins.seen["llm"][4].task_type == "coder"
+    assert "SyntaxError" in stand_ins.seen["llm"][4].messages[-1].content
+
+
+async def test_a_restart_mid_task_resumes_without_repeating_steps(world):
+    stand_ins, start = world
+    held: list[c.ApprovalRequest] = []
+    stand_ins.approval = lambda r: held.append(r)  # the human has not decided yet
+    first, client = await start()
+    task_id = await submit(client, "Write a program that prints the first ten primes")
+    for _ in range(600):
+        if held:
+            break
+        await asyncio.sleep(0.05)
+    await first.stop()  # Singularity goes down while the approval is pending
+
+    _, client = await start()
+    stand_ins.approval = lambda r: c.ApprovalResponse(**c.reply_fields(r), approved=True, decided_by="dave")
+    nexus = await stand_ins.stack.queue("nexus")
+    await nexus.publish(c.ApprovalResponse(**c.reply_fields(held[0]), approved=True, decided_by="dave"))
+    task = await wait_for_state(client, task_id)
+    assert task["state"] == "succeeded"
+    assert len(task["steps"]) == 7
+    assert len(stand_ins.seen["llm"]) == 5  # nothing asked twice
+    assert task["result"]["approved_by"] == "dave"
+    assert len({r.request_id for r in stand_ins.seen["approval"]}) == 1  # re-sent under the same id
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        ({"files": {}}, 422, "description: Field required"),
+        ({"description": "x", "language": "cobol"}, 422, "language: Input should be"),
+        ({"description": "x", "surprise": 1}, 422, "surprise: Extra inputs are not permitted"),
+    ],
+)
+async def test_bad_requests_get_a_4xx_with_the_reason(world, body, status, reason):
+    _, start = world
+    _, client = await start()
+    response = await client.post("/tasks", json=body)
+    assert response.status_code == status
+    assert reason in response.json()["error"]
+
+
+async def test_unknown_or_malformed_task_ids_are_404(world):
+    _, start = world
+    _, client = await start()
+    assert (await client.get(f"/tasks/{uuid.uuid4()}")).status_code == 404
+    assert (await client.get("/tasks/not-a-uuid")).status_code == 404
+    bad_json = await client.post("/tasks", content=b"{", headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400
+
+
+async def test_health_readiness_and_metrics(world):
+    _, start = world
+    service, client = await start()
+    assert (await client.get("/healthz")).json() == {"status": "alive", "service": "singularity"}
+    for _ in range(100):  # the NOTIFY listener connects in the background
+        ready = await client.get("/readyz")
+        if ready.status_code == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert ready.json()["status"] == "ready"
+    await wait_for_state(client, await submit(client, "Write a program that prints a friendly greeting"))
+    metrics = (await client.get("/metrics")).text
+    assert 'singularity_queue_messages_total{outcome="handled",queue="llm_results_singularity_1"}' in metrics
+    await service.db.close()  # its database goes away: no longer ready, and says why
+    not_ready = await client.get("/readyz")
+    assert not_ready.status_code == 503
+    assert "database" in not_ready.json()["problems"]
