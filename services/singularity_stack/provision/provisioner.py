@@ -20,6 +20,7 @@ from singularity_stack.postgres.pgmq_install import Method, PgmqInstall, ensure_
 from singularity_stack.provision import privileges
 from singularity_stack.provision.credentials import ServiceCredentials, generate_password, postgres_url
 from singularity_stack.provision.migrations import apply_migrations, service_kind
+from singularity_stack.provision.queues import ensure_queues
 from singularity_stack.topology import StackLayout
 
 log = logging.getLogger(__name__)
@@ -140,18 +141,8 @@ class Provisioner:
             for statement in privileges.schema_statements(layout):
                 conn.execute(statement)
             conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(layout.role("centralcloud"))))
-            existing = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.meta")}
-            notifying = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.notify_insert_throttle")}
-            for queue in layout.queues:
-                if queue not in existing:
-                    conn.execute("SELECT pgmq.create(%s)", (queue,))
-                    self._changed(f"created queue {queue}")
-            for queue in layout.work_queues:
-                if queue not in notifying:
-                    # Throttle 0: every insert notifies, so consumers wake in milliseconds.
-                    conn.execute("SELECT pgmq.enable_notify_insert(%s, 0)", (queue,))
-            for statement in privileges.queue_statements(layout):
-                conn.execute(statement)
+            for queue in ensure_queues(conn, layout):
+                self._changed(f"created queue {queue}")
             conn.execute("RESET ROLE")
             conn.commit()
             return installed

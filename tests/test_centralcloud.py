@@ -1,0 +1,151 @@
+"""CentralCloud: queues ensured at start, retention pruning, analytics over the archives, queue metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import psycopg
+import pytest
+
+from singularity_stack import contract as c
+from singularity_stack.centralcloud.service import CentralCloudService, CentralCloudSettings
+from singularity_stack.sharedqueue import Consumer, Delivery
+
+
+@pytest.fixture
+async def central(sq):
+    creds = sq.result.credentials["centralcloud"]
+    settings = CentralCloudSettings(
+        database_url=creds.database_url,
+        shared_queue_url=creds.shared_queue_url,
+        analytics_url=creds.shared_queue_analytics_url,
+        stack_prefix=sq.result.layout.prefix,
+        retention_days=30,
+        prune_interval_seconds=3600,
+        analytics_interval_seconds=3600,
+        metrics_interval_seconds=3600,
+    )
+    service = CentralCloudService(settings)
+    await service.start()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://centralcloud")
+    yield service, client
+    await service.stop()
+
+
+async def test_start_recreates_a_missing_queue_with_its_privileges(sq):
+    with psycopg.connect(sq.owner_url, autocommit=True) as conn:
+        conn.execute("SELECT pgmq.drop_queue('job_requests')")
+    creds = sq.result.credentials["centralcloud"]
+    service = CentralCloudService(
+        CentralCloudSettings(
+            database_url=creds.database_url,
+            shared_queue_url=creds.shared_queue_url,
+            analytics_url=creds.shared_queue_analytics_url,
+            stack_prefix=sq.result.layout.prefix,
+        )
+    )
+    await service.start()
+    await service.stop()
+    singularity = await sq.queue("singularity_1")
+    await singularity.publish(c.JobRequest(reply_to="singularity_1", agent_id="a", code="1", language="python"))
+    assert sq.owner_query("SELECT count(*) FROM pgmq.q_job_requests") == [(1,)]
+
+
+async def test_prune_removes_only_archives_older_than_retention(sq, central):
+    service, client = central
+    singularity = await sq.queue("singularity_1")
+    nexus = await sq.queue("nexus")
+    for _ in range(5):
+        await singularity.publish(c.JobRequest(reply_to="singularity_1", agent_id="a", code="1", language="python"))
+    genesis = await sq.queue("genesis")
+    batch = await genesis.read("job_requests", visibility_timeout=30, limit=5)
+    await genesis.archive("job_requests", [m.msg_id for m in batch])
+    old = [m.msg_id for m in batch[:3]]
+    with psycopg.connect(sq.owner_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE pgmq.a_job_requests SET archived_at = now() - interval '31 days' WHERE msg_id = ANY(%s)", (old,)
+        )
+    assert nexus is not None
+    pruned = await service.prune()
+    assert pruned == {"job_requests": 3}
+    assert sq.owner_query("SELECT count(*) FROM pgmq.a_job_requests") == [(2,)]
+    runs = (await client.get("/prune-runs")).json()
+    assert [(r["queue"], r["pruned"], r["retention_days"]) for r in runs] == [("job_requests", 3, 30)]
+    assert await service.prune() == {}  # nothing left to prune
+
+
+async def settle(consumer: Consumer) -> None:
+    while await consumer.run_once():
+        pass
+
+
+async def test_analytics_learn_from_archives_and_are_served(sq, central):
+    service, client = central
+    singularity = await sq.queue("singularity_1")
+    nexus = await sq.queue("nexus")
+    genesis = await sq.queue("genesis")
+    start = datetime.now(UTC) - timedelta(seconds=90)
+
+    # three LLM requests answered by two models, one approval decided after 90 s, two jobs
+    for task_type, model in (
+        ("architect", "claude-opus"),
+        ("architect", "claude-opus"),
+        ("<script>x</script>", "offline"),
+    ):
+        request = c.LlmRequest(
+            reply_to="singularity_1",
+            agent_id="a",
+            task_type=task_type,
+            messages=[{"role": "user", "content": "q"}],
+        )
+        await singularity.publish(request)
+        await nexus.publish(
+            c.LlmResult(**c.reply_fields(request), result="a", model=model, complexity="complex", cost_usd=0.25)
+        )
+    approval = c.ApprovalRequest(reply_to="singularity_1", agent_id="a", file_path="x.py", diff="+x", created_at=start)
+    await singularity.publish(approval)
+    await nexus.publish(c.ApprovalResponse(**c.reply_fields(approval), approved=True))
+    for language, status in (("python", c.JobStatus.OK), ("bash", c.JobStatus.TIMEOUT)):
+        job = c.JobRequest(reply_to="singularity_1", agent_id="a", code="1", language=language)
+        await singularity.publish(job)
+        await genesis.publish(c.JobResult(**c.reply_fields(job), status=status, timings_ms={"run": 12.0}))
+
+    async def archive(delivery: Delivery) -> None:
+        pass
+
+    for client_, queue, model in (
+        (nexus, "llm_requests", c.LlmRequest),
+        (nexus, "approval_requests", c.ApprovalRequest),
+        (genesis, "job_requests", c.JobRequest),
+        (singularity, "llm_results_singularity_1", c.LlmResult),
+        (singularity, "approval_responses_singularity_1", c.ApprovalResponse),
+        (singularity, "job_results_singularity_1", c.JobResult),
+    ):
+        await settle(Consumer(client_, queue, model, archive))
+
+    report = await service.learn()
+    llm = {(r["task_type"], r["model"]): r for r in report["llm"]}
+    assert llm[("architect", "claude-opus")]["requests"] == 2
+    assert llm[("architect", "claude-opus")]["cost_usd"] == pytest.approx(0.5)
+    assert llm[("architect", "claude-opus")]["complexity"] == "complex"
+    assert report["approvals"]["approval_rate"] == 1.0
+    assert report["approvals"]["median_response_seconds"] == pytest.approx(90, abs=5)
+    jobs = {(r["language"], r["status"]): r["jobs"] for r in report["jobs"]}
+    assert jobs == {("python", "ok"): 1, ("bash", "timeout"): 1}
+
+    served = (await client.get("/analytics")).json()
+    assert served["report"]["approvals"]["approved"] == 1
+    html = (await client.get("/")).text
+    assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>x" not in html
+
+
+async def test_queue_depth_and_age_are_prometheus_metrics(sq, central):
+    service, client = central
+    singularity = await sq.queue("singularity_1")
+    for _ in range(3):
+        await singularity.publish(c.JobRequest(reply_to="singularity_1", agent_id="a", code="1", language="python"))
+    await service.observe_queues()
+    metrics = (await client.get("/metrics")).text
+    assert 'singularity_queue_depth{queue="job_requests"} 3.0' in metrics
+    assert 'singularity_queue_oldest_message_age_seconds{queue="job_requests"}' in metrics
