@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import uvicorn
 
@@ -19,6 +20,8 @@ SERVICES = {
 
 
 def build_service(name: str) -> Service:
+    # litellm fetches its model price list from the network on import unless told not to.
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     module_name, service_class, settings_class = SERVICES[name]
     module = importlib.import_module(module_name)
     settings = getattr(module, settings_class)()
