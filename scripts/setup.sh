@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-packages=(python3-venv python3-pip postgresql)
+# PostgreSQL for the local stack; bubblewrap and the interpreters Genesis validates and runs jobs with.
+packages=(python3-venv python3-pip postgresql bubblewrap nodejs elixir shellcheck util-linux)
 if [[ "${1:-}" == "--test" ]]; then
   extras="[test]"
   mapfile -t -O "${#packages[@]}" packages < <(grep -v '^#' scripts/debian-test-packages.txt | grep .)

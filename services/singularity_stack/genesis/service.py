@@ -1,0 +1,86 @@
+"""The Genesis service: consumes job_requests, validates and runs each job in the sandbox, replies."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import Counter
+from psycopg.types.json import Jsonb
+from pydantic import AliasChoices, Field
+
+from singularity_stack import contract as c
+from singularity_stack.genesis.runner import JobOutcome, JobRunner
+from singularity_stack.genesis.sandbox import SandboxError
+from singularity_stack.service.runtime import Service
+from singularity_stack.service.settings import ServiceSettings
+from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
+
+log = logging.getLogger(__name__)
+JOBS = Counter("singularity_genesis_jobs_total", "Jobs run by Genesis, by language and status", ["language", "status"])
+
+
+class GenesisSettings(ServiceSettings):
+    max_concurrent_jobs: int = Field(2, ge=1, validation_alias=AliasChoices("GENESIS_MAX_CONCURRENT_JOBS"))
+
+
+def job_result(request: c.JobRequest, outcome: JobOutcome) -> c.JobResult:
+    return c.JobResult(
+        **c.reply_fields(request),
+        status=c.JobStatus(outcome.status.value),
+        output=outcome.stdout,
+        error=outcome.stderr or None,
+        exit_code=outcome.exit_code,
+        lint=outcome.lint,
+        timings_ms=outcome.timings_ms,
+    )
+
+
+class GenesisService(Service):
+    name = "genesis"
+    settings: GenesisSettings
+
+    def __init__(self, settings: GenesisSettings) -> None:
+        super().__init__(settings)
+        self.runner = JobRunner(settings.max_concurrent_jobs)
+
+    async def handle(self, delivery: Delivery[c.JobRequest]) -> None:
+        request = delivery.message
+        try:
+            result = job_result(request, await self.runner.run(request.code, request.language.value, request.run))
+        except SandboxError as error:
+            # The sandbox itself is broken (not the job): say so at once rather than let the caller wait.
+            log.error("sandbox failure", extra={"request_id": str(request.request_id), "error": str(error)})
+            result = c.JobResult(**c.reply_fields(request), status=c.JobStatus.ERROR, error=f"sandbox failure: {error}")
+        assert delivery.db is not None
+        await delivery.db.execute(
+            "INSERT INTO executions (request_id, instance, agent_id, language, status, exit_code, lint_count, "
+            "timings_ms, stdout_bytes, stderr_bytes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                request.request_id,
+                request.reply_to,
+                request.agent_id,
+                request.language.value,
+                result.status.value,
+                result.exit_code,
+                len(result.lint),
+                Jsonb(result.timings_ms),
+                len(result.output.encode()),
+                len((result.error or "").encode()),
+            ),
+        )
+        await self.queue.publish(result)
+        JOBS.labels(request.language.value, result.status.value).inc()
+
+    def consumers(self) -> list[Consumer[Any]]:
+        return [
+            Consumer(
+                self.queue,
+                "job_requests",
+                c.JobRequest,
+                self.handle,
+                batch_size=self.settings.max_concurrent_jobs,
+                visibility_timeout=120,  # well beyond a job's wall-time limit
+                idempotency=IdempotencyStore(self.db),
+            )
+        ]

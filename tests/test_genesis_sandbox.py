@@ -1,0 +1,448 @@
+"""The Genesis code sandbox: each language's happy path, and hostile code contained with the right status.
+
+These tests run real jobs in bubblewrap. They need Debian's bubblewrap, nodejs, elixir and shellcheck
+(scripts/debian-test-packages.txt) and ruff from the venv; a test whose tool is missing is skipped
+with a reason that names the tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from singularity_stack.genesis.languages import RUFF, UnsupportedLanguage, get_language
+from singularity_stack.genesis.runner import JobOutcome, JobRunner, JobStatus
+from singularity_stack.genesis.sandbox import SANDBOX_UID, KiB, Limits, MiB, probe_sandbox
+
+# Shorter than the production defaults so the hostile cases finish quickly; BEAM start-up needs ~0.5 s.
+LIMITS = Limits(wall_time_s=6, cpu_time_s=2)
+FAST_TIMEOUT = Limits(wall_time_s=1.5, cpu_time_s=1)
+
+# The interpreter each language needs on the host, and the Debian package that provides it.
+TOOLS = {
+    "python": ("python3", "python3"),
+    "javascript": ("node", "nodejs"),
+    "bash": ("bash", "bash"),
+    "elixir": ("elixir", "elixir"),
+}
+LANGUAGES = sorted(TOOLS)
+
+# Process names a leaked sandbox job could show up as on the host.
+_JOB_COMMANDS = {"bwrap", "prlimit", "python3", "node", "bash", "sh", "beam.smp", "erl_child_setup", "sleep"}
+
+
+def require_tool(executable: str, package: str) -> None:
+    if shutil.which(executable, path="/usr/bin:/bin") is None:
+        pytest.skip(f"MISSING TOOL: `{executable}` not found — apt-get install {package}")
+
+
+def require_language(language: str) -> None:
+    require_tool(*TOOLS[language])
+
+
+@pytest.fixture(scope="session")
+async def sandbox_ready() -> None:
+    require_tool("bwrap", "bubblewrap")
+    require_tool("prlimit", "util-linux")
+    require_tool("python3", "python3")
+    problem = await probe_sandbox()
+    if problem is not None:
+        pytest.skip(f"MISSING SANDBOX: bubblewrap cannot create namespaces here: {problem}")
+
+
+@pytest.fixture
+def runner(sandbox_ready: None) -> JobRunner:
+    return JobRunner(max_concurrent=4, limits=LIMITS)
+
+
+def fast_runner() -> JobRunner:
+    return JobRunner(max_concurrent=1, limits=FAST_TIMEOUT)
+
+
+def leaked_job_processes() -> list[str]:
+    """Host processes still running as the sandbox uid (only meaningful when the tests run as root)."""
+    leaked = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue  # exited while we looked
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uid = int(fields.get("Uid", "-1").split()[0])
+        name = fields.get("Name", "").strip()
+        if uid == SANDBOX_UID and name in _JOB_COMMANDS:
+            leaked.append(f"{entry.name}:{name}")
+    return leaked
+
+
+async def assert_nothing_left_running() -> None:
+    """Once a job's result is back, no process of it may remain, not even a zombie for the host's init."""
+    if os.geteuid() != 0:
+        return  # jobs then run under our own uid and cannot be told apart from other processes
+    assert leaked_job_processes() == []
+
+
+# -- the happy paths -----------------------------------------------------------------------------------
+
+HELLO = {
+    "python": 'print("hello, genesis")\n',
+    "javascript": 'console.log("hello, genesis");\n',
+    "bash": 'echo "hello, genesis"\n',
+    "elixir": 'IO.puts("hello, genesis")\n',
+}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_hello_world_runs_ok(runner: JobRunner, language: str) -> None:
+    require_language(language)
+    outcome = await runner.run(HELLO[language], language)
+    assert outcome.status is JobStatus.OK, outcome
+    assert outcome.stdout == "hello, genesis\n"
+    assert outcome.exit_code == 0
+    assert {"syntax", "run", "total"} <= set(outcome.timings_ms)
+    assert all(ms >= 0 for ms in outcome.timings_ms.values())
+
+
+SYNTAX_ERRORS = {
+    # language: (code, what a helpful message contains)
+    "python": ("def broken(:\n    pass\n", ["SyntaxError", "line 1"]),
+    "javascript": ("console.log((1 + 2);\n", ["SyntaxError", "main.js"]),
+    "bash": ("if then fi\n", ["syntax error", "line 1"]),
+    "elixir": ('IO.puts("unterminated"\n', ["main.exs", "missing terminator"]),
+}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_syntax_error_is_reported_and_never_run(runner: JobRunner, language: str) -> None:
+    require_language(language)
+    code, hints = SYNTAX_ERRORS[language]
+    outcome = await runner.run(code, language)
+    assert outcome.status is JobStatus.SYNTAX_ERROR, outcome
+    for hint in hints:
+        assert hint in outcome.stderr
+    assert outcome.exit_code is None
+    assert "run" not in outcome.timings_ms
+
+
+async def test_oversized_source_is_refused_before_any_sandbox(runner: JobRunner) -> None:
+    outcome = await runner.run("#" * (LIMITS.max_file_bytes + 1), "python")
+    assert outcome.status is JobStatus.SYNTAX_ERROR
+    assert "the limit is" in outcome.stderr
+
+
+RUNTIME_ERRORS = {
+    "python": ('raise ValueError("boom")\n', "ValueError: boom"),
+    "javascript": ('throw new Error("boom");\n', "Error: boom"),
+    "bash": ('echo "boom" >&2\nexit 3\n', "boom"),
+    "elixir": ('raise ArgumentError, "boom"\n', "(ArgumentError) boom"),
+}
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_exception_is_a_runtime_error(runner: JobRunner, language: str) -> None:
+    require_language(language)
+    code, message = RUNTIME_ERRORS[language]
+    outcome = await runner.run(code, language)
+    assert outcome.status is JobStatus.RUNTIME_ERROR, outcome
+    assert message in outcome.stderr
+    assert outcome.exit_code not in (None, 0)
+
+
+async def test_python_lint_findings_are_listed_and_the_code_still_runs(runner: JobRunner) -> None:
+    if RUFF.locate() is None:
+        pytest.skip("MISSING TOOL: `ruff` not found — pip install ruff (it is in the [test] extra)")
+    outcome = await runner.run('import os\n\nprint("still runs")\n', "python")
+    assert outcome.status is JobStatus.OK, outcome
+    assert outcome.stdout == "still runs\n"
+    assert any("F401" in finding and "`os` imported but unused" in finding for finding in outcome.lint), outcome.lint
+    assert "lint" in outcome.timings_ms
+
+
+async def test_validation_only_reports_lint_status_without_running(runner: JobRunner) -> None:
+    if RUFF.locate() is None:
+        pytest.skip("MISSING TOOL: `ruff` not found — pip install ruff (it is in the [test] extra)")
+    flagged = await runner.run('import os\n\nprint("never printed")\n', "python", run=False)
+    assert flagged.status is JobStatus.LINT
+    assert flagged.lint and flagged.stdout == "" and "run" not in flagged.timings_ms
+    clean = await runner.run('print("clean")\n', "python", run=False)
+    assert clean.status is JobStatus.OK and clean.lint == []
+
+
+async def test_bash_is_linted_with_shellcheck(runner: JobRunner) -> None:
+    require_tool("shellcheck", "shellcheck")
+    outcome = await runner.run('echo "$never_assigned"\n', "bash")
+    assert outcome.status is JobStatus.OK
+    assert any("SC2154" in finding for finding in outcome.lint), outcome.lint
+
+
+# -- hostile code --------------------------------------------------------------------------------------
+
+
+async def test_python_fork_bomb_is_stopped_by_the_process_limit(runner: JobRunner) -> None:
+    outcome = await runner.run("import os\nwhile True:\n    os.fork()\n", "python")
+    # Every process forks until the job's RLIMIT_NPROC refuses, then dies of the BlockingIOError.
+    assert outcome.status is JobStatus.RUNTIME_ERROR, outcome
+    assert "Resource temporarily unavailable" in outcome.stderr
+    await assert_nothing_left_running()
+
+
+async def test_bash_fork_bomb_is_contained(runner: JobRunner) -> None:
+    outcome = await runner.run(":(){ :|:& };:\n", "bash")
+    # Which status is true depends on a race, so both are right: usually the script returns at once
+    # (`ok`, it only backgrounds the bomb) and the namespace dies with it; but if the bomb fills the
+    # process limit before the script's second fork, bash keeps retrying that fork until the wall clock
+    # stops it (`timeout`). Either way RLIMIT_NPROC capped the bomb and nothing survives the job.
+    assert outcome.status in (JobStatus.OK, JobStatus.TIMEOUT), outcome
+    assert outcome.timings_ms["run"] < (LIMITS.wall_time_s + 2) * 1000
+    await assert_nothing_left_running()
+    proof = await runner.run('echo "host still forks"\n', "bash")
+    assert proof.stdout == "host still forks\n"
+
+
+async def test_infinite_loop_hits_the_cpu_limit(sandbox_ready: None) -> None:
+    # A generous wall clock, so that on a loaded machine the CPU limit is still what stops the loop.
+    cpu_bound = JobRunner(max_concurrent=1, limits=Limits(wall_time_s=10, cpu_time_s=1))
+    outcome = await cpu_bound.run("while True:\n    pass\n", "python")
+    assert outcome.status is JobStatus.TIMEOUT, outcome
+    assert outcome.exit_code == 128 + 24  # SIGXCPU from RLIMIT_CPU
+    await assert_nothing_left_running()
+
+
+async def test_sleeping_job_hits_the_wall_clock_limit_and_keeps_its_output(sandbox_ready: None) -> None:
+    code = 'import time\nprint("before", flush=True)\ntime.sleep(60)\nprint("after")\n'
+    outcome = await fast_runner().run(code, "python")
+    assert outcome.status is JobStatus.TIMEOUT, outcome
+    assert outcome.exit_code is None  # killed by us, not by itself
+    assert outcome.stdout == "before\n"
+    assert outcome.timings_ms["run"] < (FAST_TIMEOUT.wall_time_s + 2) * 1000
+    await assert_nothing_left_running()
+
+
+async def test_cancelled_job_is_killed(runner: JobRunner) -> None:
+    task = asyncio.create_task(runner.run("import time\ntime.sleep(60)\n", "python"))
+    await asyncio.sleep(1.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert runner.active == 0
+    await assert_nothing_left_running()
+
+
+MEMORY_HOGS = {
+    "python": "hog = []\nwhile True:\n    hog.append(bytearray(10_000_000))\n",
+    "javascript": "const hog = [];\nwhile (true) { hog.push(new Array(1e6).fill(1.5)); }\n",
+    "elixir": (
+        'chunk = String.duplicate("x", 10_000_000)\n'
+        "Enum.reduce(1..1000, [], fn i, acc -> [chunk <> <<i::32>> | acc] end)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("language", sorted(MEMORY_HOGS))
+async def test_memory_hog_hits_the_memory_limit(runner: JobRunner, language: str) -> None:
+    require_language(language)
+    outcome = await runner.run(MEMORY_HOGS[language], language)
+    assert outcome.status is JobStatus.MEMORY_LIMIT, outcome
+    await assert_nothing_left_running()
+
+
+async def test_shared_memory_mapping_cannot_escape_the_python_limit(runner: JobRunner) -> None:
+    code = "import mmap\nm = mmap.mmap(-1, 1 << 30)\nm[:: 1 << 12] = b'x' * (1 << 18)\n"
+    outcome = await runner.run(code, "python")
+    assert outcome.status is JobStatus.MEMORY_LIMIT, outcome
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[tuple[int, list[str]]]:
+    """A TCP listener on the host's loopback; the list records every connection it accepts."""
+    accepted: list[str] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(str(writer.get_extra_info("peername")))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield port, accepted
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_network_is_unreachable(runner: JobRunner, listener: tuple[int, list[str]]) -> None:
+    port, accepted = listener
+    _, writer = await asyncio.open_connection("127.0.0.1", port)  # the host itself can connect
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert len(accepted) == 1
+    code = (
+        "import socket\n"
+        f"socket.create_connection(('127.0.0.1', {port}), timeout=3).sendall(b'leak')\n"
+        "print('connected')\n"
+    )
+    outcome = await runner.run(code, "python")
+    assert outcome.status is JobStatus.RUNTIME_ERROR, outcome
+    assert "connected" not in outcome.stdout
+    # bwrap's network namespace has only its own loopback: nothing listens there.
+    assert "ConnectionRefusedError" in outcome.stderr or "Network is unreachable" in outcome.stderr
+    await asyncio.sleep(0.1)
+    assert len(accepted) == 1  # only the host's own probe ever arrived
+
+
+async def test_etc_shadow_is_not_readable(runner: JobRunner) -> None:
+    python = await runner.run('print(open("/etc/shadow").read())\n', "python")
+    assert python.status is JobStatus.RUNTIME_ERROR
+    assert "FileNotFoundError" in python.stderr
+    shell = await runner.run("cat /etc/shadow\nls /etc\n", "bash")
+    assert "No such file or directory" in shell.stderr
+    assert "shadow" not in shell.stdout and "passwd" not in shell.stdout
+    if os.access("/etc/shadow", os.R_OK):
+        root_entry = Path("/etc/shadow").read_text().splitlines()[0]
+        assert root_entry not in python.stdout + python.stderr + shell.stdout + shell.stderr
+
+
+@pytest.fixture
+def secret_file() -> Iterator[tuple[str, Path]]:
+    """A secret in a host file that the sandbox uid *could* read by permissions: only the mounts hide it."""
+    secret = "genesis-test-secret-" + os.urandom(8).hex()
+    directory = Path(tempfile.mkdtemp(prefix="genesis-secret-"))
+    try:
+        directory.chmod(0o755)
+        path = directory / "service-secrets.env"
+        path.write_text(f"API_KEY={secret}\n")
+        path.chmod(0o644)
+        yield secret, path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_service_secrets_are_invisible(
+    runner: JobRunner, monkeypatch: pytest.MonkeyPatch, secret_file: tuple[str, Path]
+) -> None:
+    secret, path = secret_file
+    monkeypatch.setenv("GENESIS_TEST_SECRET", secret)
+    assert os.environ["GENESIS_TEST_SECRET"] == secret
+    code = f"""\
+import os
+print(sorted(os.environ))
+print(dict(os.environ))
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        try:
+            print(pid, open(f"/proc/{{pid}}/environ", "rb").read())
+        except OSError as exc:
+            print(pid, exc)
+for path in [{str(path)!r}, {str(path.parent)!r}, "/work", "/root", "/home"]:
+    try:
+        print(path, open(path).read() if os.path.isfile(path) else os.listdir(path))
+    except OSError as exc:
+        print(path, type(exc).__name__)
+"""
+    outcome = await runner.run(code, "python")
+    assert outcome.status is JobStatus.OK, outcome
+    assert secret not in outcome.stdout + outcome.stderr
+    assert "GENESIS_TEST_SECRET" not in outcome.stdout
+    assert f"{path} FileNotFoundError" in outcome.stdout
+    assert "/work FileNotFoundError" in outcome.stdout and "/root FileNotFoundError" in outcome.stdout
+    shell = await runner.run(f"env\ncat {path}\n", "bash")
+    assert secret not in shell.stdout + shell.stderr
+
+
+async def test_job_runs_unprivileged_in_its_own_namespaces(runner: JobRunner) -> None:
+    code = """\
+import os, socket
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+print("uid", os.getuid(), "caps", status["CapEff"].strip(), "host", socket.gethostname(), "cwd", os.getcwd())
+for target in ["/usr/evil", "/evil", "/dev/evil"]:
+    try:
+        open(target, "w")
+        print("WROTE", target)
+    except OSError as exc:
+        print("refused", target, exc.strerror)
+open("/tmp/ok.txt", "w").write("scratch space works")
+print(open("/box/ok.txt").read())
+"""
+    outcome = await runner.run(code, "python")
+    assert outcome.status is JobStatus.OK, outcome
+    assert f"uid {SANDBOX_UID} caps 0000000000000000 host genesis cwd /box" in outcome.stdout
+    assert "WROTE" not in outcome.stdout
+    assert "scratch space works" in outcome.stdout
+
+
+async def test_file_size_limit(runner: JobRunner) -> None:
+    code = f'open("big.bin", "wb").write(b"x" * {LIMITS.max_file_bytes + MiB})\n'
+    outcome = await runner.run(code, "python")
+    assert outcome.status is JobStatus.RUNTIME_ERROR, outcome
+    assert "File too large" in outcome.stderr
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+async def test_huge_output_is_truncated_without_exhausting_the_host(runner: JobRunner, stream: str) -> None:
+    peak_rss_before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code = f"import sys\nwhile True:\n    sys.{stream}.write('x' * 65536)\n"
+    outcome = await runner.run(code, "python")
+    assert outcome.status is JobStatus.OUTPUT_TRUNCATED, outcome
+    assert len(getattr(outcome, stream)) == LIMITS.max_output_bytes == 64 * KiB
+    assert outcome.exit_code is None
+    # The job was killed once the cap was passed, long before its wall-clock limit.
+    assert outcome.timings_ms["run"] < LIMITS.wall_time_s * 1000 / 2
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_rss_before_kib
+    assert grown_kib < 32 * 1024, f"host peak RSS grew by {grown_kib} KiB"
+    await assert_nothing_left_running()
+
+
+# -- the pool ------------------------------------------------------------------------------------------
+
+
+async def test_pool_never_runs_more_than_max_concurrent(sandbox_ready: None) -> None:
+    pool = JobRunner(max_concurrent=2, limits=LIMITS)
+    observed: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            observed.append(pool.active)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    jobs = [pool.run(f"import time\ntime.sleep(0.3)\nprint({i})\n", "python") for i in range(6)]
+    outcomes = await asyncio.gather(*jobs)
+    watcher.cancel()
+    assert [o.stdout for o in outcomes] == [f"{i}\n" for i in range(6)]
+    assert all(o.status is JobStatus.OK for o in outcomes)
+    assert pool.peak_active == 2  # the runner's own counter: saturated, never exceeded
+    assert max(observed) <= 2
+    assert pool.active == 0
+
+
+async def test_unsupported_language_is_rejected() -> None:
+    with pytest.raises(UnsupportedLanguage, match="cobol"):
+        await JobRunner(1).run("DISPLAY 'HI'.", "cobol")
+    assert get_language("JS").name == "javascript"
+
+
+def test_limits_and_outcomes_are_immutable_values() -> None:
+    with pytest.raises(ValueError, match="cpu_time_s"):
+        Limits(cpu_time_s=0)
+    outcome = JobOutcome(status=JobStatus.OK, stdout="x")
+    with pytest.raises(pydantic.ValidationError):
+        outcome.status = JobStatus.TIMEOUT  # type: ignore[misc]
+    assert {s.value for s in JobStatus} == {
+        "ok",
+        "syntax_error",
+        "lint",
+        "runtime_error",
+        "timeout",
+        "memory_limit",
+        "output_truncated",
+    }
