@@ -1,0 +1,406 @@
+"""Human in the loop: the approval and question requests Nexus holds until a reviewer decides.
+
+Requests arrive from the shared queue and are stored in Nexus's database (`hitl_requests`) inside
+the consumer's idempotency transaction. A reviewer's decision is one transaction on that database:
+the state moves off `pending` (only once: a second reviewer gets a Conflict), an append-only audit
+row is written, and the reply is published to the requesting instance's reply queue *before* the
+commit. If publishing fails nothing is recorded and the reviewer can retry; if the commit fails
+after a publish, the retry publishes a duplicate, which Singularity drops by `request_id`.
+
+Every open browser learns about new and settled requests through the `Broadcaster`, always after
+the change is committed, so a browser never shows a card that could still disappear by rollback.
+The broadcaster is in-process: with several Nexus replicas, each pushes only its own changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+from psycopg.rows import TupleRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from singularity_stack.contract import ApprovalRequest, ApprovalResponse, QuestionRequest, QuestionResponse, Reply
+from singularity_stack.sharedqueue import SharedQueue
+
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Reply)
+
+Event = dict[str, Any]
+Card = dict[str, Any]
+# Sent to a subscriber that fell too far behind, in place of its backlog: it gets a fresh snapshot.
+RESYNC: Event = {"type": "resync"}
+
+
+# -- errors the web layer maps to HTTP statuses ------------------------------------------------------
+
+
+class HitlError(Exception):
+    status_code = 400
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotFound(HitlError):
+    status_code = 404
+
+
+class Conflict(HitlError):
+    """Already decided, expired, or an approval answered as a question (or the reverse)."""
+
+    status_code = 409
+
+
+class InvalidDecision(HitlError):
+    """A decision that can never be accepted as given, e.g. a rejection without a reason."""
+
+    status_code = 422
+
+
+# -- fan-out to browsers ----------------------------------------------------------------------------
+
+
+class Broadcaster:
+    """In-process fan-out of events to every connected browser.
+
+    Each subscriber has its own bounded inbox, so one slow browser never delays the others; when
+    its inbox overflows its backlog is replaced by RESYNC and it is sent a fresh snapshot instead.
+    """
+
+    def __init__(self, backlog: int = 256) -> None:
+        self.backlog = backlog
+        self._inboxes: set[asyncio.Queue[Event]] = set()
+
+    def __len__(self) -> int:
+        return len(self._inboxes)
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[Event]]:
+        inbox: asyncio.Queue[Event] = asyncio.Queue(self.backlog)
+        self._inboxes.add(inbox)
+        try:
+            yield inbox
+        finally:
+            self._inboxes.discard(inbox)
+
+    def publish(self, event: Event) -> None:
+        for inbox in self._inboxes:
+            try:
+                inbox.put_nowait(event)
+            except asyncio.QueueFull:
+                while not inbox.empty():
+                    inbox.get_nowait()
+                inbox.put_nowait(RESYNC)
+
+
+# -- storage ----------------------------------------------------------------------------------------
+
+_CARD_COLUMNS = (
+    "request_id, kind, instance, agent_id, payload, received_at, deadline, "
+    "extract(epoch FROM clock_timestamp() - received_at)::float8 AS age_seconds"
+)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def card(row: dict[str, Any]) -> Card:
+    """A stored request as the browser shows it; every value is JSON-ready."""
+    payload: dict[str, Any] = row["payload"]
+    result: Card = {
+        "request_id": str(row["request_id"]),
+        "kind": row["kind"],
+        "agent_id": row["agent_id"],
+        "instance": row["instance"],
+        "received_at": _iso(row["received_at"]),
+        "deadline": _iso(row["deadline"]),
+        "age_seconds": round(max(float(row["age_seconds"]), 0.0), 1),
+    }
+    if row["kind"] == "approval":
+        result |= {
+            "file_path": payload.get("file_path", ""),
+            "description": payload.get("description", ""),
+            "diff": payload.get("diff", ""),
+        }
+    else:
+        result |= {"question": payload.get("question", ""), "context": payload.get("context", "")}
+    return result
+
+
+def _kind(request: ApprovalRequest | QuestionRequest) -> str:
+    return "approval" if isinstance(request, ApprovalRequest) else "question"
+
+
+class HitlStore:
+    """All HITL SQL. Methods taking `conn` run inside the caller's transaction."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    async def insert(
+        self, conn: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest
+    ) -> dict[str, Any] | None:
+        """Store a new pending request and its 'received' audit row; None if it was stored before."""
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "INSERT INTO hitl_requests (request_id, kind, instance, agent_id, payload, deadline) "
+            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (request_id) DO NOTHING "
+            f"RETURNING {_CARD_COLUMNS}",
+            (
+                request.request_id,
+                _kind(request),
+                request.reply_to,
+                request.agent_id,
+                Jsonb(request.model_dump(mode="json")),
+                request.deadline,
+            ),
+        )
+        row = await cur.fetchone()
+        if row is not None:
+            await self.audit(conn, request.request_id, "received", "system", {"queue": request.queue})
+        return row
+
+    async def pending(self) -> list[dict[str, Any]]:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                f"SELECT {_CARD_COLUMNS} FROM hitl_requests WHERE state = 'pending' ORDER BY received_at, request_id"
+            )
+            return await cur.fetchall()
+
+    async def settle(
+        self,
+        conn: psycopg.AsyncConnection[TupleRow],
+        request_id: uuid.UUID,
+        kind: str,
+        state: str,
+        actor: str,
+        decision: dict[str, Any],
+    ) -> str | None:
+        """Move a pending, not overdue request of `kind` to `state`; returns its instance, or None.
+
+        A concurrent decision on the same row waits for the row lock, then finds it no longer
+        pending: exactly one reviewer wins.
+        """
+        cur = await conn.execute(
+            "UPDATE hitl_requests SET state = %s, decided_at = now(), decided_by = %s, decision = %s "
+            "WHERE request_id = %s AND kind = %s AND state = 'pending' AND (deadline IS NULL OR deadline > now()) "
+            "RETURNING instance",
+            (state, actor, Jsonb(decision), request_id, kind),
+        )
+        row = await cur.fetchone()
+        return str(row[0]) if row else None
+
+    async def refusal(self, conn: psycopg.AsyncConnection[TupleRow], request_id: uuid.UUID, kind: str) -> HitlError:
+        """Why `settle` found nothing to decide, as the error to raise."""
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(
+            "SELECT kind, state, decided_by, decided_at, deadline FROM hitl_requests WHERE request_id = %s",
+            (request_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return NotFound(f"unknown request {request_id}")
+        if row["kind"] != kind:
+            return Conflict(f"request {request_id} is {_article(row['kind'])}, not {_article(kind)}")
+        if row["state"] == "pending":
+            return Conflict(f"request {request_id} expired at {_iso(row['deadline'])}")
+        if row["state"] == "expired":
+            return Conflict(f"already decided (expired at {_iso(row['decided_at'])})")
+        return Conflict(f"already decided ({row['state']} by {row['decided_by']})")
+
+    async def audit(
+        self,
+        conn: psycopg.AsyncConnection[TupleRow],
+        request_id: uuid.UUID,
+        action: str,
+        actor: str,
+        detail: dict[str, Any],
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO hitl_audit (request_id, action, actor, detail) VALUES (%s, %s, %s, %s)",
+            (request_id, action, actor, Jsonb(detail)),
+        )
+
+    async def expire_overdue(self) -> list[uuid.UUID]:
+        """Expire every pending request past its deadline, with its audit row, in one transaction."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                "WITH expired AS ("
+                "  UPDATE hitl_requests SET state = 'expired', decided_at = now(), decided_by = 'system'"
+                "  WHERE state = 'pending' AND deadline <= now() RETURNING request_id, deadline"
+                ") INSERT INTO hitl_audit (request_id, action, actor, detail) "
+                "SELECT request_id, 'expired', 'system', jsonb_build_object('deadline', deadline) FROM expired "
+                "RETURNING request_id"
+            )
+            return [row[0] for row in await cur.fetchall()]
+
+    async def transaction_status(self, xid: str) -> str | None:
+        """'in progress', 'committed' or 'aborted' (None: too old to know)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,))
+            row = await cur.fetchone()
+            return row[0] if row else None
+
+
+def _article(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
+# -- logic ------------------------------------------------------------------------------------------
+
+
+class Hitl:
+    def __init__(self, pool: AsyncConnectionPool, queue: SharedQueue, *, actor_default: str = "reviewer") -> None:
+        self.store = HitlStore(pool)
+        self.queue = queue
+        self.actor_default = actor_default
+        self.broadcaster = Broadcaster()
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    # -- arrivals ----------------------------------------------------------------------------------
+
+    async def receive(self, db: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest) -> None:
+        """Store a request inside the consumer's open transaction `db`; browsers see it once that commits."""
+        row = await self.store.insert(db, request)
+        if row is None:
+            return  # stored before (a redelivery that slipped past the idempotency table): nothing new to show
+        cur = await db.execute("SELECT pg_current_xact_id()::text")
+        xid_row = await cur.fetchone()
+        assert xid_row is not None
+        task = asyncio.create_task(self._announce_after_commit(str(xid_row[0]), card(row)))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _announce_after_commit(self, xid: str, new: Card, patience: float = 120.0) -> None:
+        """Broadcast `new` once transaction `xid` commits; say nothing if it rolls back.
+
+        psycopg has no commit hook and `receive` does not own the transaction, so this asks
+        PostgreSQL about the transaction's fate, quickly at first (the consumer commits right
+        after the handler returns), then backing off.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + patience
+        delay = 0.005
+        warned = False
+        while loop.time() < give_up:
+            try:
+                status = await self.store.transaction_status(xid)
+            except psycopg.Error as error:
+                status = "in progress"  # the database is away: keep asking until `patience` runs out
+                if not warned:
+                    log.warning("cannot see whether HITL request %s committed (%s)", new["request_id"], error)
+                    warned = True
+            if status == "committed":
+                self.broadcaster.publish({"type": "added", "card": new})
+                return
+            if status != "in progress":
+                return  # rolled back: the consumer will redeliver, and this announces it then
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        log.warning(
+            "HITL request %s not committed after %.0fs; browsers get it on reconnect", new["request_id"], patience
+        )
+
+    async def close(self) -> None:
+        """Stop waiting for commits still in flight (at shutdown)."""
+        watchers = list(self._watchers)
+        for task in watchers:
+            task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    async def pending(self) -> list[Card]:
+        """Every pending request, oldest first."""
+        return [card(row) for row in await self.store.pending()]
+
+    async def snapshot(self) -> dict[str, list[Card]]:
+        cards = await self.pending()
+        return {
+            "approvals": [c for c in cards if c["kind"] == "approval"],
+            "questions": [c for c in cards if c["kind"] == "question"],
+        }
+
+    # -- decisions ---------------------------------------------------------------------------------
+
+    def _actor(self, actor: str) -> str:
+        return actor.strip() or self.actor_default
+
+    async def decide(self, request_id: uuid.UUID, approved: bool, reason: str, actor: str) -> ApprovalResponse:
+        reason, actor = reason.strip(), self._actor(actor)
+        if not approved and not reason:
+            raise InvalidDecision("reason: a rejection needs a reason")
+        state = "approved" if approved else "rejected"
+
+        def reply(instance: str) -> ApprovalResponse:
+            return ApprovalResponse(
+                request_id=request_id, recipient=instance, approved=approved, reason=reason, decided_by=actor
+            )
+
+        return await self._settle(request_id, "approval", state, actor, {"approved": approved, "reason": reason}, reply)
+
+    async def answer(self, request_id: uuid.UUID, response: str, actor: str) -> QuestionResponse:
+        if not response.strip():
+            raise InvalidDecision("response: the answer must not be blank")
+        actor = self._actor(actor)
+
+        def reply(instance: str) -> QuestionResponse:
+            return QuestionResponse(request_id=request_id, recipient=instance, response=response, answered_by=actor)
+
+        return await self._settle(request_id, "question", "answered", actor, {"response": response}, reply)
+
+    async def _settle(
+        self,
+        request_id: uuid.UUID,
+        kind: str,
+        state: str,
+        actor: str,
+        decision: dict[str, Any],
+        reply: Callable[[str], R],
+    ) -> R:
+        """One transaction: claim the pending row, audit, publish the reply; then tell the browsers."""
+        async with self.store.pool.connection() as conn, conn.transaction():
+            instance = await self.store.settle(conn, request_id, kind, state, actor, decision)
+            if instance is None:
+                raise await self.store.refusal(conn, request_id, kind)
+            message = reply(instance)
+            await self.store.audit(conn, request_id, state, actor, decision)
+            # Published before the commit: a failure here rolls the decision back so it can be retried.
+            await self.queue.publish(message)
+        self.broadcaster.publish({"type": "removed", "request_id": str(request_id), "state": state, "by": actor})
+        log.info("HITL request %s %s by %s", request_id, state, actor)
+        return message
+
+    async def expire_overdue(self) -> int:
+        """Expire pending requests past their deadline; returns how many."""
+        expired = await self.store.expire_overdue()
+        for request_id in expired:
+            self.broadcaster.publish(
+                {"type": "removed", "request_id": str(request_id), "state": "expired", "by": "system"}
+            )
+        if expired:
+            log.info("expired %d HITL requests", len(expired))
+        return len(expired)
+
+    # -- web ---------------------------------------------------------------------------------------
+
+    def routes(self, token: str) -> list[BaseRoute]:
+        """The reviewer UI and its API, protected by `token` (see hitl_web)."""
+        # Imported here: hitl_web builds on this module's classes.
+        from singularity_stack.nexus.hitl_web import hitl_routes
+
+        return hitl_routes(self, token)

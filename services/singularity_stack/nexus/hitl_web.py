@@ -1,0 +1,320 @@
+"""The reviewers' web UI: one page, a JSON API to decide, and a WebSocket that pushes every change.
+
+Authentication is one shared token (Nexus's UI token), presented either as
+`Authorization: Bearer <token>` (scripts and WebSocket clients; the reviewer's name may be given
+in `X-Reviewer`) or as the session cookie set by the login form. The cookie holds the reviewer's
+name, when it was issued and an HMAC-SHA256 of both keyed with the token: it never reveals the
+token, cannot be forged or extended without it, lasts SESSION_MAX_AGE, and every session ends when
+the token is rotated. It is HttpOnly and SameSite=Strict, and requests that rely on it are also
+refused when their Origin is another site (no cross-site form posts or WebSocket hijacking).
+
+The page is static HTML/CSS/JS (static/) that renders all data with textContent, under a
+Content-Security-Policy that forbids inline script: a diff full of HTML stays text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import html
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import parse_qs, urlsplit
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from singularity_stack.nexus.hitl import RESYNC, Event, Hitl, HitlError
+from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+SESSION_COOKIE = "nexus_hitl_session"
+SESSION_MAX_AGE = 12 * 3600
+MAX_BODY = 1 << 20  # decisions and answers are text typed by a person; a megabyte is plenty
+# Letters (any script), digits, space and . @ ' - : shown in the audit trail and to other reviewers.
+REVIEWER_NAME = re.compile(r"[\w .@'-]{1,64}")  # used with fullmatch
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_CROSS_SITE = 4403
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+        "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # "no-referrer" would make Chromium send "Origin: null"
+    "Cache-Control": "no-store",
+}
+
+Handler = Callable[[Request, str], Awaitable[Response]]
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class Decision(BaseModel):
+    # strict: "approved": "yes" must be refused, not read as True
+    model_config = ConfigDict(extra="forbid", strict=True)
+    approved: bool
+    reason: Annotated[str, Field(max_length=10_000)] = ""
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    response: Annotated[str, Field(min_length=1, max_length=100_000)]
+
+
+# -- authentication ---------------------------------------------------------------------------------
+
+
+class Auth:
+    def __init__(self, token: str, actor_default: str) -> None:
+        if not token:
+            raise ValueError("the HITL UI needs a non-empty token")
+        self._token = token.encode()
+        self.actor_default = actor_default
+
+    def token_matches(self, candidate: str) -> bool:
+        return hmac.compare_digest(candidate.encode(), self._token)
+
+    def _signature(self, name: str, issued: int) -> str:
+        message = f"nexus-hitl-session\0{issued}\0{name}".encode()
+        return hmac.new(self._token, message, hashlib.sha256).hexdigest()
+
+    def session_value(self, name: str, issued: int | None = None) -> str:
+        """'<base64url name>.<issued, unix seconds>.<HMAC>': the name is readable, nothing is forgeable."""
+        issued = int(time.time()) if issued is None else issued
+        encoded = base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+        return f"{encoded}.{issued}.{self._signature(name, issued)}"
+
+    def session_name(self, value: str) -> str | None:
+        """The reviewer a session cookie belongs to; None if it is not ours or older than SESSION_MAX_AGE."""
+        encoded, _, rest = value.partition(".")
+        issued_text, _, signature = rest.partition(".")
+        try:
+            name = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode()
+            issued = int(issued_text)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        if not hmac.compare_digest(signature.encode(), self._signature(name, issued).encode()):
+            return None
+        # Enforced here too: the cookie's Max-Age only asks the browser to forget it. A minute of
+        # clock skew between Nexus replicas is tolerated.
+        age = time.time() - issued
+        return name if -60 <= age <= SESSION_MAX_AGE else None
+
+    def reviewer(self, conn: HTTPConnection) -> tuple[str, bool] | None:
+        """(reviewer name, via cookie?) for an authenticated request or WebSocket, else None.
+
+        There is no token query parameter: URLs end up in access logs. Scripts send the header.
+        """
+        scheme, _, credential = conn.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self.token_matches(credential.strip()):
+            claimed = conn.headers.get("x-reviewer", "").strip()
+            return (claimed if REVIEWER_NAME.fullmatch(claimed) else self.actor_default), False
+        cookie = conn.cookies.get(SESSION_COOKIE)
+        name = self.session_name(cookie) if cookie else None
+        return (name, True) if name is not None else None
+
+
+def cross_site(conn: HTTPConnection) -> bool:
+    """True when a browser says the request comes from a page of another origin."""
+    origin = conn.headers.get("origin")
+    return origin is not None and urlsplit(origin).netloc != conn.headers.get("host")
+
+
+# -- pages ------------------------------------------------------------------------------------------
+
+
+def _page(name: str, status_code: int = 200, error: str = "") -> HTMLResponse:
+    text = (STATIC / name).read_text(encoding="utf-8")
+    if error:
+        text = text.replace("<!--error-->", f'<p class="error" role="alert">{html.escape(error)}</p>')
+    return HTMLResponse(text, status_code, headers=SECURITY_HEADERS)
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An urlencoded form body (python-multipart is not a dependency; a login form needs no more)."""
+    body = await _body(request)
+    fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
+    return {key: values[0] for key, values in fields.items()}
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused (413) beyond MAX_BODY before it is read when the length is declared."""
+    declared = request.headers.get("content-length", "0")
+    if not declared.isdigit():
+        raise BadRequest("Content-Length must be a number", 400)
+    if int(declared) > MAX_BODY:
+        raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
+    return body
+
+
+class HitlWeb:
+    def __init__(self, hitl: Hitl, token: str) -> None:
+        self.hitl = hitl
+        self.auth = Auth(token, hitl.actor_default)
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/", self.index, methods=["GET"]),
+            Route("/login", self.login_form, methods=["GET"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/api/pending", self.api(self.pending), methods=["GET"]),
+            Route("/api/approvals/{request_id}", self.api(self.decide), methods=["POST"]),
+            Route("/api/questions/{request_id}", self.api(self.answer), methods=["POST"]),
+            WebSocketRoute("/ws", self.websocket),
+            # Public: the page's code and style hold no data, and the login form needs them.
+            Mount("/static", StaticFiles(directory=STATIC), name="hitl-static"),
+        ]
+
+    # -- pages -------------------------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        if self.auth.reviewer(request) is None:
+            return RedirectResponse("/login", 303)
+        return _page("index.html")
+
+    async def login_form(self, request: Request) -> Response:
+        if self.auth.reviewer(request) is not None:
+            return RedirectResponse("/", 303)
+        return _page("login.html")
+
+    async def login(self, request: Request) -> Response:
+        if cross_site(request):
+            return _page("login.html", 403, "This login form was posted from another site.")
+        try:
+            form = await _form(request)
+        except BadRequest as bad:
+            return _page("login.html", bad.status_code, bad.reason)
+        if not self.auth.token_matches(form.get("token", "")):
+            return _page("login.html", 401, "Wrong token: use the UI token Nexus was started with.")
+        name = form.get("name", "").strip() or self.auth.actor_default
+        if not REVIEWER_NAME.fullmatch(name):
+            return _page("login.html", 400, "Your name may have letters, digits, spaces and . @ ' - (up to 64).")
+        response = RedirectResponse("/", 303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            self.auth.session_value(name),
+            max_age=SESSION_MAX_AGE,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        response = RedirectResponse("/login", 303)
+        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict")
+        return response
+
+    # -- API ---------------------------------------------------------------------------------------
+
+    def api(self, handler: Handler) -> Endpoint:
+        """Authenticate (401 JSON), refuse cross-site cookie use (403), map errors to their statuses."""
+
+        async def endpoint(request: Request) -> Response:
+            reviewer = self.auth.reviewer(request)
+            if reviewer is None:
+                response = error_response(401, "not authenticated: send 'Authorization: Bearer <token>' or log in")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            name, via_cookie = reviewer
+            if via_cookie and request.method != "GET" and cross_site(request):
+                return error_response(403, "cross-site request refused")
+            try:
+                return await handler(request, name)
+            except BadRequest as bad:
+                return bad.response()
+            except HitlError as error:
+                return error_response(error.status_code, error.reason)
+            except psycopg.OperationalError as error:
+                # The decision was rolled back (see Hitl._settle): the reviewer can simply retry.
+                log.warning("HITL decision failed: %s", error)
+                return error_response(
+                    503, "Nexus could not reach its database or the shared queue; nothing was decided"
+                )
+
+        return endpoint
+
+    async def pending(self, request: Request, reviewer: str) -> Response:
+        return json_response(await self.hitl.snapshot())
+
+    async def decide(self, request: Request, reviewer: str) -> Response:
+        request_id = path_uuid(request, "request_id")
+        await _body(request)  # size check before parsing
+        body = await parse_body(request, Decision)
+        await self.hitl.decide(request_id, body.approved, body.reason, reviewer)
+        return json_response({"request_id": request_id, "state": "approved" if body.approved else "rejected"})
+
+    async def answer(self, request: Request, reviewer: str) -> Response:
+        request_id = path_uuid(request, "request_id")
+        await _body(request)
+        body = await parse_body(request, Answer)
+        await self.hitl.answer(request_id, body.response, reviewer)
+        return json_response({"request_id": request_id, "state": "answered"})
+
+    # -- push --------------------------------------------------------------------------------------
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        """Snapshot on connect, then every 'added' / 'removed' event. Browsers act through the POST API."""
+        reviewer = self.auth.reviewer(websocket)
+        await websocket.accept()
+        # Accept first, then close with a code: the page can tell "log in again" from a network error.
+        if reviewer is None:
+            await websocket.close(CLOSE_UNAUTHENTICATED, "not authenticated")
+            return
+        if reviewer[1] and cross_site(websocket):
+            await websocket.close(CLOSE_CROSS_SITE, "cross-site WebSocket refused")
+            return
+        # Subscribe before reading the snapshot: nothing committed in between is missed (the page
+        # ignores an 'added' it already has and a 'removed' it never had).
+        with self.hitl.broadcaster.subscribe() as inbox:
+            await self._send_snapshot(websocket, reviewer[0])
+            pump = asyncio.create_task(self._pump(websocket, inbox, reviewer[0]))
+            try:
+                await self._drain(websocket)
+            finally:
+                pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pump
+
+    async def _send_snapshot(self, websocket: WebSocket, reviewer: str) -> None:
+        await websocket.send_json({"type": "snapshot", **await self.hitl.snapshot(), "reviewer": reviewer})
+
+    async def _pump(self, websocket: WebSocket, inbox: asyncio.Queue[Event], reviewer: str) -> None:
+        try:
+            while True:
+                event = await inbox.get()
+                if event is RESYNC:
+                    await self._send_snapshot(websocket, reviewer)
+                else:
+                    await websocket.send_json(event)
+        except (WebSocketDisconnect, RuntimeError, OSError) as error:
+            log.debug("WebSocket send stopped: %s", error)  # the client went away; _drain sees it too
+
+    async def _drain(self, websocket: WebSocket) -> None:
+        """Read until the client disconnects; it has nothing to say (pings are answered by the server)."""
+        while (await websocket.receive())["type"] != "websocket.disconnect":
+            pass
+
+
+def hitl_routes(hitl: Hitl, token: str) -> list[BaseRoute]:
+    return HitlWeb(hitl, token).routes()

@@ -1,0 +1,109 @@
+"""The Nexus service: routes LLM requests to a model and replies; holds approvals and questions for humans."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field
+from starlette.routing import BaseRoute
+
+from singularity_stack import contract as c
+from singularity_stack.nexus.hitl import Hitl
+from singularity_stack.nexus.router import Completion, LlmRouter, RoutingError
+from singularity_stack.nexus.routing_config import load_routing_config
+from singularity_stack.service.runtime import Job, Service, every
+from singularity_stack.service.settings import ServiceSettings
+from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
+
+log = logging.getLogger(__name__)
+
+
+class NexusSettings(ServiceSettings):
+    ui_token: str = Field(min_length=16, validation_alias=AliasChoices("NEXUS_UI_TOKEN", "ui_token"))
+    routing_config: Path | None = Field(None, validation_alias=AliasChoices("NEXUS_ROUTING_CONFIG", "routing_config"))
+    max_concurrent_llm: int = Field(8, ge=1, validation_alias=AliasChoices("NEXUS_MAX_CONCURRENT_LLM"))
+    expiry_interval_seconds: float = Field(30.0, validation_alias=AliasChoices("HITL_EXPIRY_INTERVAL_SECONDS"))
+
+
+class NexusService(Service):
+    name = "nexus"
+    settings: NexusSettings
+
+    def __init__(self, settings: NexusSettings) -> None:
+        super().__init__(settings)
+        self.router = LlmRouter(load_routing_config(settings.routing_config))
+        self.hitl = Hitl(self.db, self.queue)
+
+    async def route(self, delivery: Delivery[c.LlmRequest]) -> None:
+        request = delivery.message
+        messages = [m.model_dump() for m in request.messages]
+        completion: Completion | None = None
+        try:
+            completion = await self.router.complete(request.task_type, messages, request.complexity)
+            result = c.LlmResult(
+                **c.reply_fields(request),
+                result=completion.text,
+                model=completion.model,
+                complexity=completion.complexity,
+                cost_usd=completion.cost_usd,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+            )
+        except RoutingError as error:
+            # Retries and fallbacks are spent: tell the agent now instead of letting it wait for its deadline.
+            log.warning("LLM routing failed", extra={"request_id": str(request.request_id), "error": str(error)})
+            result = c.LlmResult(**c.reply_fields(request), error=str(error))
+        assert delivery.db is not None
+        await delivery.db.execute(
+            "INSERT INTO llm_calls (request_id, instance, agent_id, task_type, complexity, complexity_source, model, "
+            "provider_model, cost_usd, prompt_tokens, completion_tokens, latency_ms, error) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                request.request_id,
+                request.reply_to,
+                request.agent_id,
+                request.task_type,
+                completion.complexity.value if completion else (request.complexity or None),
+                completion.complexity_source if completion else None,
+                result.model,
+                completion.provider_model if completion else None,
+                result.cost_usd,
+                result.prompt_tokens,
+                result.completion_tokens,
+                completion.latency_ms if completion else None,
+                result.error,
+            ),
+        )
+        await self.queue.publish(result)
+
+    async def hold_for_humans(self, delivery: Delivery[Any]) -> None:
+        assert delivery.db is not None
+        await self.hitl.receive(delivery.db, delivery.message)
+
+    def consumers(self) -> list[Consumer[Any]]:
+        store = IdempotencyStore(self.db)
+        return [
+            Consumer(
+                self.queue,
+                "llm_requests",
+                c.LlmRequest,
+                self.route,
+                batch_size=self.settings.max_concurrent_llm,
+                visibility_timeout=300,  # longer than the router's timeout with retries
+                idempotency=store,
+            ),
+            Consumer(self.queue, "approval_requests", c.ApprovalRequest, self.hold_for_humans, idempotency=store),
+            Consumer(self.queue, "question_requests", c.QuestionRequest, self.hold_for_humans, idempotency=store),
+        ]
+
+    async def stop(self) -> None:
+        await self.hitl.close()
+        await super().stop()
+
+    def jobs(self) -> list[Job]:
+        return [lambda stop: every(self.settings.expiry_interval_seconds, stop, self.hitl.expire_overdue, "expiry")]
+
+    def routes(self) -> list[BaseRoute]:
+        return self.hitl.routes(self.settings.ui_token)

@@ -1,0 +1,529 @@
+"""Nexus's human-in-the-loop part against a real provisioned stack: storage, decisions, replies on the
+shared queue, the audit trail, the HTTP API and its auth, and the WebSocket push.
+
+HTTP goes through httpx's ASGI transport; WebSocket tests serve the app with uvicorn as a task on the
+test's own event loop (Starlette's TestClient would run the app on another loop than the psycopg pool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from singularity_stack.contract import ApprovalRequest, QuestionRequest
+from singularity_stack.nexus.hitl import Conflict, Hitl
+from singularity_stack.nexus.hitl_web import SESSION_COOKIE, SESSION_MAX_AGE, Auth
+
+TOKEN = "s3cret-token"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+DIFF = "--- a/src/app.py\n+++ b/src/app.py\n@@ -1,2 +1,2 @@\n import sys\n-print('old')\n+print('new')\n"
+
+
+# -- helpers shared with test_nexus_ui_browser.py ------------------------------------------------------
+
+
+def approval(**overrides: Any) -> ApprovalRequest:
+    fields: dict[str, Any] = {
+        "reply_to": "singularity_1",
+        "agent_id": "agent-7",
+        "file_path": "src/app.py",
+        "diff": DIFF,
+        "description": "Print the new greeting",
+    }
+    return ApprovalRequest(**(fields | overrides))
+
+
+def question(**overrides: Any) -> QuestionRequest:
+    fields: dict[str, Any] = {
+        "reply_to": "singularity_1",
+        "agent_id": "agent-9",
+        "question": "Which port should the service listen on?",
+        "context": "The spec says 'a free port'.",
+    }
+    return QuestionRequest(**(fields | overrides))
+
+
+async def deliver(hitl: Hitl, request: ApprovalRequest | QuestionRequest) -> None:
+    """What the shared-queue consumer does: receive inside a transaction on the nexus database."""
+    async with hitl.store.pool.connection() as conn, conn.transaction():
+        await hitl.receive(conn, request)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Starlette) -> AsyncIterator[str]:
+    """Serve `app` with uvicorn on 127.0.0.1 and a free port, as a task of the running loop; yields host:port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    host = f"127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", ws="websockets-sansio", timeout_graceful_shutdown=1
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                assert not task.done(), "uvicorn stopped while starting"
+                await asyncio.sleep(0.01)
+        yield host
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+# -- fixtures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def hitl(sq) -> AsyncIterator[Hitl]:
+    handler = Hitl(await sq.db_pool("nexus"), await sq.queue("nexus"))
+    yield handler
+    await handler.close()
+
+
+@pytest.fixture
+async def client(hitl) -> AsyncIterator[httpx.AsyncClient]:
+    app = Starlette(routes=hitl.routes(TOKEN))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nexus") as http:
+        yield http
+
+
+async def rows(hitl: Hitl, query: str, *params: Any) -> list[tuple]:
+    async with hitl.store.pool.connection() as conn:
+        return await (await conn.execute(query, params)).fetchall()
+
+
+async def audit(hitl: Hitl, request_id: uuid.UUID) -> list[tuple]:
+    return await rows(
+        hitl, "SELECT action, actor, detail FROM hitl_audit WHERE request_id = %s ORDER BY id", request_id
+    )
+
+
+async def state(hitl: Hitl, request_id: uuid.UUID) -> tuple:
+    (row,) = await rows(hitl, "SELECT state, decided_by FROM hitl_requests WHERE request_id = %s", request_id)
+    return row
+
+
+def replies(sq, queue: str) -> list[dict]:
+    return [row[0] for row in sq.owner_query(f"SELECT message FROM pgmq.q_{queue} ORDER BY msg_id")]
+
+
+async def login(client: httpx.AsyncClient, name: str = "alice") -> httpx.Response:
+    return await client.post("/login", data={"token": TOKEN, "name": name})
+
+
+# -- auth ------------------------------------------------------------------------------------------------
+
+
+async def test_api_calls_need_the_token(client):
+    for method, path in [("GET", "/api/pending"), ("POST", f"/api/approvals/{uuid.uuid4()}")]:
+        response = await client.request(method, path, json={"approved": True})
+        assert response.status_code == 401, path
+        assert "not authenticated" in response.json()["error"]
+        wrong = await client.request(method, path, headers={"Authorization": "Bearer nope"}, json={"approved": True})
+        assert wrong.status_code == 401
+    response = await client.get("/api/pending", headers=BEARER)
+    assert response.status_code == 200
+    assert response.json() == {"approvals": [], "questions": []}
+
+
+async def test_the_page_redirects_to_the_login_form_until_logged_in(client):
+    response = await client.get("/")
+    assert response.status_code == 303 and response.headers["location"] == "/login"
+    form = await client.get("/login")
+    assert form.status_code == 200
+    assert 'name="token"' in form.text and 'action="/login"' in form.text
+    page = await client.get("/", headers=BEARER)
+    assert page.status_code == 200 and "/static/hitl.js" in page.text
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    script = await client.get("/static/hitl.js")  # public: code, no data
+    assert script.status_code == 200 and "textContent" in script.text
+
+
+async def test_a_wrong_token_gets_a_401_page_with_the_reason(client):
+    response = await client.post("/login", data={"token": "guess", "name": "mallory"})
+    assert response.status_code == 401
+    assert "Wrong token" in response.text
+    assert SESSION_COOKIE not in response.headers.get("set-cookie", "")
+
+
+async def test_login_sets_a_strict_httponly_session_cookie(client):
+    response = await login(client)
+    assert response.status_code == 303 and response.headers["location"] == "/"
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith(f"{SESSION_COOKIE}=")
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+    assert TOKEN not in cookie  # an HMAC, not the token itself
+    assert (await client.get("/")).status_code == 200
+    assert (await client.get("/api/pending")).status_code == 200
+    assert (await client.get("/login")).headers["location"] == "/"  # already logged in
+
+    # A cookie changed by hand (another name, or issued later, same signature) is worthless.
+    name, issued, signature = client.cookies[SESSION_COOKIE].split(".")
+    assert base64.urlsafe_b64decode(name + "==") == b"alice"
+    client.cookies.clear()
+    for forged in (f"Ym9i.{issued}.{signature}", f"{name}.{int(issued) + 3600}.{signature}", "garbage"):
+        client.cookies.set(SESSION_COOKIE, forged)
+        assert (await client.get("/api/pending")).status_code == 401, forged
+    stale = Auth(TOKEN, "reviewer").session_value("alice", issued=int(time.time()) - SESSION_MAX_AGE - 60)
+    client.cookies.set(SESSION_COOKIE, stale)
+    assert (await client.get("/api/pending")).status_code == 401  # signed by us, but too old
+
+    client.cookies.clear()
+    await login(client)
+    logout = await client.post("/logout")
+    assert logout.status_code == 303 and logout.headers["location"] == "/login"
+    assert (await client.get("/api/pending")).status_code == 401
+
+
+async def test_a_bad_reviewer_name_is_refused(client):
+    response = await client.post("/login", data={"token": TOKEN, "name": "<b>eve</b>"})
+    assert response.status_code == 400
+    assert "Your name may have letters" in response.text
+    assert SESSION_COOKIE not in response.headers.get("set-cookie", "")
+
+
+async def test_cookie_requests_from_another_site_are_refused(client, hitl):
+    request = approval()
+    await deliver(hitl, request)
+    await login(client)
+    response = await client.post(
+        f"/api/approvals/{request.request_id}", json={"approved": True}, headers={"Origin": "https://evil.example"}
+    )
+    assert response.status_code == 403
+    assert (await state(hitl, request.request_id))[0] == "pending"
+    login_elsewhere = await client.post("/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"})
+    assert login_elsewhere.status_code == 403
+
+
+# -- listing ---------------------------------------------------------------------------------------------
+
+
+async def test_pending_lists_cards_oldest_first(client, hitl):
+    first, second, asked = approval(), approval(file_path="README.md", diff=""), question()
+    deadline = datetime.now(UTC) + timedelta(hours=1)
+    await deliver(hitl, first)
+    await deliver(hitl, question(request_id=asked.request_id, deadline=deadline))
+    await deliver(hitl, second)
+    body = (await client.get("/api/pending", headers=BEARER)).json()
+    assert [c["request_id"] for c in body["approvals"]] == [str(first.request_id), str(second.request_id)]
+    card = body["approvals"][0]
+    assert card | {"received_at": None, "age_seconds": None} == {
+        "request_id": str(first.request_id),
+        "kind": "approval",
+        "agent_id": "agent-7",
+        "instance": "singularity_1",
+        "received_at": None,
+        "deadline": None,
+        "age_seconds": None,
+        "file_path": "src/app.py",
+        "description": "Print the new greeting",
+        "diff": DIFF,
+    }
+    assert datetime.fromisoformat(card["received_at"]) <= datetime.now(UTC)
+    assert card["age_seconds"] >= 0
+    (q,) = body["questions"]
+    assert q["kind"] == "question" and q["question"] == asked.question and q["context"] == asked.context
+    assert datetime.fromisoformat(q["deadline"]) == deadline
+    assert "file_path" not in q and "question" not in card
+
+
+async def test_a_redelivered_request_is_stored_once(hitl):
+    request = approval()
+    await deliver(hitl, request)
+    await deliver(hitl, request)
+    assert len(await hitl.pending()) == 1
+    assert [a[0] for a in await audit(hitl, request.request_id)] == ["received"]
+
+
+# -- decisions -------------------------------------------------------------------------------------------
+
+
+async def test_approving_publishes_the_reply_records_the_audit_and_is_final(client, hitl, sq):
+    request = approval()
+    await deliver(hitl, request)
+    await login(client, "alice")
+    response = await client.post(f"/api/approvals/{request.request_id}", json={"approved": True, "reason": "LGTM"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"request_id": str(request.request_id), "state": "approved"}
+
+    (reply,) = replies(sq, "approval_responses_singularity_1")
+    assert reply["request_id"] == str(request.request_id)
+    assert reply["recipient"] == "singularity_1"
+    assert (reply["approved"], reply["reason"], reply["decided_by"]) == (True, "LGTM", "alice")
+    assert await state(hitl, request.request_id) == ("approved", "alice")
+    assert await audit(hitl, request.request_id) == [
+        ("received", "system", {"queue": "approval_requests"}),
+        ("approved", "alice", {"approved": True, "reason": "LGTM"}),
+    ]
+    assert await hitl.pending() == []
+
+    again = await client.post(f"/api/approvals/{request.request_id}", json={"approved": False, "reason": "wait"})
+    assert again.status_code == 409
+    assert again.json()["error"] == "already decided (approved by alice)"
+    assert len(replies(sq, "approval_responses_singularity_1")) == 1
+
+
+async def test_a_rejection_needs_a_reason_and_then_sends_it(client, hitl, sq):
+    request = approval()
+    await deliver(hitl, request)
+    url = f"/api/approvals/{request.request_id}"
+    for body in ({"approved": False}, {"approved": False, "reason": "   "}):
+        response = await client.post(url, json=body, headers=BEARER)
+        assert response.status_code == 422
+        assert "reason" in response.json()["error"]
+    assert replies(sq, "approval_responses_singularity_1") == []
+    assert await state(hitl, request.request_id) == ("pending", None)
+
+    headers = BEARER | {"X-Reviewer": "carol"}
+    response = await client.post(url, json={"approved": False, "reason": "touches prod config"}, headers=headers)
+    assert response.json()["state"] == "rejected"
+    (reply,) = replies(sq, "approval_responses_singularity_1")
+    assert (reply["approved"], reply["reason"], reply["decided_by"]) == (False, "touches prod config", "carol")
+    assert (await audit(hitl, request.request_id))[-1] == (
+        "rejected",
+        "carol",
+        {"approved": False, "reason": "touches prod config"},
+    )
+
+
+async def test_answering_a_question_publishes_the_response(client, hitl, sq):
+    request = question()
+    await deliver(hitl, request)
+    response = await client.post(
+        f"/api/questions/{request.request_id}", json={"response": "8080, please"}, headers=BEARER
+    )
+    assert response.status_code == 200
+    assert response.json() == {"request_id": str(request.request_id), "state": "answered"}
+    (reply,) = replies(sq, "question_responses_singularity_1")
+    assert reply["request_id"] == str(request.request_id) and reply["recipient"] == "singularity_1"
+    assert (reply["response"], reply["answered_by"]) == ("8080, please", "reviewer")
+    assert (await audit(hitl, request.request_id))[-1] == ("answered", "reviewer", {"response": "8080, please"})
+    again = await client.post(f"/api/questions/{request.request_id}", json={"response": "no"}, headers=BEARER)
+    assert again.status_code == 409 and again.json()["error"] == "already decided (answered by reviewer)"
+
+
+async def test_bad_requests_get_a_4xx_with_the_reason(client, hitl):
+    asked, change = question(), approval()
+    await deliver(hitl, asked)
+    await deliver(hitl, change)
+    approve_url, answer_url = f"/api/approvals/{change.request_id}", f"/api/questions/{asked.request_id}"
+
+    async def post(path: str, **kwargs: Any) -> tuple[int, str]:
+        response = await client.post(path, headers=BEARER | kwargs.pop("headers", {}), **kwargs)
+        return response.status_code, response.json()["error"]
+
+    status, reason = await post(approve_url, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert (status, reason) == (400, "the body is not valid JSON")
+    status, reason = await post(approve_url, json={"approved": "yes"})
+    assert status == 422 and reason.startswith("approved:")
+    status, reason = await post(approve_url, json={"reason": "fine"})
+    assert status == 422 and "approved: Field required" in reason
+    status, reason = await post(approve_url, json={"approved": True, "approved_by": "me"})
+    assert status == 422 and "approved_by" in reason
+    status, reason = await post(approve_url, json=[True])
+    assert status == 422
+    status, reason = await post(answer_url, json={"response": ""})
+    assert status == 422 and reason.startswith("response:")
+    status, reason = await post(answer_url, json={"response": " \n "})
+    assert status == 422 and reason.startswith("response:")
+    status, reason = await post(answer_url, json={"response": 42})
+    assert status == 422 and reason.startswith("response:")
+    status, reason = await post("/api/approvals/not-a-uuid", json={"approved": True})
+    assert (status, reason) == (404, "request_id must be a UUID")
+    unknown = uuid.uuid4()
+    status, reason = await post(f"/api/approvals/{unknown}", json={"approved": True})
+    assert (status, reason) == (404, f"unknown request {unknown}")
+    status, reason = await post(f"/api/approvals/{asked.request_id}", json={"approved": True})
+    assert (status, reason) == (409, f"request {asked.request_id} is a question, not an approval")
+    status, reason = await post(f"/api/questions/{change.request_id}", json={"response": "yes"})
+    assert (status, reason) == (409, f"request {change.request_id} is an approval, not a question")
+    status, reason = await post(approve_url, json={"approved": True, "reason": "x" * (2 << 20)})
+    assert status == 413
+    assert len(await hitl.pending()) == 2  # none of that decided anything
+
+
+async def test_a_failed_publish_rolls_the_decision_back(hitl, sq):
+    request = approval()
+    await deliver(hitl, request)
+
+    class DownQueue:
+        async def publish(self, message: Any) -> int:
+            raise psycopg.OperationalError("shared queue is down")
+
+    broken = Hitl(hitl.store.pool, DownQueue())  # type: ignore[arg-type]
+    with pytest.raises(psycopg.OperationalError):
+        await broken.decide(request.request_id, True, "", "alice")
+    app = Starlette(routes=broken.routes(TOKEN))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nexus") as http:
+        response = await http.post(f"/api/approvals/{request.request_id}", json={"approved": True}, headers=BEARER)
+    assert response.status_code == 503 and "nothing was decided" in response.json()["error"]
+    assert await state(hitl, request.request_id) == ("pending", None)
+    assert [a[0] for a in await audit(hitl, request.request_id)] == ["received"]
+    # The reviewer retries once the queue is back.
+    await hitl.decide(request.request_id, True, "", "alice")
+    assert len(replies(sq, "approval_responses_singularity_1")) == 1
+
+
+async def test_two_reviewers_deciding_at_once_one_wins(hitl, sq):
+    request = approval()
+    await deliver(hitl, request)
+    results = await asyncio.gather(
+        hitl.decide(request.request_id, True, "", "alice"),
+        hitl.decide(request.request_id, False, "no", "bob"),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["ApprovalResponse", "Conflict"]
+    assert len(replies(sq, "approval_responses_singularity_1")) == 1
+    assert [a[0] for a in await audit(hitl, request.request_id)] in (
+        ["received", "approved"],
+        ["received", "rejected"],
+    )
+
+
+# -- expiry and the audit trail ---------------------------------------------------------------------------
+
+
+async def test_overdue_requests_expire(client, hitl, sq):
+    overdue = approval(deadline=datetime.now(UTC) - timedelta(seconds=1))
+    timely = question(deadline=datetime.now(UTC) + timedelta(hours=1))
+    await deliver(hitl, overdue)
+    await deliver(hitl, timely)
+    assert len(await hitl.pending()) == 2  # pending until the expiry job runs...
+    with pytest.raises(Conflict, match="expired at"):  # ...but no longer decidable
+        await hitl.decide(overdue.request_id, True, "", "alice")
+
+    assert await hitl.expire_overdue() == 1
+    body = (await client.get("/api/pending", headers=BEARER)).json()
+    assert body["approvals"] == [] and [c["request_id"] for c in body["questions"]] == [str(timely.request_id)]
+    assert await state(hitl, overdue.request_id) == ("expired", "system")
+    assert [(a[0], a[1]) for a in await audit(hitl, overdue.request_id)] == [
+        ("received", "system"),
+        ("expired", "system"),
+    ]
+    assert await hitl.expire_overdue() == 0
+    late = await client.post(f"/api/approvals/{overdue.request_id}", json={"approved": True}, headers=BEARER)
+    assert late.status_code == 409 and late.json()["error"].startswith("already decided (expired at ")
+    assert replies(sq, "approval_responses_singularity_1") == []
+
+
+async def test_the_audit_trail_is_append_only(hitl):
+    request = approval()
+    await deliver(hitl, request)
+    for statement in ("UPDATE hitl_audit SET actor = 'mallory'", "DELETE FROM hitl_audit"):
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            await rows(hitl, statement + " WHERE request_id = %s RETURNING id", request.request_id)
+    assert [a[1] for a in await audit(hitl, request.request_id)] == ["system"]
+
+
+# -- push ------------------------------------------------------------------------------------------------
+
+
+async def next_event(ws: ClientConnection, timeout: float = 5.0) -> dict:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def test_a_request_is_announced_only_after_its_transaction_commits(hitl):
+    with hitl.broadcaster.subscribe() as inbox:
+        kept, dropped = approval(), approval()
+        async with hitl.store.pool.connection() as conn:
+            async with conn.transaction():
+                await hitl.receive(conn, kept)
+                await asyncio.sleep(0.2)
+                assert inbox.empty(), "announced before commit"
+            event = await asyncio.wait_for(inbox.get(), 5)
+            assert event["type"] == "added" and event["card"]["request_id"] == str(kept.request_id)
+
+            with contextlib.suppress(RuntimeError):
+                async with conn.transaction():
+                    await hitl.receive(conn, dropped)
+                    raise RuntimeError("the handler failed after receive")
+        await asyncio.sleep(0.3)
+        assert inbox.empty(), "a rolled-back request was announced"
+    assert [c["request_id"] for c in await hitl.pending()] == [str(kept.request_id)]
+
+
+async def test_every_browser_sees_additions_and_decisions_live(hitl):
+    earlier = question()
+    await deliver(hitl, earlier)
+    app = Starlette(routes=hitl.routes(TOKEN))
+    async with serving(app) as host, httpx.AsyncClient(base_url=f"http://{host}") as http:
+        await login(http, "alice")
+        cookie = {"Cookie": f"{SESSION_COOKIE}={http.cookies[SESSION_COOKIE]}"}
+        async with (
+            connect(f"ws://{host}/ws", additional_headers=cookie) as first,
+            connect(f"ws://{host}/ws", additional_headers=BEARER) as second,
+        ):
+            for ws, reviewer in ((first, "alice"), (second, "reviewer")):
+                snapshot = await next_event(ws)
+                assert snapshot["type"] == "snapshot" and snapshot["reviewer"] == reviewer
+                assert snapshot["approvals"] == [] and snapshot["questions"][0]["request_id"] == str(earlier.request_id)
+
+            request = approval(description="<script>window.__pwned = 1</script>")
+            await deliver(hitl, request)
+            for ws in (first, second):
+                added = await next_event(ws)
+                assert added["type"] == "added"
+                assert added["card"]["request_id"] == str(request.request_id)
+                assert added["card"]["description"] == request.description
+
+            response = await http.post(f"/api/approvals/{request.request_id}", json={"approved": True})
+            assert response.status_code == 200
+            for ws in (first, second):
+                assert await next_event(ws) == {
+                    "type": "removed",
+                    "request_id": str(request.request_id),
+                    "state": "approved",
+                    "by": "alice",
+                }
+
+            overdue = approval(deadline=datetime.now(UTC) - timedelta(seconds=1))
+            await deliver(hitl, overdue)
+            for ws in (first, second):
+                assert (await next_event(ws))["type"] == "added"
+            assert await hitl.expire_overdue() == 1
+            for ws in (first, second):
+                assert await next_event(ws) == {
+                    "type": "removed",
+                    "request_id": str(overdue.request_id),
+                    "state": "expired",
+                    "by": "system",
+                }
+
+
+async def test_the_websocket_refuses_strangers_and_other_sites(hitl):
+    app = Starlette(routes=hitl.routes(TOKEN))
+    async with serving(app) as host, httpx.AsyncClient(base_url=f"http://{host}") as http:
+        await login(http)
+        cookie = f"{SESSION_COOKIE}={http.cookies[SESSION_COOKIE]}"
+        attempts = [
+            (f"ws://{host}/ws", {}, 4401),
+            (f"ws://{host}/ws?token={TOKEN}", {}, 4401),  # no tokens in URLs: they end up in access logs
+            (f"ws://{host}/ws", {"Authorization": "Bearer wrong"}, 4401),
+            (f"ws://{host}/ws", {"Cookie": cookie + "x"}, 4401),
+            (f"ws://{host}/ws", {"Cookie": cookie, "Origin": "https://evil.example"}, 4403),
+        ]
+        for url, headers, code in attempts:
+            async with connect(url, additional_headers=headers) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await ws.recv()
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == code, (url, headers)
+        async with connect(f"ws://{host}/ws", additional_headers={"Cookie": cookie, "Origin": f"http://{host}"}) as ws:
+            assert (await next_event(ws))["type"] == "snapshot"

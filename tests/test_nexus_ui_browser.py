@@ -1,0 +1,226 @@
+"""The reviewers' page in a real headless Chromium (Debian's `chromium`, driven by Playwright's Python API).
+
+One provisioned stack, one uvicorn server and one browser serve the whole module; every test makes its
+own requests and finds its cards by request id. Nothing is downloaded: Playwright drives /usr/bin/chromium.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
+from starlette.applications import Starlette
+from support import Stack
+from test_nexus_hitl import TOKEN, approval, deliver, question, replies, serving
+
+from singularity_stack.nexus.hitl import Hitl
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(),
+    reason=f"BROWSER TESTS SKIPPED: {CHROMIUM} is missing (apt-get install -y --no-install-recommends chromium)",
+)
+
+
+@dataclass
+class Ui:
+    stack: Stack
+    hitl: Hitl
+    url: str
+    browser: Browser
+    problems: list[str] = field(default_factory=list)  # console errors and uncaught exceptions
+
+    async def new_page(self) -> Page:
+        context = await self.browser.new_context(viewport={"width": 1400, "height": 900})
+        page = await context.new_page()
+        page.on("pageerror", lambda error: self.problems.append(f"uncaught: {error}"))
+        page.on("console", lambda m: self.problems.append(f"console: {m.text}") if m.type == "error" else None)
+        return page
+
+
+@pytest.fixture(scope="module")
+async def ui(provision_stack) -> AsyncIterator[Ui]:
+    stack = Stack(provision_stack(1))
+    hitl = Hitl(await stack.db_pool("nexus"), await stack.queue("nexus"))
+    try:
+        async with serving(Starlette(routes=hitl.routes(TOKEN))) as host, async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                yield Ui(stack, hitl, f"http://{host}", browser)
+            finally:
+                await browser.close()
+    finally:
+        await hitl.close()
+        await stack.close()
+
+
+@pytest.fixture(autouse=True)
+def no_browser_errors(ui) -> Iterator[None]:
+    """Every test ends without a console error (a CSP violation, a failed request) or an uncaught exception."""
+    ui.problems.clear()
+    yield
+    assert ui.problems == []
+
+
+async def open_page(ui: Ui, name: str) -> Page:
+    """A new browser context (its own cookies), logged in through the form, with the live feed connected."""
+    page = await ui.new_page()
+    await page.goto(ui.url + "/")
+    await expect(page).to_have_url(ui.url + "/login")
+    await page.fill("#token", TOKEN)
+    await page.fill("#name", name)
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(ui.url + "/")
+    await expect(page.locator("#connection")).to_have_text("live")
+    return page
+
+
+def card(page: Page, request_id: object) -> object:
+    return page.locator(f'article[data-request-id="{request_id}"]')
+
+
+async def test_logging_in_through_the_form(ui):
+    page = await ui.new_page()
+    await page.goto(ui.url + "/")
+    await expect(page).to_have_url(ui.url + "/login")
+    await page.fill("#token", "a guess")
+    await page.click("button[type=submit]")
+    await expect(page.locator(".error")).to_contain_text("Wrong token")
+    assert [p for p in ui.problems if "401" not in p] == []  # the 401 itself is logged: expected
+    ui.problems.clear()
+    await page.fill("#token", TOKEN)
+    await page.fill("#name", "dora")
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(ui.url + "/")
+    await expect(page.locator("#reviewer")).to_have_text("dora")
+    await expect(page.locator("#connection")).to_have_text("live")
+    await page.context.close()
+
+
+async def test_an_approval_appears_live_with_a_coloured_diff(ui):
+    page = await open_page(ui, "alice")
+    await page.evaluate("window.__sameDocument = true")  # gone if the page reloaded
+    request = approval(agent_id="agent-live", file_path="src/live.py", description="Add the live greeting")
+    await deliver(ui.hitl, request)
+
+    shown = card(page, request.request_id)
+    await expect(shown).to_be_visible()
+    await expect(shown.locator(".file-path")).to_have_text("src/live.py")
+    await expect(shown.locator(".description")).to_have_text("Add the live greeting")
+    await expect(shown.locator(".meta")).to_contain_text("agent-live")
+    await expect(shown.locator(".meta")).to_contain_text("singularity_1")
+    age = shown.locator(".age")
+    await expect(age).to_contain_text("waiting")
+    await expect(age).not_to_have_text(await age.text_content() or "", timeout=3000)  # it counts up
+    assert await page.evaluate("window.__sameDocument") is True
+
+    added, deleted = shown.locator(".line.add"), shown.locator(".line.del")
+    await expect(added).to_have_text(["+print('new')"])
+    await expect(deleted).to_have_text(["-print('old')"])
+    style = "e => [getComputedStyle(e).color, getComputedStyle(e).backgroundColor]"
+    assert await added.evaluate(style) == ["rgb(17, 99, 41)", "rgb(218, 251, 225)"]  # green
+    assert await deleted.evaluate(style) == ["rgb(164, 14, 38)", "rgb(255, 235, 233)"]  # red
+    assert await shown.locator(".diff").evaluate("e => getComputedStyle(e).overflow") == "auto"
+    await page.context.close()
+
+
+async def test_approving_in_one_browser_removes_the_card_from_both(ui):
+    alice, bob = await open_page(ui, "alice"), await open_page(ui, "bob")
+    request = approval(file_path="src/shared.py")
+    await deliver(ui.hitl, request)
+    await expect(card(alice, request.request_id)).to_be_visible()
+    await expect(card(bob, request.request_id)).to_be_visible()
+
+    await card(alice, request.request_id).get_by_role("button", name="Approve").click()
+    await expect(card(alice, request.request_id)).to_have_count(0)
+    await expect(card(bob, request.request_id)).to_have_count(0)
+    await expect(bob.locator("#toast")).to_contain_text("approved by alice")
+    reply = [
+        r for r in replies(ui.stack, "approval_responses_singularity_1") if r["request_id"] == str(request.request_id)
+    ]
+    assert [(r["approved"], r["decided_by"]) for r in reply] == [(True, "alice")]
+    await alice.context.close()
+    await bob.context.close()
+
+
+async def test_a_rejection_requires_a_reason(ui):
+    page = await open_page(ui, "carol")
+    request = approval(file_path="deploy/prod.yaml")
+    await deliver(ui.hitl, request)
+    shown = card(page, request.request_id)
+    reject = shown.get_by_role("button", name="Reject")
+    await expect(reject).to_be_disabled()
+    await shown.get_by_label("Reason").fill("   ")
+    await expect(reject).to_be_disabled()
+    await shown.get_by_label("Reason").fill("touches production")
+    await expect(reject).to_be_enabled()
+    await reject.click()
+    await expect(shown).to_have_count(0)
+    reply = [
+        r for r in replies(ui.stack, "approval_responses_singularity_1") if r["request_id"] == str(request.request_id)
+    ]
+    assert [(r["approved"], r["reason"], r["decided_by"]) for r in reply] == [(False, "touches production", "carol")]
+    await page.context.close()
+
+
+async def test_answering_a_question(ui):
+    page = await open_page(ui, "erin")
+    request = question(question="Which database port?", context="Tests use a throwaway cluster.")
+    await deliver(ui.hitl, request)
+    shown = card(page, request.request_id)
+    await expect(shown.locator(".question-text")).to_have_text("Which database port?")
+    await expect(shown.locator(".context")).to_have_text("Tests use a throwaway cluster.")
+    send = shown.get_by_role("button", name="Send")
+    await expect(send).to_be_disabled()
+    await shown.get_by_label("Answer").fill("5432")
+    await send.click()
+    await expect(shown).to_have_count(0)
+    reply = [
+        r for r in replies(ui.stack, "question_responses_singularity_1") if r["request_id"] == str(request.request_id)
+    ]
+    assert [(r["response"], r["answered_by"]) for r in reply] == [("5432", "erin")]
+    await page.context.close()
+
+
+async def test_html_in_a_request_is_shown_as_text_and_never_runs(ui):
+    page = await open_page(ui, "alice")
+    dialogs: list[str] = []
+
+    async def dismiss(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    page.on("dialog", dismiss)
+    path = "<img src=x onerror=\"window.__pwned=1;alert('path')\">"
+    description = "<script>window.__pwned = 1; alert('description')</script>"
+    diff = "@@ -1 +1 @@\n-<b>old</b>\n+<img src=x onerror=alert('diff')>\n"
+    request = approval(file_path=path, description=description, diff=diff, agent_id="<i>agent</i>")
+    asked = question(question="<script>alert('q')</script>", context="<img src=x onerror=alert('ctx')>")
+    await deliver(ui.hitl, request)
+    await deliver(ui.hitl, asked)
+
+    shown, q = card(page, request.request_id), card(page, asked.request_id)
+    await expect(shown.locator(".file-path")).to_have_text(path)
+    await expect(shown.locator(".description")).to_have_text(description)
+    await expect(shown.locator(".line.add")).to_have_text(["+<img src=x onerror=alert('diff')>"])
+    await expect(shown.locator(".agent")).to_have_text("<i>agent</i>")
+    await expect(q.locator(".question-text")).to_have_text("<script>alert('q')</script>")
+    await expect(q.locator(".context")).to_have_text("<img src=x onerror=alert('ctx')>")
+    assert await page.locator("main img, main script, main b, main i").count() == 0
+    await asyncio.sleep(0.3)  # an image error handler would have fired by now
+    assert await page.evaluate("typeof window.__pwned") == "undefined"
+    assert dialogs == []
+    await page.context.close()
