@@ -15,7 +15,7 @@ CLI = [sys.executable, "-m", "singularity_stack.cli"]
 
 def start(state_dir, instances: int) -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [*CLI, "up", "--state-dir", str(state_dir), "--singularity-instances", str(instances)],
+        [*CLI, "up", "--no-services", "--state-dir", str(state_dir), "--singularity-instances", str(instances)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

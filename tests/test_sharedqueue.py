@@ -275,3 +275,59 @@ async def test_metrics_show_depth_and_age(sq):
     assert metrics["job_requests"].length == 0
     assert json.dumps(sorted(metrics))  # every queue reported, serialisable for /metrics
     assert "llm_results_singularity_1_dlq" in metrics
+
+
+async def test_concurrency_bounds_handlers_in_flight_within_a_batch(sq):
+    singularity = await sq.queue("singularity_1")
+    nexus = await sq.queue("nexus")
+    await singularity.publish_batch([llm_request() for _ in range(6)])
+    in_flight = peak = 0
+
+    async def slow(delivery: Delivery[c.LlmRequest]) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+
+    parallel = Consumer(nexus, "llm_requests", c.LlmRequest, slow, batch_size=6, concurrency=3)
+    assert await parallel.run_once() == 6
+    assert peak == 3
+    await singularity.publish_batch([llm_request() for _ in range(4)])
+    peak = 0
+    in_order = Consumer(nexus, "llm_requests", c.LlmRequest, slow, batch_size=4)
+    assert await in_order.run_once() == 4
+    assert peak == 1
+
+
+async def test_messages_inside_the_notify_throttle_window_are_not_left_waiting(sq):
+    """pgmq skips notifications for inserts within the throttle window after one; the consumer's
+    extra read after the window must pick them up (its fallback poll here is an hour)."""
+    singularity = await sq.queue("singularity_1")
+    nexus = await sq.queue("nexus")
+    listener = NotifyListener(sq.url("nexus"), ["llm_requests"])
+    listening = asyncio.create_task(listener.run())
+    seen: list[int] = []
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        seen.append(delivery.msg_id)
+        await asyncio.sleep(0.02)  # slower than the window: the extra read must still happen
+
+    consumer = Consumer(
+        nexus, "llm_requests", c.LlmRequest, handle, poll_interval=3600, wakeup=listener.event("llm_requests")
+    )
+    stop = asyncio.Event()
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    consuming = asyncio.create_task(consumer.run(stop))
+    for _burst in range(5):
+        await asyncio.sleep(0.1)
+        ids = [await singularity.publish(llm_request()) for _ in range(3)]  # back to back: one notification
+
+        async def all_seen(ids=ids) -> None:
+            while not set(ids) <= set(seen):
+                await asyncio.sleep(0.005)
+
+        await asyncio.wait_for(all_seen(), 5)
+    stop.set()
+    await asyncio.wait_for(consuming, 10)
+    listening.cancel()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import secrets
 import signal
 import sys
 import threading
@@ -66,10 +68,27 @@ def cmd_migrations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui_token(state: Path) -> str:
+    """The HITL UI token: $NEXUS_UI_TOKEN, else one generated once and kept in the state directory."""
+    if os.environ.get("NEXUS_UI_TOKEN"):
+        return os.environ["NEXUS_UI_TOKEN"]
+    path = state / "ui-token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    from singularity_stack.local.supervisor import Supervisor, plan_services, write_state
     from singularity_stack.postgres.cluster import LocalCluster
 
     state = args.state_dir.resolve()
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
     cluster = None
     admin_dsn = args.admin_dsn
     if not admin_dsn:
@@ -77,30 +96,56 @@ def cmd_up(args: argparse.Namespace) -> int:
         port = int(port_file.read_text()) if port_file.exists() else None
         cluster = LocalCluster(state / "postgres", port=port)
         print(
-            f"starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
+            f"[1/3] starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
             f"in {cluster.datadir} on port {cluster.port}",
             flush=True,
         )
         cluster.start()
         port_file.write_text(str(cluster.port))
         admin_dsn = cluster.dsn()
-    credentials_file = state / "credentials.json"
-    print("provisioning the five databases, roles and queues:", flush=True)
-    result = _provision(admin_dsn, args.singularity_instances, credentials_file)
-    print(f"\npgmq {result.pgmq.version} ({result.pgmq.method}) in database shared_queue")
-    for name, entry in result.credentials.items():
-        print(f"{name:>16}  DATABASE_URL={entry.database_url}")
-    print(f"{'':>16}  SHARED_QUEUE_DB_URL: see {credentials_file}")
-    print(f"credentials (mode 0600): {credentials_file}")
-    if cluster is None:
-        return 0
-    print(f"admin: {admin_dsn}\nthe stack is up; press Ctrl-C to stop PostgreSQL", flush=True)
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    stopped.wait()
-    print("stopping PostgreSQL", flush=True)
-    cluster.stop()
+    supervisor = None
+    try:
+        credentials_file = state / "credentials.json"
+        print("[2/3] provisioning the databases, roles and queues:", flush=True)
+        result = _provision(admin_dsn, args.singularity_instances, credentials_file)
+        print(f"  pgmq {result.pgmq.version} ({result.pgmq.method}); credentials in {credentials_file} (0600)")
+        if args.no_services:
+            for name, entry in result.credentials.items():
+                print(f"{name:>16}  DATABASE_URL={entry.database_url}")
+        else:
+            print("[3/3] starting the services:", flush=True)
+            token = _ui_token(state)
+            services = plan_services(result.credentials, state, instances=args.singularity_instances, ui_token=token)
+            supervisor = Supervisor(services, report=lambda line: print(line, flush=True))
+            supervisor.start_all()
+            nexus = next(s for s in services if s.name == "nexus")
+            summary = {
+                "services": supervisor.state(),
+                "ui": {"url": nexus.url + "/", "token": token},
+                "credentials_file": str(credentials_file),
+                "logs": str(state / "logs"),
+            }
+            if args.state_file:
+                write_state(args.state_file, summary)
+            print(f"\nHITL UI: {nexus.url}/   token: {token}")
+            for service in services:
+                print(f"  {service.name:<16} {service.url}")
+        if cluster is None and args.no_services:
+            return 0
+        print(f"logs in {state / 'logs'}; the stack is up; press Ctrl-C to stop", flush=True)
+        while not stopped.wait(1.0):
+            if supervisor:
+                supervisor.watch_once()
+                if args.state_file:
+                    summary["services"] = supervisor.state()
+                    write_state(args.state_file, summary)
+    finally:
+        if supervisor:
+            print("stopping the services", flush=True)
+            supervisor.stop_all()
+        if cluster:
+            print("stopping PostgreSQL", flush=True)
+            cluster.stop()
     return 0
 
 
@@ -147,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--singularity-instances", type=int, default=1, metavar="N")
     p.add_argument("--state-dir", type=Path, default=Path(".local-stack"))
     p.add_argument("--admin-dsn", help="use this PostgreSQL instead of starting a local one")
+    p.add_argument("--state-file", type=Path, help="write every service's URL and the UI token here once ready")
+    p.add_argument("--no-services", action="store_true", help="only PostgreSQL and provisioning")
     p.set_defaults(func=cmd_up)
     return parser
 

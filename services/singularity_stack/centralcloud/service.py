@@ -50,7 +50,7 @@ class CentralCloudService(Service):
 
     async def on_start(self) -> None:
         created = await asyncio.to_thread(self._ensure_queues)
-        log.info("queues checked", extra={"created": created, "queues": len(self.layout.queues)})
+        log.info("queues checked", extra={"queues_created": created, "queues": len(self.layout.queues)})
 
     def _ensure_queues(self) -> list[str]:
         with psycopg.connect(self.settings.shared_queue_url) as conn:

@@ -80,6 +80,7 @@ class GenesisService(Service):
                 c.JobRequest,
                 self.handle,
                 batch_size=self.settings.max_concurrent_jobs,
+                concurrency=self.settings.max_concurrent_jobs,
                 visibility_timeout=120,  # well beyond a job's wall-time limit
                 idempotency=IdempotencyStore(self.db),
             )

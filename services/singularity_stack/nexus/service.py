@@ -91,6 +91,7 @@ class NexusService(Service):
                 c.LlmRequest,
                 self.route,
                 batch_size=self.settings.max_concurrent_llm,
+                concurrency=self.settings.max_concurrent_llm,
                 visibility_timeout=300,  # longer than the router's timeout with retries
                 idempotency=store,
             ),

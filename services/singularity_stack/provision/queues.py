@@ -9,14 +9,14 @@ from __future__ import annotations
 import psycopg
 
 from singularity_stack.provision import privileges
-from singularity_stack.topology import StackLayout
+from singularity_stack.topology import NOTIFY_THROTTLE_MS, StackLayout
 
 
 def ensure_queues(conn: psycopg.Connection, layout: StackLayout) -> list[str]:
     """Create missing queues (with insert notifications on the work queues) and (re)apply the queue
     privileges; returns the queues created. The caller commits."""
     existing = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.meta")}
-    notifying = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.notify_insert_throttle")}
+    notifying = dict(conn.execute("SELECT queue_name, throttle_interval_ms FROM pgmq.notify_insert_throttle"))
     created = []
     for queue in layout.queues:
         if queue not in existing:
@@ -24,8 +24,9 @@ def ensure_queues(conn: psycopg.Connection, layout: StackLayout) -> list[str]:
             created.append(queue)
     for queue in layout.work_queues:
         if queue not in notifying:
-            # Throttle 0: every insert notifies, so consumers wake in milliseconds.
-            conn.execute("SELECT pgmq.enable_notify_insert(%s, 0)", (queue,))
+            conn.execute("SELECT pgmq.enable_notify_insert(%s, %s)", (queue, NOTIFY_THROTTLE_MS))
+        elif notifying[queue] != NOTIFY_THROTTLE_MS:
+            conn.execute("SELECT pgmq.update_notify_insert(%s, %s)", (queue, NOTIFY_THROTTLE_MS))
     for statement in privileges.queue_statements(layout):
         conn.execute(statement)
     return created

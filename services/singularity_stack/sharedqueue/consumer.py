@@ -8,9 +8,11 @@ dead-letter queue with the reason (invalid, expired, failed too often).
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -22,7 +24,8 @@ from pydantic import ValidationError
 from singularity_stack.contract import Message, describe_validation_error
 from singularity_stack.sharedqueue.client import RawMessage, SharedQueue
 from singularity_stack.sharedqueue.idempotency import IdempotencyStore
-from singularity_stack.sharedqueue.metrics import HANDLE_SECONDS, MESSAGES
+from singularity_stack.sharedqueue.metrics import BATCH_SECONDS, MESSAGES
+from singularity_stack.topology import NOTIFY_THROTTLE_MS
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -41,7 +44,7 @@ class RetryPolicy:
         return ceiling * (0.5 + random.random() / 2)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Delivery(Generic[M]):
     """What a handler gets: the parsed message, its attempt number and, with an idempotency
     store, `db`: the open transaction in the service's database that also records the message."""
@@ -67,8 +70,8 @@ class Outcome(enum.Enum):
 class ConsumerStats:
     counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
 
-    def add(self, outcome: Outcome) -> None:
-        self.counts[outcome] += 1
+    def add(self, outcome: Outcome, count: int = 1) -> None:
+        self.counts[outcome] += count
 
 
 class Consumer(Generic[M]):
@@ -81,10 +84,12 @@ class Consumer(Generic[M]):
         *,
         policy: RetryPolicy | None = None,
         batch_size: int = 10,
+        concurrency: int = 1,
         visibility_timeout: int = 30,
         poll_interval: float = 1.0,
         idempotency: IdempotencyStore | None = None,
         wakeup: asyncio.Event | None = None,
+        notify_throttle: float = NOTIFY_THROTTLE_MS / 1000,
     ) -> None:
         self.client = client
         self.queue = queue
@@ -92,11 +97,19 @@ class Consumer(Generic[M]):
         self.handler = handler
         self.policy = policy or RetryPolicy()
         self.batch_size = batch_size
+        # Messages of a batch handled at once: 1 (in order) suits quick handlers; slow ones
+        # (LLM calls, code jobs) set it to the number of calls they may have in flight.
+        self.concurrency = concurrency
         self.visibility_timeout = visibility_timeout
         self.poll_interval = poll_interval
         self.idempotency = idempotency
         self.wakeup = wakeup or asyncio.Event()
+        self.notify_throttle = notify_throttle
+        self._woken_at = float("-inf")
         self.stats = ConsumerStats()
+        # Prometheus children looked up once: labels() per message costs more than the rest of the metric.
+        self._settled = {outcome: MESSAGES.labels(queue, outcome.value) for outcome in Outcome}
+        self._batch_seconds = BATCH_SECONDS.labels(queue)
 
     # -- one message -----------------------------------------------------------------------------
 
@@ -115,9 +128,23 @@ class Consumer(Generic[M]):
             await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, claim.db))
             return Outcome.HANDLED
 
-    async def _timed(self, raw: RawMessage) -> Outcome:
-        with HANDLE_SECONDS.labels(self.queue).time():
-            return await self._process(raw)
+    async def _settle_all(self, batch: list[RawMessage]) -> list[Outcome | BaseException]:
+        """Settle every message; an infrastructure failure is returned, not raised, so the rest still settle."""
+        if self.concurrency == 1:
+            results: list[Outcome | BaseException] = []
+            for raw in batch:
+                try:
+                    results.append(await self._process(raw))
+                except Exception as error:
+                    results.append(error)
+            return results
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def bounded(raw: RawMessage) -> Outcome:
+            async with slots:
+                return await self._process(raw)
+
+        return await asyncio.gather(*(bounded(raw) for raw in batch), return_exceptions=True)
 
     async def _process(self, raw: RawMessage) -> Outcome:
         if raw.read_ct > self.policy.max_attempts:
@@ -149,8 +176,9 @@ class Consumer(Generic[M]):
         batch = await self.client.read(self.queue, visibility_timeout=self.visibility_timeout, limit=self.batch_size)
         if not batch:
             return 0
+        started = time.perf_counter()
         try:
-            results = await asyncio.gather(*(self._timed(raw) for raw in batch), return_exceptions=True)
+            results = await self._settle_all(batch)
         except asyncio.CancelledError:
             await asyncio.shield(self._release([raw.msg_id for raw in batch]))
             raise
@@ -160,9 +188,10 @@ class Consumer(Generic[M]):
         await self.client.archive(
             self.queue, [i for i, outcome in settled.items() if outcome in (Outcome.HANDLED, Outcome.DUPLICATE)]
         )
-        for outcome in settled.values():
-            self.stats.add(outcome)
-            MESSAGES.labels(self.queue, outcome.value).inc()
+        self._batch_seconds.observe(time.perf_counter() - started)
+        for outcome, count in collections.Counter(settled.values()).items():
+            self.stats.add(outcome, count)
+            self._settled[outcome].inc(count)
         failures = [result for result in results if isinstance(result, BaseException)]
         if failures:
             # Infrastructure failed (e.g. the service database restarted): hand the rest back now.
@@ -186,12 +215,15 @@ class Consumer(Generic[M]):
         finally:
             for waiter in waiters:
                 waiter.cancel()
+        if self.wakeup.is_set():
+            self._woken_at = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; the batch in hand is finished first. Cancelling releases it."""
         delay = 0.1
         while not stop.is_set():
             self.wakeup.clear()
+            read_started = time.monotonic()
             try:
                 read = await self.run_once()
                 delay = 0.1
@@ -200,5 +232,12 @@ class Consumer(Generic[M]):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            if read < self.batch_size:
-                await self._wait_for_work(stop)
+            if read >= self.batch_size:
+                continue
+            # Inserts within the notify throttle after a notification send none of their own: make
+            # sure one read starts after that window closes; anything later notifies again.
+            window_closes = self._woken_at + self.notify_throttle
+            if read_started < window_closes:
+                await asyncio.sleep(max(window_closes - time.monotonic(), 0) + 0.002)
+                continue
+            await self._wait_for_work(stop)

@@ -7,6 +7,6 @@ from prometheus_client import Counter, Histogram
 MESSAGES = Counter(
     "singularity_queue_messages_total", "Messages settled by consumers, by queue and outcome", ["queue", "outcome"]
 )
-HANDLE_SECONDS = Histogram(
-    "singularity_queue_handle_seconds", "Time to settle one message (parse, handle, commit)", ["queue"]
+BATCH_SECONDS = Histogram(
+    "singularity_queue_batch_seconds", "Time to settle one batch read from a queue (parse, handle, commit)", ["queue"]
 )

@@ -1,0 +1,171 @@
+"""Running every service of a local stack as a child process: start, wait until ready, restart, stop.
+
+Each service is `python -m singularity_stack.cli run <service>` with its settings in the
+environment, exactly as the container image runs it; its JSON logs go to `<state>/logs/<name>.log`.
+A service that dies is restarted (it recovers its work from the queue and its database).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from singularity_stack.postgres.cluster import free_port
+from singularity_stack.provision.credentials import ServiceCredentials
+
+
+@dataclass
+class ServiceProcess:
+    name: str  # "nexus", "singularity_2", ...
+    role: str  # the service to run: singularity, nexus, genesis or centralcloud
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "singularity_stack.cli", "run", self.role],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C goes to the supervisor, which stops children in order
+        )
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def exited(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def terminate(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self._log:
+            self._log.close()
+
+
+def plan_services(
+    credentials: dict[str, ServiceCredentials],
+    state_dir: Path,
+    *,
+    instances: int,
+    ui_token: str,
+    prefix: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> list[ServiceProcess]:
+    """One process per service and per Singularity instance, each with its own port and settings."""
+    base = {**os.environ, **(extra_env or {}), "HOST": "127.0.0.1"}
+    plans = []
+    for name, creds in credentials.items():
+        role = "singularity" if name.startswith("singularity_") else name
+        env = {**base, "DATABASE_URL": creds.database_url, "SHARED_QUEUE_DB_URL": creds.shared_queue_url}
+        if role == "singularity":
+            env["SINGULARITY_INSTANCE"] = name
+        if role == "centralcloud":
+            env |= {
+                "SHARED_QUEUE_ANALYTICS_URL": creds.shared_queue_analytics_url or "",
+                "SINGULARITY_INSTANCES": str(instances),
+                "STACK_PREFIX": prefix,
+            }
+        if role == "nexus":
+            env["NEXUS_UI_TOKEN"] = ui_token
+        port = free_port()
+        env["PORT"] = str(port)
+        plans.append(ServiceProcess(name, role, env, port, state_dir / "logs" / f"{name}.log"))
+    # CentralCloud first: it owns the queues the others use.
+    return sorted(plans, key=lambda p: (p.role != "centralcloud", p.name))
+
+
+class Supervisor:
+    def __init__(self, services: list[ServiceProcess], report: Callable[[str], None]) -> None:
+        self.services = services
+        self.report = report
+
+    def start_all(self, timeout: float = 120.0) -> None:
+        """Start every service and wait until each answers /readyz, reporting progress as they come up."""
+        started = time.monotonic()
+        for service in self.services:
+            service.start()
+        waiting = {s.name: s for s in self.services}
+        while waiting:
+            for name, service in list(waiting.items()):
+                code = service.exited()
+                if code is not None:
+                    raise RuntimeError(
+                        f"{name} exited with code {code} while starting; see {service.log_path}:\n"
+                        + tail(service.log_path)
+                    )
+                if service.ready():
+                    self.report(f"  {name:<16} ready at {service.url}  ({time.monotonic() - started:.1f}s)")
+                    del waiting[name]
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"not ready after {timeout:.0f}s: {', '.join(waiting)}")
+            time.sleep(0.1)
+
+    def watch_once(self) -> None:
+        """Restart any service that died."""
+        for service in self.services:
+            code = service.exited()
+            if code is not None:
+                service.restarts += 1
+                self.report(f"{service.name} exited with code {code}; restarting (restart #{service.restarts})")
+                service.start()
+
+    def stop_all(self, timeout: float = 20.0) -> None:
+        # Singularity instances first (they send), CentralCloud last (it owns the queues).
+        for service in reversed(self.services):
+            service.terminate()
+        deadline = time.monotonic() + timeout
+        for service in reversed(self.services):
+            service.wait(max(deadline - time.monotonic(), 0.1))
+
+    def state(self) -> dict[str, object]:
+        return {s.name: {"url": s.url, "pid": s.process.pid if s.process else None} for s in self.services}
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def write_state(path: Path, data: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the UI token
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+    tmp.replace(path)

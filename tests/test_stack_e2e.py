@@ -1,0 +1,246 @@
+"""The whole stack, end to end: `singularity-stack up` starts real processes on a real PostgreSQL;
+tasks go Singularity → Nexus (offline model) → Genesis (sandbox) → a human in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@dataclass
+class LiveStack:
+    state: dict
+    state_file: Path
+    process: subprocess.Popen
+
+    def url(self, name: str) -> str:
+        return self.state["services"][name]["url"]
+
+    def pid(self, name: str) -> int:
+        return json.loads(self.state_file.read_text())["services"][name]["pid"]
+
+    @property
+    def token(self) -> str:
+        return self.state["ui"]["token"]
+
+    def nexus_api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url("nexus"), headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live_stack(tmp_path_factory) -> Iterator[LiveStack]:
+    state_dir = tmp_path_factory.mktemp("stack")
+    state_dir.chmod(0o755)
+    for parent in state_dir.parents:  # the PostgreSQL account must reach its data directory
+        if str(parent).startswith("/tmp/pytest-of-"):
+            parent.chmod(0o755)
+    state_file = state_dir / "state.json"
+    log = (state_dir / "up.log").open("w")
+    env = {**os.environ, "HUMAN_TIMEOUT_SECONDS": "120", "LLM_TIMEOUT_SECONDS": "60", "JOB_TIMEOUT_SECONDS": "60"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "singularity_stack.cli",
+            "up",
+            "--state-dir",
+            str(state_dir),
+            "--singularity-instances",
+            "2",
+            "--state-file",
+            str(state_file),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    deadline = time.monotonic() + 180
+    while not state_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the stack did not come up:\n" + (state_dir / "up.log").read_text())
+        time.sleep(0.2)
+    stack = LiveStack(json.loads(state_file.read_text()), state_file, process)
+    try:
+        yield stack
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        output = (state_dir / "up.log").read_text()
+        assert "stopping the services" in output and "stopping PostgreSQL" in output, output
+
+
+def submit(stack: LiveStack, instance: str, description: str, **extra) -> str:
+    response = httpx.post(f"{stack.url(instance)}/tasks", json={"description": description, **extra}, timeout=10)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def task_of(stack: LiveStack, instance: str, task_id: str) -> dict:
+    return httpx.get(f"{stack.url(instance)}/tasks/{task_id}", timeout=10).json()
+
+
+def wait_task(stack: LiveStack, instance: str, task_id: str, until, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = task_of(stack, instance, task_id)
+        if until(task):
+            return task
+        assert time.monotonic() < deadline, f"task stuck: {json.dumps(task, indent=1)[:3000]}"
+        time.sleep(0.2)
+
+
+def finished(task: dict) -> bool:
+    return task["state"] in ("succeeded", "failed")
+
+
+def pending_card(stack: LiveStack, kind: str, agent_id: str, timeout: float = 90) -> dict:
+    deadline = time.monotonic() + timeout
+    with stack.nexus_api() as api:
+        while True:
+            cards = api.get("/api/pending").json()[f"{kind}s"]
+            mine = [card for card in cards if card["agent_id"] == agent_id]
+            if mine:
+                return mine[0]
+            assert time.monotonic() < deadline, f"no {kind} card for {agent_id}"
+            time.sleep(0.2)
+
+
+def test_task_approved_in_the_browser_completes_with_its_steps_and_cost(live_stack):
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)")
+    from playwright.sync_api import sync_playwright
+
+    task_id = submit(
+        live_stack, "singularity_1", "Write a program that prints a friendly greeting", agent_id="e2e-approve"
+    )
+    card = pending_card(live_stack, "approval", "e2e-approve")
+    assert card["file_path"] == "main.py"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        page = browser.new_page()
+        page.goto(live_stack.url("nexus") + "/")
+        page.fill("input[name=token]", live_stack.token)
+        page.click("button[type=submit]")
+        card_el = page.locator(f"[data-request-id='{card['request_id']}']")
+        card_el.wait_for(timeout=15_000)
+        assert "e2e-approve" in card_el.inner_text()
+        card_el.get_by_role("button", name="Approve").click()
+        card_el.wait_for(state="detached", timeout=15_000)
+        browser.close()
+    task = wait_task(live_stack, "singularity_1", task_id, finished)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    assert [s["phase"] for s in task["steps"]] == [
+        "specification",
+        "pseudocode",
+        "architecture",
+        "refinement",
+        "refinement",
+        "completion",
+        "completion",
+    ]
+    assert all(s["state"] == "done" for s in task["steps"])
+    assert task["models_used"] == ["offline"]
+    assert task["cost_usd"] > 0
+    job = next(s for s in task["steps"] if s["kind"] == "job")
+    assert job["reply"]["status"] == "ok"
+    assert task["result"]["output"].startswith("offline stand-in for code_generation")
+
+
+def test_rejected_task_fails_with_the_reviewers_reason(live_stack):
+    task_id = submit(live_stack, "singularity_2", "Write a program that lists prime numbers", agent_id="e2e-reject")
+    card = pending_card(live_stack, "approval", "e2e-reject")
+    with live_stack.nexus_api() as api:
+        assert (
+            api.post(f"/api/approvals/{card['request_id']}", json={"approved": False, "reason": ""}).status_code == 422
+        )
+        decided = api.post(f"/api/approvals/{card['request_id']}", json={"approved": False, "reason": "needs tests"})
+        assert decided.status_code == 200, decided.text
+    task = wait_task(live_stack, "singularity_2", task_id, finished)
+    assert task["state"] == "failed"
+    assert task["failure_reason"].startswith("completion: rejected by") and task["failure_reason"].endswith(
+        "needs tests"
+    )
+
+
+def test_ambiguous_task_asks_a_question_then_goes_on(live_stack):
+    task_id = submit(live_stack, "singularity_1", "Improve it?", agent_id="e2e-question")
+    card = pending_card(live_stack, "question", "e2e-question")
+    assert "Could you say more" in card["question"]
+    with live_stack.nexus_api() as api:
+        assert api.post(f"/api/questions/{card['request_id']}", json={"response": "print hello"}).status_code == 200
+    approval = pending_card(live_stack, "approval", "e2e-question")
+    with live_stack.nexus_api() as api:
+        api.post(f"/api/approvals/{approval['request_id']}", json={"approved": True, "reason": ""})
+    task = wait_task(live_stack, "singularity_1", task_id, finished)
+    assert task["state"] == "succeeded"
+    assert task["steps"][0]["kind"] == "question"
+
+
+def test_two_instances_at_once_never_cross_replies(live_stack):
+    ids = {
+        instance: [
+            submit(live_stack, instance, f"Write a program that prints {n}", agent_id=f"e2e-{instance}-{n}")
+            for n in range(3)
+        ]
+        for instance in ("singularity_1", "singularity_2")
+    }
+    with live_stack.nexus_api() as api:
+        for instance, tasks in ids.items():
+            for n in range(len(tasks)):
+                card = pending_card(live_stack, "approval", f"e2e-{instance}-{n}")
+                assert card["instance"] == instance
+                api.post(f"/api/approvals/{card['request_id']}", json={"approved": True, "reason": ""})
+    for instance, tasks in ids.items():
+        for task_id in tasks:
+            task = wait_task(live_stack, instance, task_id, finished)
+            assert task["state"] == "succeeded" and task["instance"] == instance
+
+
+def test_services_killed_mid_task_are_restarted_and_the_task_completes(live_stack):
+    task_id = submit(live_stack, "singularity_2", "Write a program that prints the alphabet", agent_id="e2e-kill")
+    os.kill(live_stack.pid("genesis"), signal.SIGKILL)  # while the task is in its first phases
+    card = pending_card(live_stack, "approval", "e2e-kill")
+    os.kill(live_stack.pid("singularity_2"), signal.SIGKILL)  # the asker dies while a human decides
+    with live_stack.nexus_api() as api:
+        assert (
+            api.post(f"/api/approvals/{card['request_id']}", json={"approved": True, "reason": ""}).status_code == 200
+        )
+
+    def answered(task: dict) -> bool:
+        return finished(task)
+
+    deadline = time.monotonic() + 60
+    while True:  # singularity_2 comes back under the supervisor
+        try:
+            task = wait_task(live_stack, "singularity_2", task_id, answered)
+            break
+        except httpx.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    assert len(task["steps"]) == 7  # nothing was asked twice
