@@ -53,7 +53,7 @@ def purge(owner_url: str) -> None:
 
 async def raw_pgmq(stack: ProvisionResult, count: int, batch: int) -> float:
     """Plain SQL on one connection per side: pgmq.send / send_batch, read, json.loads, archive. The batch is
-passed as one JSON array, the fastest way found to hand pgmq.send_batch its messages, as the client does."""
+    passed as one JSON array, the fastest way found to hand pgmq.send_batch its messages, as the client does."""
     bodies = [request(n).model_dump_json() for n in range(count)]
     sender = await psycopg.AsyncConnection.connect(stack.credentials["singularity_1"].shared_queue_url, autocommit=True)
     reader = await psycopg.AsyncConnection.connect(stack.credentials["nexus"].shared_queue_url, autocommit=True)
