@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
@@ -10,6 +11,17 @@ from psycopg_pool import AsyncConnectionPool
 from singularity_stack.provision.provisioner import ProvisionResult
 from singularity_stack.sharedqueue import SharedQueue
 from singularity_stack.sharedqueue.pool import connection_pool
+
+# Debian's Chromium, driven by Playwright (no browser download here); flags that keep it off the network.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 class Stack:

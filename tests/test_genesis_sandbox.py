@@ -437,7 +437,8 @@ def test_limits_and_outcomes_are_immutable_values() -> None:
     outcome = JobOutcome(status=JobStatus.OK, stdout="x")
     with pytest.raises(pydantic.ValidationError):
         outcome.status = JobStatus.TIMEOUT  # type: ignore[misc]
-    assert {s.value for s in JobStatus} == {
+    # the contract's statuses; "error" (Genesis could not run the job at all) is the service's, not the runner's
+    assert {s.value for s in JobStatus} - {"error"} == {
         "ok",
         "syntax_error",
         "lint",

@@ -14,20 +14,10 @@ from pathlib import Path
 import pytest
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 from starlette.applications import Starlette
-from support import Stack
+from support import CHROMIUM, CHROMIUM_ARGS, Stack
 from test_nexus_hitl import TOKEN, approval, deliver, question, replies, serving
 
 from singularity_stack.nexus.hitl import Hitl
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),

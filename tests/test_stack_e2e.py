@@ -16,16 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-CHROMIUM = Path("/usr/bin/chromium")
-BROWSER_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from support import CHROMIUM, CHROMIUM_ARGS
 
 
 @dataclass
@@ -132,7 +123,7 @@ def pending_card(stack: LiveStack, kind: str, agent_id: str, timeout: float = 90
 
 def test_task_approved_in_the_browser_completes_with_its_steps_and_cost(live_stack):
     if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)")
+        pytest.skip(f"BROWSER TEST SKIPPED: {CHROMIUM} is missing (scripts/test.sh installs Debian's chromium)")
     from playwright.sync_api import sync_playwright
 
     task_id = submit(
@@ -141,7 +132,7 @@ def test_task_approved_in_the_browser_completes_with_its_steps_and_cost(live_sta
     card = pending_card(live_stack, "approval", "e2e-approve")
     assert card["file_path"] == "main.py"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         page = browser.new_page()
         page.goto(live_stack.url("nexus") + "/")
         page.fill("input[name=token]", live_stack.token)

@@ -14,26 +14,16 @@ status is `lint` when there are findings and `ok` when the code is clean.
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from singularity_stack.contract import JobStatus
 from singularity_stack.genesis.languages import Language, get_language
 from singularity_stack.genesis.sandbox import Limits, SandboxError, SandboxResult, run_sandboxed
 
 log = logging.getLogger(__name__)
-
-
-class JobStatus(enum.StrEnum):
-    OK = "ok"
-    SYNTAX_ERROR = "syntax_error"
-    LINT = "lint"
-    RUNTIME_ERROR = "runtime_error"
-    TIMEOUT = "timeout"
-    MEMORY_LIMIT = "memory_limit"
-    OUTPUT_TRUNCATED = "output_truncated"
 
 
 class JobOutcome(BaseModel):

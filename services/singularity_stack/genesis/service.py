@@ -27,7 +27,7 @@ class GenesisSettings(ServiceSettings):
 def job_result(request: c.JobRequest, outcome: JobOutcome) -> c.JobResult:
     return c.JobResult(
         **c.reply_fields(request),
-        status=c.JobStatus(outcome.status.value),
+        status=outcome.status,
         output=outcome.stdout,
         error=outcome.stderr or None,
         exit_code=outcome.exit_code,
