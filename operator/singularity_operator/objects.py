@@ -1,0 +1,391 @@
+"""Pure functions that build a stack's Kubernetes objects from its spec. No API calls here.
+
+Every object carries the stack's labels; the controller adds owner references (`kopf.adopt`).
+Each Singularity instance is its own Deployment bound to its own Secret (and so its own
+database), so lowering N removes workloads without touching any data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from singularity_operator import api
+from singularity_stack.topology import instance_id
+
+Manifest = dict[str, Any]
+HTTP_PORT = 8000
+POSTGRES_PORT = 5432
+APP = "singularity-stack"
+SERVICE_UID = 10001
+ROUTING_MOUNT = "/etc/singularity/routing"
+
+
+# -- names and labels ---------------------------------------------------------------------------------
+
+
+def labels(stack: str, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": APP,
+        "app.kubernetes.io/instance": stack,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "singularity-operator",
+    }
+
+
+def selector(stack: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/instance": stack, "app.kubernetes.io/component": component}
+
+
+def component_of(logical: str) -> str:
+    """`singularity_3` → `singularity-3` (Kubernetes names allow no underscores)."""
+    return logical.replace("_", "-")
+
+
+def object_name(stack: str, logical: str) -> str:
+    return f"{stack}-{component_of(logical)}"
+
+
+def credentials_secret_name(stack: str, logical: str) -> str:
+    return f"{object_name(stack, logical)}-db"
+
+
+def postgres_name(stack: str) -> str:
+    return f"{stack}-postgres"
+
+
+def admin_secret_name(stack: str) -> str:
+    """Holds POSTGRES_PASSWORD (generated once) for the managed server's `postgres` superuser."""
+    return f"{stack}-postgres-admin"
+
+
+def ui_secret_name(stack: str) -> str:
+    return f"{stack}-nexus-ui"
+
+
+def database_prefix(namespace: str, stack: str) -> str:
+    """Databases and roles of a stack on a shared server are prefixed; a managed server is the stack's own."""
+    return f"{namespace}_{stack}_".replace("-", "_")
+
+
+def _meta(stack: str, namespace: str, name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": namespace, "labels": labels(stack, component)}
+
+
+# -- secrets ------------------------------------------------------------------------------------------
+
+
+def credentials_secret(stack: str, namespace: str, logical: str, urls: dict[str, str]) -> Manifest:
+    """The design's DATABASE_URL and SHARED_QUEUE_DB_URL (plus the analytics URL for CentralCloud)."""
+    data = {"DATABASE_URL": urls["database_url"], "SHARED_QUEUE_DB_URL": urls["shared_queue_url"]}
+    if urls.get("shared_queue_analytics_url"):
+        data["SHARED_QUEUE_ANALYTICS_URL"] = urls["shared_queue_analytics_url"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(stack, namespace, credentials_secret_name(stack, logical), component_of(logical)),
+        "type": "Opaque",
+        "stringData": data,
+    }
+
+
+def generated_secret(stack: str, namespace: str, name: str, component: str, values: dict[str, str]) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(stack, namespace, name, component),
+        "type": "Opaque",
+        "stringData": values,
+    }
+
+
+# -- workloads ----------------------------------------------------------------------------------------
+
+
+def _resources(resources: api.Resources) -> dict[str, Any]:
+    return {k: v for k, v in (("requests", resources.requests), ("limits", resources.limits)) if v}
+
+
+def _container(spec: api.StackSpec, service: api.ServiceSpec, role: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
+    return {
+        "name": role,
+        "image": spec.image_of(service),
+        "imagePullPolicy": spec.image_pull_policy,
+        "args": ["run", role],
+        "ports": [{"name": "http", "containerPort": HTTP_PORT}],
+        "env": [{"name": "HOST", "value": "0.0.0.0"}, {"name": "PORT", "value": str(HTTP_PORT)}, *env],
+        "resources": _resources(service.resources),
+        "livenessProbe": probe,
+        "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+
+
+def _secret_env(secret: str, *keys: str) -> list[dict[str, Any]]:
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}} for key in keys]
+
+
+def _deployment(
+    stack: str, namespace: str, logical: str, container: dict[str, Any], pod_extra: dict[str, Any] | None = None
+) -> Manifest:
+    component = component_of(logical)
+    pod_security = {"runAsNonRoot": True, "runAsUser": SERVICE_UID, "runAsGroup": SERVICE_UID, "fsGroup": SERVICE_UID}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(stack, namespace, object_name(stack, logical), component),
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector(stack, component)},
+            "strategy": {"type": "Recreate"},  # one consumer identity per instance at a time
+            "template": {
+                "metadata": {"labels": labels(stack, component)},
+                "spec": {
+                    "serviceAccountName": stack,
+                    "automountServiceAccountToken": False,
+                    "securityContext": pod_security,
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [container],
+                    **(pod_extra or {}),
+                },
+            },
+        },
+    }
+
+
+def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]:
+    """Nexus, Genesis, CentralCloud and one Deployment per Singularity instance."""
+
+    def db(logical: str) -> list[dict[str, Any]]:
+        return _secret_env(credentials_secret_name(stack, logical), "DATABASE_URL", "SHARED_QUEUE_DB_URL")
+
+    prefix = database_prefix(namespace, stack) if spec.postgres.external else ""
+
+    nexus_env = [*db("nexus"), *_secret_env(ui_secret_name(stack), "NEXUS_UI_TOKEN")]
+    nexus_pod: dict[str, Any] = {}
+    nexus = _container(spec, spec.nexus, "nexus", nexus_env)
+    if spec.nexus.provider_keys_secret:
+        nexus["envFrom"] = [{"secretRef": {"name": spec.nexus.provider_keys_secret, "optional": True}}]
+    if spec.nexus.routing_config_map:
+        ref = spec.nexus.routing_config_map
+        nexus["env"].append({"name": "NEXUS_ROUTING_CONFIG", "value": f"{ROUTING_MOUNT}/{ref.key}"})
+        nexus["volumeMounts"] = [{"name": "routing", "mountPath": ROUTING_MOUNT, "readOnly": True}]
+        nexus_pod["volumes"] = [{"name": "routing", "configMap": {"name": ref.name}}]
+
+    genesis = _container(
+        spec,
+        spec.genesis,
+        "genesis",
+        [*db("genesis"), {"name": "GENESIS_MAX_CONCURRENT_JOBS", "value": str(spec.genesis.max_concurrent_jobs)}],
+    )
+    # bubblewrap creates user namespaces for each job, which the runtime's default seccomp profile forbids.
+    genesis["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+
+    central_env = [
+        *db("centralcloud"),
+        *_secret_env(credentials_secret_name(stack, "centralcloud"), "SHARED_QUEUE_ANALYTICS_URL"),
+        {"name": "SHARED_QUEUE_RETENTION_DAYS", "value": str(spec.centralcloud.retention_days)},
+        {"name": "SINGULARITY_INSTANCES", "value": str(spec.singularity.replicas)},
+        {"name": "STACK_PREFIX", "value": prefix},
+    ]
+    deployments = [
+        _deployment(stack, namespace, "centralcloud", _container(spec, spec.centralcloud, "centralcloud", central_env)),
+        _deployment(stack, namespace, "nexus", nexus, nexus_pod),
+        _deployment(stack, namespace, "genesis", genesis),
+    ]
+    for index in range(1, spec.singularity.replicas + 1):
+        logical = instance_id(index)
+        env = [*db(logical), {"name": "SINGULARITY_INSTANCE", "value": logical}]
+        deployments.append(
+            _deployment(stack, namespace, logical, _container(spec, spec.singularity, "singularity", env))
+        )
+    return deployments
+
+
+def http_services(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]:
+    logicals = ["centralcloud", "nexus", "genesis", *(instance_id(i) for i in range(1, spec.singularity.replicas + 1))]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(stack, namespace, object_name(stack, logical), component_of(logical)),
+            "spec": {
+                "selector": selector(stack, component_of(logical)),
+                "ports": [{"name": "http", "port": HTTP_PORT, "targetPort": "http"}],
+            },
+        }
+        for logical in logicals
+    ]
+
+
+def service_account(stack: str, namespace: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(stack, namespace, stack, "services"),
+        "automountServiceAccountToken": False,
+    }
+
+
+# -- managed PostgreSQL ---------------------------------------------------------------------------------
+
+
+def managed_postgres(stack: str, namespace: str, managed: api.ManagedPostgres) -> list[Manifest]:
+    name = postgres_name(stack)
+    claim: dict[str, Any] = {
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": managed.storage}}},
+    }
+    if managed.storage_class_name:
+        claim["spec"]["storageClassName"] = managed.storage_class_name
+    container = {
+        "name": "postgres",
+        "image": managed.image,
+        "ports": [{"name": "postgres", "containerPort": POSTGRES_PORT}],
+        "env": [
+            {"name": "POSTGRES_USER", "value": "postgres"},
+            *_secret_env(admin_secret_name(stack), "POSTGRES_PASSWORD"),
+            {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
+        ],
+        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
+        "resources": _resources(managed.resources),
+        "readinessProbe": {
+            "exec": {"command": ["/usr/lib/postgresql/15/bin/pg_isready", "-h", "127.0.0.1", "-U", "postgres"]},
+            "periodSeconds": 5,
+        },
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": _meta(stack, namespace, name, "postgres"),
+            "spec": {
+                "serviceName": name,
+                "replicas": 1,
+                "selector": {"matchLabels": selector(stack, "postgres")},
+                "template": {
+                    "metadata": {"labels": labels(stack, "postgres")},
+                    "spec": {
+                        "automountServiceAccountToken": False,
+                        "securityContext": {
+                            "runAsNonRoot": True,
+                            "runAsUser": 999,
+                            "fsGroup": 999,
+                            "fsGroupChangePolicy": "OnRootMismatch",
+                        },
+                        "containers": [container],
+                    },
+                },
+                "volumeClaimTemplates": [claim],
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(stack, namespace, name, "postgres"),
+            "spec": {
+                "selector": selector(stack, "postgres"),
+                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres"}],
+            },
+        },
+    ]
+
+
+# -- network policies -------------------------------------------------------------------------------------
+
+
+def _to_postgres(stack: str, spec: api.StackSpec) -> dict[str, Any]:
+    if spec.postgres.external:
+        # An external server's address is not a pod; allow its port wherever it lives.
+        return {"ports": [{"protocol": "TCP", "port": spec.postgres.external.port}]}
+    return {
+        "to": [{"podSelector": {"matchLabels": selector(stack, "postgres")}}],
+        "ports": [{"protocol": "TCP", "port": POSTGRES_PORT}],
+    }
+
+
+DNS = {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+
+
+def network_policies(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]:
+    """Each service reaches PostgreSQL (and DNS) and nothing else, except Nexus, which also reaches LLM
+    providers over HTTPS. Genesis's jobs get no network at all from their sandbox; the service itself
+    needs PostgreSQL, for the queue."""
+
+    def policy(name: str, pod_selector: dict[str, Any], ingress: list[Any], egress: list[Any]) -> Manifest:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(stack, namespace, f"{stack}-{name}", name),
+            "spec": {
+                "podSelector": pod_selector,
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": ingress,
+                "egress": egress,
+            },
+        }
+
+    in_stack = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": stack}}}
+    http_in = [{"ports": [{"protocol": "TCP", "port": HTTP_PORT}]}]
+    base_egress = [_to_postgres(stack, spec), DNS]
+    policies = [
+        policy(
+            "singularity",
+            {
+                "matchLabels": {"app.kubernetes.io/instance": stack},
+                "matchExpressions": [
+                    {
+                        "key": "app.kubernetes.io/component",
+                        "operator": "In",
+                        "values": [component_of(instance_id(i)) for i in range(1, spec.singularity.replicas + 1)],
+                    }
+                ],
+            },
+            http_in,
+            base_egress,
+        ),
+        policy(
+            "nexus",
+            {"matchLabels": selector(stack, "nexus")},
+            http_in,
+            [*base_egress, {"ports": [{"protocol": "TCP", "port": 443}]}],
+        ),
+        policy("genesis", {"matchLabels": selector(stack, "genesis")}, http_in, base_egress),
+        policy("centralcloud", {"matchLabels": selector(stack, "centralcloud")}, http_in, base_egress),
+    ]
+    if spec.postgres.managed:
+        policies.append(
+            policy(
+                "postgres",
+                {"matchLabels": selector(stack, "postgres")},
+                # the stack's services, and the operator that provisions (it runs in another namespace)
+                [
+                    {
+                        "from": [
+                            in_stack,
+                            {
+                                "namespaceSelector": {},
+                                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "singularity-operator"}},
+                            },
+                        ],
+                        "ports": [{"protocol": "TCP", "port": POSTGRES_PORT}],
+                    }
+                ],
+                [],
+            )
+        )
+    return policies
+
+
+def workloads(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]:
+    """Everything but secrets: the operator writes those only when missing."""
+    objects = [service_account(stack, namespace)]
+    if spec.postgres.managed:
+        objects += managed_postgres(stack, namespace, spec.postgres.managed)
+    return (
+        objects
+        + service_deployments(stack, namespace, spec)
+        + http_services(stack, namespace, spec)
+        + network_policies(stack, namespace, spec)
+    )

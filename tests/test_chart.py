@@ -1,0 +1,71 @@
+"""The Helm chart, linted and rendered by Helm's own engine (the helm-python-sdk wheel bundles Helm 4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import helm_python as helm
+import yaml
+
+from singularity_operator import crd
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "singularity-stack"
+
+
+def render(values: dict | None = None) -> list[dict]:
+    rendered = helm.Chart.load(str(CHART)).render(values or {}, name="ops", namespace="operators", is_install=True)
+    return [doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+
+
+def kinds(docs: list[dict]) -> list[str]:
+    return sorted(d["kind"] for d in docs)
+
+
+def test_chart_lints_clean():
+    report = helm.lint(str(CHART), strict=True)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_default_install_watches_every_namespace_with_the_crd():
+    docs = render()
+    assert kinds(docs) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+    ]
+    [definition] = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert definition == crd.build_crd()
+    [deployment] = [d for d in docs if d["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "singularity-stack:0.1.0"
+    assert container["args"][0] == "operator" and "--all-namespaces" in container["args"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_namespaced_install_uses_roles_and_crds_can_be_left_out():
+    docs = render({"watchNamespaces": ["team-a", "team-b"], "crds": {"create": False}})
+    assert kinds(docs) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Role",
+        "Role",
+        "RoleBinding",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
+    [cluster_role] = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert {r["apiGroups"][0] for r in cluster_role["rules"]} == {"apiextensions.k8s.io", ""}  # the CRD, namespaces
+    args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_rbac_is_minimal():
+    for values in ({}, {"watchNamespaces": ["team-a"]}):
+        for doc in render(values):
+            for rule in doc.get("rules", []):
+                assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+                assert not any(r.startswith("pods") for r in rule["resources"]), "no pod or pod/exec access"

@@ -1,0 +1,104 @@
+"""The pure functions that build a stack's Kubernetes objects."""
+
+from __future__ import annotations
+
+from singularity_operator import api, objects
+from singularity_operator.kube import covers
+
+
+def by_kind_and_name(manifests):
+    return {(m["kind"], m["metadata"]["name"]): m for m in manifests}
+
+
+def test_workloads_for_three_instances():
+    spec = api.parse_spec({"singularity": {"replicas": 3, "image": "registry/singularity:dev"}, "image": "stack:1"})
+    built = by_kind_and_name(objects.workloads("demo", "team", spec))
+    deployments = sorted(name for kind, name in built if kind == "Deployment")
+    instances = [f"demo-singularity-{i}" for i in (1, 2, 3)]
+    assert deployments == ["demo-centralcloud", "demo-genesis", "demo-nexus", *instances]
+    s2 = built[("Deployment", "demo-singularity-2")]["spec"]["template"]["spec"]
+    container = s2["containers"][0]
+    assert container["image"] == "registry/singularity:dev" and container["args"] == ["run", "singularity"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SINGULARITY_INSTANCE"]["value"] == "singularity_2"
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "demo-singularity-2-db", "key": "DATABASE_URL"}
+    assert s2["securityContext"]["runAsNonRoot"] is True and s2["securityContext"]["runAsUser"] == 10001
+    nexus = built[("Deployment", "demo-nexus")]["spec"]["template"]["spec"]["containers"][0]
+    assert nexus["image"] == "stack:1"
+    assert {
+        "name": "NEXUS_UI_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "demo-nexus-ui", "key": "NEXUS_UI_TOKEN"}},
+    } in nexus["env"]
+    genesis = built[("Deployment", "demo-genesis")]["spec"]["template"]["spec"]["containers"][0]
+    assert genesis["securityContext"]["seccompProfile"] == {"type": "Unconfined"}  # bubblewrap needs user namespaces
+    central = {
+        e["name"]: e
+        for e in built[("Deployment", "demo-centralcloud")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert central["SINGULARITY_INSTANCES"]["value"] == "3"
+    assert central["STACK_PREFIX"]["value"] == ""  # a managed server belongs to this stack alone
+    assert ("StatefulSet", "demo-postgres") in built and ("Service", "demo-singularity-3") in built
+
+
+def test_external_postgres_prefixes_databases_and_allows_only_its_port():
+    spec = api.parse_spec(
+        {"postgres": {"external": {"host": "db.example", "port": 6543, "adminSecret": {"name": "pg-admin"}}}}
+    )
+    built = by_kind_and_name(objects.workloads("demo", "team-a", spec))
+    assert ("StatefulSet", "demo-postgres") not in built
+    central = {
+        e["name"]: e
+        for e in built[("Deployment", "demo-centralcloud")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert central["STACK_PREFIX"]["value"] == "team_a_demo_"
+    genesis_policy = built[("NetworkPolicy", "demo-genesis")]["spec"]
+    assert genesis_policy["egress"][0] == {"ports": [{"protocol": "TCP", "port": 6543}]}
+
+
+def test_network_policies_give_each_service_only_what_it_needs():
+    spec = api.parse_spec({})
+    policies = {m["metadata"]["name"]: m["spec"] for m in objects.network_policies("demo", "ns", spec)}
+    to_postgres = {
+        "to": [{"podSelector": {"matchLabels": objects.selector("demo", "postgres")}}],
+        "ports": [{"protocol": "TCP", "port": 5432}],
+    }
+    assert policies["demo-genesis"]["egress"] == [to_postgres, objects.DNS]  # no other egress: not even HTTPS
+    assert policies["demo-singularity"]["egress"] == [to_postgres, objects.DNS]
+    assert {"ports": [{"protocol": "TCP", "port": 443}]} in policies["demo-nexus"]["egress"]
+    assert policies["demo-postgres"]["egress"] == []
+    assert all(set(p["policyTypes"]) == {"Ingress", "Egress"} for p in policies.values())
+
+
+def test_managed_postgres_statefulset_fixes_volume_ownership():
+    postgres = objects.managed_postgres("demo", "ns", api.ManagedPostgres(storage="5Gi", storage_class_name="fast"))[0]
+    pod = postgres["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    claim = postgres["spec"]["volumeClaimTemplates"][0]["spec"]
+    assert claim == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "5Gi"}},
+        "storageClassName": "fast",
+    }
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "demo-postgres-admin"
+
+
+def test_routing_config_and_provider_keys_reach_nexus():
+    spec = api.parse_spec(
+        {"nexus": {"routingConfigMap": {"name": "routes", "key": "routing.yaml"}, "providerKeysSecret": "llm-keys"}}
+    )
+    nexus = by_kind_and_name(objects.service_deployments("demo", "ns", spec))[("Deployment", "demo-nexus")]["spec"][
+        "template"
+    ]["spec"]
+    container = nexus["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "llm-keys", "optional": True}}]
+    assert {"name": "NEXUS_ROUTING_CONFIG", "value": "/etc/singularity/routing/routing.yaml"} in container["env"]
+    assert nexus["volumes"] == [{"name": "routing", "configMap": {"name": "routes"}}]
+
+
+def test_covers_ignores_server_defaults_but_not_differences():
+    desired = {"spec": {"ports": [{"port": 80}], "selector": {"a": "b"}}}
+    live = {"spec": {"ports": [{"port": 80, "protocol": "TCP"}], "selector": {"a": "b"}, "clusterIP": "198.19.0.3"}}
+    assert covers(live, desired)
+    assert not covers(live, {"spec": {"ports": [{"port": 81}]}})
+    assert not covers(live, {"spec": {"ports": [{"port": 80}, {"port": 81}]}})
