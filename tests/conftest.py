@@ -15,6 +15,8 @@ from singularity_stack.postgres.cluster import LocalCluster, throwaway_cluster
 from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
 from singularity_stack.topology import StackLayout
 
+# A real Kubernetes API server for the operator tests (tests/kube_fixture.py).
+pytest_plugins = ["kube_fixture"]
 _prefixes = itertools.count(1)
 
 

@@ -41,6 +41,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             continue
         if key == "additionalProperties" and value is False:
             continue  # structural schemas prune unknown fields instead
+        if key == "default" and value in ("", [], {}):
+            continue  # Kubernetes 1.20 reads an empty default as null and refuses the CRD
         if key == "properties":
             result[key] = {name: _structural(schema, defs) for name, schema in value.items()}
         else:

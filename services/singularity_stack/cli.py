@@ -156,6 +156,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from singularity_operator.main import run_operator
+
+    namespaces = [] if args.all_namespaces else args.namespace
+    if not namespaces and not args.all_namespaces:
+        print("error: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
+        return 2
+    level = os.environ.get("LOG_LEVEL", "INFO")
+    run_operator(namespaces, liveness_port=args.liveness_port, metrics_port=args.metrics_port, log_level=level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="singularity-stack", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -187,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one service (settings from the environment: DATABASE_URL, ...)")
     p.add_argument("service", choices=["singularity", "nexus", "genesis", "centralcloud"])
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator for SingularityStack resources")
+    p.add_argument("--namespace", action="append", default=[], help="watch this namespace (repeatable)")
+    p.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+    p.add_argument("--liveness-port", type=int, default=8080)
+    p.add_argument("--metrics-port", type=int, default=9090)
+    p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("up", help="run the whole stack locally")
     p.add_argument("--singularity-instances", type=int, default=1, metavar="N")

@@ -1,0 +1,284 @@
+"""Reconciling one SingularityStack: the logic behind the kopf handlers (which stay thin).
+
+One idempotent pass: PostgreSQL (managed StatefulSet or external), databases, roles, pgmq,
+queues and migrations through the project's provisioner, a Secret per service and instance
+(never regenerating a password), the workloads, then conditions. Each step reports Events.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from singularity_operator import api, objects
+from singularity_operator import conditions as cond
+from singularity_operator.kube import Kube
+from singularity_stack.contract import describe_validation_error
+from singularity_stack.provision import credentials as creds
+from singularity_stack.provision.deprovision import drop_instance, drop_stack
+from singularity_stack.provision.migrations import available_migrations, service_kind
+from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError
+from singularity_stack.topology import StackLayout, instance_id
+
+log = logging.getLogger(__name__)
+RECONCILES = Counter("singularity_operator_reconciles_total", "Reconciles by result", ["result"])
+ERRORS = Counter("singularity_operator_errors_total", "Reconcile failures by reason", ["reason"])
+DURATION = Histogram("singularity_operator_reconcile_seconds", "Time for one reconcile")
+API_VERSION = f"{api.GROUP}/{api.VERSION}"
+CONNECT_TIMEOUT = 5
+
+
+class RetryLater(Exception):
+    """Something outside our control is not there yet (PostgreSQL, a Secret); try again after `delay`."""
+
+    def __init__(self, message: str, delay: float = 15.0) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
+Adopt = Callable[[dict[str, Any]], None]
+Event = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+
+
+@dataclass
+class Outcome:
+    verdicts: list[cond.Verdict]
+    status: dict[str, Any] = field(default_factory=dict)
+
+
+def _decode(secret: dict[str, Any] | None, key: str) -> str | None:
+    if not secret or key not in (secret.get("data") or {}):
+        return None
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+class StackController:
+    def __init__(self, kube: Kube, *, adopt: Adopt, event: Event) -> None:
+        self.kube = kube
+        self.adopt = adopt
+        self.event = event
+
+    # -- PostgreSQL ----------------------------------------------------------------------------------
+
+    def _ensure_secret(self, stack: str, namespace: str, name: str, component: str, values: dict[str, str]) -> None:
+        secret = objects.generated_secret(stack, namespace, name, component, values)
+        self.adopt(secret)
+        if self.kube.apply(secret, create_only=True) == "created":
+            self.event("Normal", "SecretCreated", f"created Secret {name}")
+
+    def admin_dsn(self, stack: str, namespace: str, spec: api.StackSpec) -> tuple[str, Endpoint, str]:
+        """(admin DSN, where services reach Postgres, database/role name prefix)."""
+        if spec.postgres.external:
+            ext = spec.postgres.external
+            secret = self.kube.get("v1", "Secret", ext.admin_secret.name, namespace)
+            user, password = (
+                _decode(secret, ext.admin_secret.username_key),
+                _decode(secret, ext.admin_secret.password_key),
+            )
+            if user is None or password is None:
+                raise RetryLater(
+                    f"Secret {ext.admin_secret.name} with keys {ext.admin_secret.username_key} and "
+                    f"{ext.admin_secret.password_key} not found"
+                )
+            dsn = creds.postgres_url(user, password, ext.host, ext.port, ext.database) + f"?sslmode={ext.ssl_mode}"
+            return dsn, Endpoint(ext.host, ext.port), objects.database_prefix(namespace, stack)
+        name = objects.admin_secret_name(stack)
+        existing = _decode(self.kube.get("v1", "Secret", name, namespace), "POSTGRES_PASSWORD")
+        password = existing or secrets.token_urlsafe(24)
+        self._ensure_secret(stack, namespace, name, "postgres", {"POSTGRES_PASSWORD": password})
+        host = f"{objects.postgres_name(stack)}.{namespace}.svc"
+        return (
+            creds.postgres_url("postgres", password, host, objects.POSTGRES_PORT, "postgres"),
+            Endpoint(host, objects.POSTGRES_PORT),
+            "",
+        )
+
+    def _known_passwords(self, stack: str, namespace: str, layout: StackLayout) -> dict[str, str]:
+        known: dict[str, creds.ServiceCredentials] = {}
+        for logical in layout.owners:
+            secret = self.kube.get("v1", "Secret", objects.credentials_secret_name(stack, logical), namespace)
+            url = _decode(secret, "DATABASE_URL")
+            if url:
+                known[logical] = creds.ServiceCredentials(
+                    database_url=url,
+                    shared_queue_url=_decode(secret, "SHARED_QUEUE_DB_URL") or url,
+                    shared_queue_analytics_url=_decode(secret, "SHARED_QUEUE_ANALYTICS_URL"),
+                )
+        return creds.known_passwords(known)
+
+    def provision(
+        self, stack: str, namespace: str, spec: api.StackSpec, admin_dsn: str, public: Endpoint, prefix: str
+    ) -> dict[str, Any]:
+        layout = StackLayout(spec.singularity.replicas, prefix)
+        provisioner = Provisioner(
+            admin_dsn + ("&" if "?" in admin_dsn else "?") + f"connect_timeout={CONNECT_TIMEOUT}",
+            layout,
+            known_passwords=self._known_passwords(stack, namespace, layout),
+            public_endpoint=public,
+            persist=lambda c: self._write_credentials(stack, namespace, c),
+        )
+        result = provisioner.run()
+        for change in result.changes:
+            self.event("Normal", "Provisioned", change)
+        return {
+            "singularityReplicas": spec.singularity.replicas,
+            "pgmq": f"{result.pgmq.version} ({result.pgmq.method})",
+            # after a successful run every packaged migration is applied (yoyo records each in _yoyo_migration)
+            "migrations": {
+                layout.database(name): available_migrations(service_kind(name)) for name in result.migrations
+            },
+        }
+
+    def _write_credentials(self, stack: str, namespace: str, credentials: dict[str, creds.ServiceCredentials]) -> None:
+        """One Secret per service and instance, written before anything else can fail: passwords are never lost."""
+        for logical, entry in credentials.items():
+            secret = objects.credentials_secret(stack, namespace, logical, entry.model_dump())
+            self.adopt(secret)
+            if self.kube.apply(secret, create_only=True) == "created":
+                self.event("Normal", "SecretCreated", f"created Secret {secret['metadata']['name']}")
+
+    # -- workloads ------------------------------------------------------------------------------------
+
+    def apply_workloads(self, stack: str, namespace: str, spec: api.StackSpec) -> None:
+        ui = objects.ui_secret_name(stack)
+        self._ensure_secret(stack, namespace, ui, "nexus", {"NEXUS_UI_TOKEN": secrets.token_urlsafe(24)})
+        for manifest in objects.workloads(stack, namespace, spec):
+            self.adopt(manifest)
+            done = self.kube.apply(manifest)
+            if done:
+                self.event("Normal", done.capitalize(), f"{done} {manifest['kind']} {manifest['metadata']['name']}")
+
+    def remove_extra_instances(
+        self, stack: str, namespace: str, spec: api.StackSpec, admin_dsn: str, prefix: str
+    ) -> None:
+        """Workloads of instances above N go; their data stays unless the deletion policy is Delete."""
+        selector = f"app.kubernetes.io/instance={stack},app.kubernetes.io/managed-by=singularity-operator"
+        for deployment in self.kube.list("apps/v1", "Deployment", namespace, selector):
+            component = deployment["metadata"]["labels"].get("app.kubernetes.io/component", "")
+            if not component.startswith("singularity-"):
+                continue
+            index = int(component.rsplit("-", 1)[1])
+            if index <= spec.singularity.replicas:
+                continue
+            name = objects.object_name(stack, instance_id(index))
+            self.kube.delete("apps/v1", "Deployment", name, namespace)
+            self.kube.delete("v1", "Service", name, namespace)
+            self.event("Normal", "ScaledDown", f"removed Singularity instance {index} (workload)")
+            if spec.deletion_policy is api.DeletionPolicy.DELETE:
+                layout = StackLayout(index, prefix)
+                dropped = drop_instance(admin_dsn, layout, index)
+                self.kube.delete("v1", "Secret", objects.credentials_secret_name(stack, instance_id(index)), namespace)
+                self.event("Normal", "DataDropped", f"instance {index}: dropped {', '.join(dropped) or 'nothing'}")
+
+    def services_verdict(self, stack: str, namespace: str, spec: api.StackSpec) -> cond.Verdict:
+        expected = {d["metadata"]["name"] for d in objects.service_deployments(stack, namespace, spec)}
+        unavailable = []
+        for name in sorted(expected):
+            live = self.kube.get("apps/v1", "Deployment", name, namespace)
+            if not live or (live.get("status") or {}).get("availableReplicas", 0) < 1:
+                unavailable.append(name)
+        if unavailable:
+            return cond.Verdict(cond.SERVICES, False, "Unavailable", "waiting for " + ", ".join(unavailable))
+        return cond.Verdict(cond.SERVICES, True, "Available", f"{len(expected)} deployments available")
+
+    # -- the whole pass -------------------------------------------------------------------------------
+
+    def reconcile(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> Outcome:
+        started = time.monotonic()
+        try:
+            outcome = self._reconcile(stack, namespace, spec_body)
+            RECONCILES.labels("ok" if all(v.ok for v in outcome.verdicts) else "not_ready").inc()
+            return outcome
+        except Exception:
+            RECONCILES.labels("error").inc()
+            raise
+        finally:
+            DURATION.observe(time.monotonic() - started)
+
+    def _reconcile(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> Outcome:
+        try:
+            spec = api.parse_spec(spec_body)
+        except ValidationError as error:
+            reason = describe_validation_error(error)
+            ERRORS.labels("InvalidSpec").inc()
+            self.event("Warning", "InvalidSpec", reason)
+            return Outcome([cond.Verdict(t, False, "InvalidSpec", reason) for t in cond.PARTS])
+        if spec.postgres.managed:
+            # PostgreSQL itself first: provisioning needs it running.
+            for manifest in objects.managed_postgres(stack, namespace, spec.postgres.managed):
+                self.adopt(manifest)
+                self.kube.apply(manifest)
+        try:
+            admin_dsn, public, prefix = self.admin_dsn(stack, namespace, spec)
+            status = self.provision(stack, namespace, spec, admin_dsn, public, prefix)
+        except RetryLater as waiting:
+            return self._not_ready("Waiting", str(waiting), delay=waiting.delay)
+        except ProvisionError as error:
+            ERRORS.labels("ProvisionFailed").inc()
+            self.event("Warning", "ProvisionFailed", str(error))
+            return self._not_ready("ProvisionFailed", str(error))
+        except psycopg.OperationalError as error:
+            ERRORS.labels("PostgresUnreachable").inc()
+            message = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+            self.event("Warning", "PostgresUnreachable", message)
+            return self._not_ready("PostgresUnreachable", message, delay=10)
+        self.apply_workloads(stack, namespace, spec)
+        self.remove_extra_instances(stack, namespace, spec, admin_dsn, prefix)
+        applied = ", ".join(f"{db}: {v[-1]}" for db, v in sorted(status["migrations"].items()) if v)
+        verdicts = [
+            cond.Verdict(cond.DATABASES, True, "Provisioned", f"{len(status['migrations'])} databases and their roles"),
+            cond.Verdict(cond.QUEUE, True, "QueuesReady", f"pgmq {status['pgmq']}"),
+            cond.Verdict(cond.MIGRATIONS, True, "Applied", applied),
+            self.services_verdict(stack, namespace, spec),
+        ]
+        return Outcome(verdicts, status)
+
+    def _not_ready(self, reason: str, message: str, delay: float | None = None) -> Outcome:
+        outcome = Outcome(
+            [
+                cond.Verdict(cond.DATABASES, False, reason, message),
+                cond.Verdict(cond.QUEUE, None, reason, "waiting for the databases"),
+                cond.Verdict(cond.MIGRATIONS, None, reason, "waiting for the databases"),
+                cond.Verdict(cond.SERVICES, None, reason, "waiting for the databases"),
+            ]
+        )
+        outcome.status["retryAfter"] = delay
+        return outcome
+
+    # -- deletion ---------------------------------------------------------------------------------------
+
+    def cleanup(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> None:
+        """On delete: Retain keeps every database; Delete drops them. Never blocks: a PostgreSQL that is
+        already gone (or a spec that no longer parses) is reported as a Warning and deletion goes on."""
+        try:
+            spec = api.parse_spec(spec_body)
+        except ValidationError:
+            return
+        if spec.deletion_policy is api.DeletionPolicy.RETAIN or spec.postgres.managed:
+            # A managed server's data lives in its PVC, which the StatefulSet leaves behind by design.
+            if spec.deletion_policy is api.DeletionPolicy.DELETE:
+                self._delete_managed_volume(stack, namespace)
+            return
+        try:
+            admin_dsn, _, prefix = self.admin_dsn(stack, namespace, spec)
+            dropped = drop_stack(
+                admin_dsn + ("&" if "?" in admin_dsn else "?") + f"connect_timeout={CONNECT_TIMEOUT}",
+                StackLayout(spec.singularity.replicas, prefix),
+            )
+            self.event("Normal", "DataDropped", "dropped " + (", ".join(dropped) or "nothing"))
+        except (RetryLater, psycopg.OperationalError) as error:
+            self.event("Warning", "CleanupSkipped", f"databases not dropped: {error}")
+
+    def _delete_managed_volume(self, stack: str, namespace: str) -> None:
+        claim = f"data-{objects.postgres_name(stack)}-0"
+        if self.kube.delete("v1", "PersistentVolumeClaim", claim, namespace):
+            self.event("Normal", "DataDropped", f"deleted PersistentVolumeClaim {claim}")
