@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import httpx
 import psycopg
 import pytest
 import yaml
@@ -25,11 +26,12 @@ from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from e2e.kube.apiserver import ControlPlane
-from singularity_stack.postgres.cluster import LocalCluster, throwaway_cluster
+from singularity_stack.postgres.cluster import LocalCluster, free_port, throwaway_cluster
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "singularity-stack"
 GROUP, VERSION, PLURAL = "singularity.dev", "v1alpha1", "singularitystacks"
 _names = itertools.count(1)
+METRICS_PORT, LIVENESS_PORT = free_port(), free_port()
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -75,12 +77,14 @@ def operator(cluster) -> Iterator[Callable[[], contextlib.AbstractContextManager
     plane, _ = cluster
     os.environ["KUBECONFIG"] = str(plane.kubeconfig)
     os.environ["HEALTH_INTERVAL_SECONDS"] = "2"
+    os.environ["OPERATOR_METRICS_PORT"] = str(METRICS_PORT)
     import singularity_operator.handlers as handlers
 
     @contextlib.contextmanager
     def running() -> Iterator[KopfRunner]:
         handlers._kube = None
         args = ["run", "--standalone", "--all-namespaces", "-m", "singularity_operator.handlers"]
+        args.append(f"--liveness=http://127.0.0.1:{LIVENESS_PORT}/healthz")
         with KopfRunner(args, timeout=60) as runner:
             yield runner
         assert runner.exception is None, runner.output
@@ -89,11 +93,21 @@ def operator(cluster) -> Iterator[Callable[[], contextlib.AbstractContextManager
 
 
 @pytest.fixture
-def namespace(cluster) -> str:
+def namespace(cluster) -> Iterator[str]:
+    """A namespace per test, cleared afterwards so later operator runs do not resume its stacks."""
     _, api_client = cluster
     name = f"stack-test-{next(_names)}"
-    client.CoreV1Api(api_client).create_namespace({"metadata": {"name": name}})
-    return name
+    core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    for stack in custom.list_namespaced_custom_object(GROUP, VERSION, name, PLURAL)["items"]:
+        stack_name = stack["metadata"]["name"]
+        custom.patch_namespaced_custom_object(
+            GROUP, VERSION, name, PLURAL, stack_name, {"metadata": {"finalizers": []}}
+        )
+        with contextlib.suppress(ApiException):
+            custom.delete_namespaced_custom_object(GROUP, VERSION, name, PLURAL, stack_name)
+    core.delete_namespace(name)
 
 
 class Stacks:
@@ -154,6 +168,10 @@ class Stacks:
                 {"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}},
             )
 
+    def events(self, name: str) -> list[Any]:
+        selector = f"involvedObject.name={name},involvedObject.kind=SingularityStack"
+        return self.core.list_namespaced_event(self.namespace, field_selector=selector).items
+
     def secret(self, name: str) -> dict[str, str]:
         data = self.core.read_namespaced_secret(name, self.namespace).data
         return {k: base64.b64decode(v).decode() for k, v in data.items()}
@@ -210,6 +228,13 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         ready = stacks.wait_condition("alpha", "Ready", "True")
         assert ready["reason"] == "AllReady"
 
+        # every step left an Event on the stack; the operator is alive and counts its reconciles
+        reasons = wait_for("events", lambda: {e.reason for e in stacks.events("alpha")} >= {"Provisioned", "Created"})
+        assert reasons
+        assert httpx.get(f"http://127.0.0.1:{LIVENESS_PORT}/healthz", timeout=5).status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+        assert 'singularity_operator_reconciles_total{result="ok"}' in metrics
+
         # an idle reconcile (the 2 s timer) writes nothing: the status and its transition time stay put
         before = stacks.get("alpha")
         time.sleep(5)
@@ -227,7 +252,7 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         assert prefix + "singularity_3" in databases(pg_cluster, prefix)
 
         stacks.delete("alpha")
-        wait_for("the stack to be gone", lambda: not _exists(stacks, "alpha"))
+        wait_for("the stack to be gone", lambda: not _exists(stacks, "alpha"), timeout=120)
     assert prefix + "shared_queue" in databases(pg_cluster, prefix)  # Retain
 
 
@@ -253,7 +278,7 @@ def test_invalid_specs_are_refused_or_reported(cluster, operator, namespace, pg_
         assert ready["reason"] == "InvalidSpec"
         assert "exactly one of managed and external" in ready["message"]
         stacks.delete("both")  # and it never blocks deletion
-        wait_for("deletion", lambda: not _exists(stacks, "both"))
+        wait_for("deletion", timeout=120, check=lambda: not _exists(stacks, "both"))
 
 
 @pytest.fixture
@@ -317,11 +342,45 @@ def test_delete_policy_drops_the_databases_and_a_vanished_postgres_never_blocks(
         prefix = f"{namespace}_doomed_".replace("-", "_")
         assert databases(stopped_cluster, prefix)
         stacks.delete("doomed")
-        wait_for("deletion", lambda: not _exists(stacks, "doomed"))
+        wait_for("deletion", timeout=120, check=lambda: not _exists(stacks, "doomed"))
         assert databases(stopped_cluster, prefix) == set()
 
         stacks.create("orphan", external(stopped_cluster, deletionPolicy="Delete"))
         stacks.wait_condition("orphan", "DatabasesReady", "True")
         stopped_cluster.stop("immediate")  # PostgreSQL is gone for good
         stacks.delete("orphan")
-        wait_for("deletion despite the missing database", lambda: not _exists(stacks, "orphan"), timeout=60)
+        wait_for("deletion despite the missing database", lambda: not _exists(stacks, "orphan"), timeout=120)
+
+
+def test_managed_postgres_runs_as_a_statefulset_and_waits_for_it(cluster, operator, namespace):
+    """No kubelet here: the managed server is created but never runs, so the stack waits, saying why."""
+    _, api_client = cluster
+    stacks = Stacks(api_client, namespace)
+    with operator():
+        stacks.create("managed", {"postgres": {"managed": {"storage": "2Gi"}}})
+        waiting = stacks.wait_condition("managed", "DatabasesReady", "False")
+        assert waiting["reason"] == "PostgresUnreachable"
+        statefulset = stacks.apps.read_namespaced_stateful_set("managed-postgres", namespace)
+        assert statefulset.spec.volume_claim_templates[0].spec.resources.requests == {"storage": "2Gi"}
+        assert statefulset.metadata.owner_references[0].name == "managed"
+        password = stacks.secret("managed-postgres-admin")["POSTGRES_PASSWORD"]
+        assert len(password) >= 24
+        time.sleep(3)  # reconciles go on; the generated password stays
+        assert stacks.secret("managed-postgres-admin")["POSTGRES_PASSWORD"] == password
+
+
+def test_scaling_down_with_delete_policy_drops_the_instance_data(cluster, operator, namespace, pg_cluster):
+    _, api_client = cluster
+    stacks = Stacks(api_client, namespace)
+    stacks.admin_secret(pg_cluster)
+    prefix = f"{namespace}_shrink_".replace("-", "_")
+    with operator():
+        stacks.create("shrink", external(pg_cluster, singularity={"replicas": 2}, deletionPolicy="Delete"))
+        stacks.wait_condition("shrink", "DatabasesReady", "True")
+        assert prefix + "singularity_2" in databases(pg_cluster, prefix)
+        stacks.patch_spec("shrink", {"singularity": {"replicas": 1}})
+        wait_for("instance 2's data to go", lambda: prefix + "singularity_2" not in databases(pg_cluster, prefix))
+        assert not _secret_exists(stacks, "shrink-singularity-2-db")
+        assert prefix + "singularity_1" in databases(pg_cluster, prefix)
+        stacks.delete("shrink")
+        wait_for("deletion", timeout=120, check=lambda: not _exists(stacks, "shrink"))

@@ -22,6 +22,7 @@ from singularity_operator.kube import Kube
 HEALTH_INTERVAL = float(os.environ.get("HEALTH_INTERVAL_SECONDS", "30"))
 METRICS_PORT = int(os.environ.get("OPERATOR_METRICS_PORT", "0"))
 _kube: Kube | None = None
+_metrics_started = False
 
 
 def kube() -> Kube:
@@ -50,8 +51,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 60
-    if METRICS_PORT:
+    global _metrics_started
+    if METRICS_PORT and not _metrics_started:  # once per process, even when kopf restarts in it
         start_http_server(METRICS_PORT)
+        _metrics_started = True
 
 
 def _controller(body: kopf.Body) -> StackController:
