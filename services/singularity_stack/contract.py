@@ -33,8 +33,9 @@ def describe_validation_error(error: ValidationError) -> str:
     """'messages: List should have at least 1 item; task_type: Field required' — short and field-first."""
     parts = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(message)"
-        parts.append(f"{field}: {item['msg']}")
+        message = item["msg"].removeprefix("Value error, ")
+        field = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{field}: {message}" if field else message)
     return "; ".join(parts)
 
 

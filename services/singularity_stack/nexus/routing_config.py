@@ -31,7 +31,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
-from singularity_stack.contract import Complexity
+from singularity_stack.contract import Complexity, describe_validation_error
 from singularity_stack.nexus.complexity import normalize_task_type
 
 DEFAULT_ROUTE = "default"
@@ -207,16 +207,6 @@ class RoutingConfig(BaseModel):
             chain = self.routes[DEFAULT_ROUTE].chain(complexity)
         assert chain is not None  # the validator made the default route list every complexity
         return chain
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """'routes.architect.huge: ...; models.0.litellm_params: ...' — field first, without pydantic's boilerplate."""
-    parts = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        field = ".".join(str(part) for part in item["loc"])
-        parts.append(f"{field}: {message}" if field else message)
-    return "; ".join(parts)
 
 
 def parse_routing_config(data: str | Mapping[str, Any], source: str = "<config>") -> RoutingConfig:

@@ -25,6 +25,7 @@ from singularity_stack.singularity.waiter import ReplyWaiter
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=c.Reply)
+Build = Callable[[dict[str, Any]], c.Request]  # from the fields every request shares to the request
 
 REQUEST_MODEL: dict[str, type[c.Request]] = {
     "llm": c.LlmRequest,
@@ -130,50 +131,51 @@ class TaskRun:
                 return
             await asyncio.sleep(1.0)
 
+    async def _ask(self, phase: str, kind: str, timeout: float, build: Build, reply_type: type[R]) -> R:
+        reply = await self._step(phase, kind, timeout, build)
+        assert isinstance(reply, reply_type)
+        return reply
+
     async def llm(self, phase: str, task_type: str, prompt: str) -> c.LlmResult:
         await self._respect_limits()
         messages = [
             {"role": "system", "content": f"You are a careful software engineer. Language: {self.language}."},
             {"role": "user", "content": prompt},
         ]
-        reply = await self._step(
+        return await self._ask(
             phase,
             "llm",
             self.ctx.limits.llm_timeout,
             lambda common: c.LlmRequest(**common, task_type=task_type, messages=messages),
+            c.LlmResult,
         )
-        assert isinstance(reply, c.LlmResult)
-        return reply
 
     async def job(self, phase: str, code: str) -> c.JobResult:
-        reply = await self._step(
+        return await self._ask(
             phase,
             "job",
             self.ctx.limits.job_timeout,
             lambda common: c.JobRequest(**common, code=code, language=self.language),
+            c.JobResult,
         )
-        assert isinstance(reply, c.JobResult)
-        return reply
 
     async def approval(self, phase: str, file_path: str, diff: str) -> c.ApprovalResponse:
-        reply = await self._step(
+        return await self._ask(
             phase,
             "approval",
             self.ctx.limits.human_timeout,
             lambda common: c.ApprovalRequest(**common, file_path=file_path, diff=diff, description=self.description),
+            c.ApprovalResponse,
         )
-        assert isinstance(reply, c.ApprovalResponse)
-        return reply
 
     async def question(self, phase: str, question: str, context: str) -> c.QuestionResponse:
-        reply = await self._step(
+        return await self._ask(
             phase,
             "question",
             self.ctx.limits.human_timeout,
             lambda common: c.QuestionRequest(**common, question=question, context=context),
+            c.QuestionResponse,
         )
-        assert isinstance(reply, c.QuestionResponse)
-        return reply
 
     # -- the SPARC phases ------------------------------------------------------------------------
 
