@@ -28,6 +28,8 @@
 # the images with `buildah from` + `buildah run --isolation chroot` using the same CONTAINERS_STORAGE_CONF
 # (printed at the end).
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 
 CACHE_DIR=${SINGULARITY_IMAGE_CACHE:-/var/cache/singularity-stack}
@@ -56,16 +58,6 @@ project_version() {
   sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -n 1
 }
 
-install_packages() {
-  local missing=() pkg
-  for pkg in "$@"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-  done
-  ((${#missing[@]})) || return 0
-  log "installing Debian packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 
 # The first URI of this machine's apt sources whose path ends in $1 (/debian or /debian-security).
 host_mirror() {

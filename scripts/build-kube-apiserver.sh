@@ -9,6 +9,8 @@
 # (etcd-server) are installed and prints where they are. Set KEEP_BUILD=1 to keep the source tree and Go
 # build cache (under the cache dir's build/) after a successful build.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
 
 KUBE_VERSION=1.20.2
 CACHE_DIR=${SINGULARITY_KUBE_CACHE:-/var/cache/singularity-stack/kubernetes-$KUBE_VERSION}
@@ -26,20 +28,7 @@ die() {
   exit 1
 }
 
-as_root() {
-  if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi
-}
 
-install_packages() {
-  local missing=() pkg
-  for pkg in "$@"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-  done
-  ((${#missing[@]})) || return 0
-  log "installing Debian packages: ${missing[*]}"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-}
 
 binaries_ok() {
   local cmd

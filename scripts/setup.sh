@@ -4,6 +4,8 @@
 #   scripts/setup.sh --test    plus what the test suite needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 extras=""
 # PostgreSQL for the local stack; bubblewrap and the interpreters Genesis validates and runs jobs with.
@@ -13,17 +15,7 @@ if [[ "${1:-}" == "--test" ]]; then
   mapfile -t -O "${#packages[@]}" packages < <(grep -v '^#' scripts/debian-test-packages.txt | grep .)
 fi
 
-missing=()
-for pkg in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-  echo "installing Debian packages: ${missing[*]}"
-  sudo_cmd=()
-  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
-  "${sudo_cmd[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_packages "${packages[@]}"
 
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv

@@ -204,5 +204,11 @@ def test_the_build_script_parses():
 def test_shell_scripts_pass_shellcheck(script: Path, shell: str):
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed")
-    result = subprocess.run(["shellcheck", "--shell", shell, str(script)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["shellcheck", "--external-sources", "--shell", shell, str(script)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
