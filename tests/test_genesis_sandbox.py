@@ -18,6 +18,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from singularity_stack.genesis import sandbox
 from singularity_stack.genesis.languages import RUFF, UnsupportedLanguage, get_language
 from singularity_stack.genesis.runner import JobOutcome, JobRunner, JobStatus
 from singularity_stack.genesis.sandbox import SANDBOX_UID, KiB, Limits, MiB, probe_sandbox
@@ -447,3 +448,55 @@ def test_limits_and_outcomes_are_immutable_values() -> None:
         "memory_limit",
         "output_truncated",
     }
+
+
+GREETINGS = {
+    "python": "print('hello')",
+    "javascript": "console.log('hello')",
+    "bash": "echo hello",
+    "elixir": 'IO.puts("hello")',
+}
+
+
+async def test_every_language_runs_without_proc(monkeypatch):
+    """Where a container runtime forbids a fresh /proc (Kubernetes masks it), jobs run without one."""
+    monkeypatch.setenv(sandbox.PROC_ENV, "off")
+    runner = JobRunner(2)
+    outcomes = await asyncio.gather(*(runner.run(code, language) for language, code in GREETINGS.items()))
+    for language, outcome in zip(GREETINGS, outcomes, strict=True):
+        assert (outcome.status, outcome.stdout.strip()) == (JobStatus.OK, "hello"), (language, outcome)
+    listing = await runner.run("import os; print(os.path.exists('/proc/self'))", "python")
+    assert listing.stdout.strip() == "False"
+
+
+async def test_a_refused_proc_mount_falls_back_once_and_is_remembered(monkeypatch):
+    wrapper_dir = Path(tempfile.mkdtemp(prefix="fake-bwrap-"))
+    wrapper_dir.chmod(0o755)
+    wrapper = wrapper_dir / "bwrap"
+    real = sandbox.find_bwrap()
+    calls = wrapper_dir / "calls"
+    calls.write_text("")
+    calls.chmod(0o666)
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'case " $* " in *" --proc "*) echo "bwrap: Can\'t mount proc on /newroot/proc: Operation not permitted" >&2; '
+        "exit 1;; esac\n"
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(sandbox, "find_bwrap", lambda: str(wrapper))
+    monkeypatch.setattr(sandbox, "_proc_refused", False)
+    monkeypatch.delenv(sandbox.PROC_ENV, raising=False)
+    try:
+        first = await JobRunner(1).run("print(1)", "python")
+        second = await JobRunner(1).run("print(2)", "python")
+        assert (first.status, first.stdout, second.stdout) == (JobStatus.OK, "1\n", "2\n")
+        attempts = calls.read_text().splitlines()
+        assert sum(" --proc " in f" {line} " for line in attempts) == 1  # refused once, then remembered
+        monkeypatch.setattr(sandbox, "_proc_refused", False)
+        monkeypatch.setenv(sandbox.PROC_ENV, "on")  # insisting on /proc turns the refusal into an error
+        with pytest.raises(sandbox.SandboxError, match="mount proc"):
+            await JobRunner(1).run("print(3)", "python")
+    finally:
+        shutil.rmtree(wrapper_dir, ignore_errors=True)

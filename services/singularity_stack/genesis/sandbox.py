@@ -204,6 +204,7 @@ def _bwrap_argv(
     tools: Mapping[str, str],
     env: Mapping[str, str],
     limits: Limits,
+    mount_proc: bool = True,
 ) -> list[str]:
     """The bwrap options; mounts are applied in order, so the final `--remount-ro /` freezes the root."""
     argv = [
@@ -223,8 +224,7 @@ def _bwrap_argv(
         "--json-status-fd",
         str(status_fd),
         *_system_mounts(),
-        "--proc",
-        "/proc",
+        *(["--proc", "/proc"] if mount_proc else []),
         "--dev",
         "/dev",
         "--size",
@@ -358,6 +358,15 @@ class _Bwrap:
         return out, err, timed_out
 
 
+PROC_ENV = "GENESIS_SANDBOX_PROC"  # auto (default) | on | off
+_proc_refused = False  # set once a container runtime refused bwrap a fresh /proc (see run_sandboxed)
+
+
+def _mount_proc() -> bool:
+    mode = os.environ.get(PROC_ENV, "auto")
+    return mode == "on" or (mode == "auto" and not _proc_refused)
+
+
 async def run_sandboxed(
     argv: Sequence[str],
     *,
@@ -366,6 +375,33 @@ async def run_sandboxed(
     env: Mapping[str, str] | None = None,
     tools: Mapping[str, str] | None = None,
     address_space_bytes: int | None = None,
+) -> SandboxResult:
+    """Run `argv` in a fresh sandbox with `files` (name -> content) in its working directory /box.
+
+    A job gets its own /proc. Inside a default container (Kubernetes masks /proc) bwrap may not mount one:
+    then, unless GENESIS_SANDBOX_PROC=on, jobs run with no /proc at all from then on (every language here
+    runs without it, and a job sees even less of the host).
+    """
+    global _proc_refused
+    mount_proc = _mount_proc()
+    try:
+        return await _run_once(argv, files, limits, env, tools, address_space_bytes, mount_proc)
+    except SandboxError as error:
+        if not mount_proc or os.environ.get(PROC_ENV, "auto") != "auto" or "mount proc" not in str(error):
+            raise
+        log.warning("bwrap may not mount /proc here (%s); running jobs without /proc", error)
+        _proc_refused = True
+        return await _run_once(argv, files, limits, env, tools, address_space_bytes, False)
+
+
+async def _run_once(
+    argv: Sequence[str],
+    files: Mapping[str, bytes],
+    limits: Limits,
+    env: Mapping[str, str] | None,
+    tools: Mapping[str, str] | None,
+    address_space_bytes: int | None,
+    mount_proc: bool,
 ) -> SandboxResult:
     """Run `argv` in a fresh sandbox with `files` (name -> content) in its working directory /box.
 
@@ -383,7 +419,13 @@ async def run_sandboxed(
             file_fds[name] = _memfd_with(name, content)
             fds.append(file_fds[name])
         sandbox = _bwrap_argv(
-            bwrap, status_fd=status_fd, file_fds=file_fds, tools=tools or {}, env=env or {}, limits=limits
+            bwrap,
+            status_fd=status_fd,
+            file_fds=file_fds,
+            tools=tools or {},
+            env=env or {},
+            limits=limits,
+            mount_proc=mount_proc,
         )
         command = [*sandbox, "--", *_INIT, *_rlimit_argv(prlimit, limits, address_space_bytes), *argv]
         started = time.perf_counter()
