@@ -186,13 +186,6 @@ class QuestionResponse(Reply):
 REQUESTS: dict[str, type[Request]] = {m.queue: m for m in (LlmRequest, ApprovalRequest, QuestionRequest, JobRequest)}
 REPLIES: dict[str, type[Reply]] = {m.queue: m for m in (LlmResult, JobResult, ApprovalResponse, QuestionResponse)}
 MODELS: dict[str, type[Message]] = {**REQUESTS, **REPLIES}
-# Which reply kind answers which request kind.
-REPLY_TO_REQUEST = {
-    "llm_results": "llm_requests",
-    "job_results": "job_requests",
-    "approval_responses": "approval_requests",
-    "question_responses": "question_requests",
-}
 
 
 def reply_fields(request: Request) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pydantic import AliasChoices, Field
 
 from singularity_stack import contract as c
 from singularity_stack.genesis.runner import JobOutcome, JobRunner
-from singularity_stack.genesis.sandbox import SandboxError
+from singularity_stack.genesis.sandbox import SandboxError, probe_sandbox
 from singularity_stack.service.runtime import Service
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
@@ -43,6 +43,19 @@ class GenesisService(Service):
     def __init__(self, settings: GenesisSettings) -> None:
         super().__init__(settings)
         self.runner = JobRunner(settings.max_concurrent_jobs)
+        self.sandbox_problem: str | None = None
+
+    async def on_start(self) -> None:
+        # A host (or Pod) where bubblewrap cannot build a sandbox must not look ready: say why instead.
+        self.sandbox_problem = await probe_sandbox()
+        if self.sandbox_problem:
+            log.error("the job sandbox does not work here", extra={"problem": self.sandbox_problem})
+
+    async def readiness(self) -> dict[str, str]:
+        problems = await super().readiness()
+        if self.sandbox_problem:
+            problems["sandbox"] = self.sandbox_problem
+        return problems
 
     async def handle(self, delivery: Delivery[c.JobRequest]) -> None:
         request = delivery.message

@@ -33,6 +33,7 @@ class ServiceProcess:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    started_at: float = 0.0
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -41,7 +42,10 @@ class ServiceProcess:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log:
+            self._log.close()  # a restart: the previous process's handle
         self._log = self.log_path.open("ab")
+        self.started_at = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "singularity_stack.cli", "run", self.role],
             env=self.env,
@@ -108,6 +112,9 @@ def plan_services(
     return sorted(plans, key=lambda p: (p.role != "centralcloud", p.name))
 
 
+RESTART_BACKOFF_S = 5.0
+
+
 class Supervisor:
     def __init__(self, services: list[ServiceProcess], report: Callable[[str], None]) -> None:
         self.services = services
@@ -138,7 +145,8 @@ class Supervisor:
         """Restart any service that died."""
         for service in self.services:
             code = service.exited()
-            if code is not None:
+            # one that dies right after starting is retried every few seconds, not in a tight loop
+            if code is not None and time.monotonic() - service.started_at >= RESTART_BACKOFF_S:
                 service.restarts += 1
                 self.report(f"{service.name} exited with code {code}; restarting (restart #{service.restarts})")
                 service.start()

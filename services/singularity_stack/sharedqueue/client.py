@@ -160,12 +160,6 @@ class SharedQueue:
         rows = await self._rows("SELECT * FROM pgmq.archive(%s, %s::bigint[])", (queue, list(msg_ids)))
         return {int(r[0]) for r in rows}
 
-    async def delete(self, queue: str, msg_ids: Sequence[int]) -> set[int]:
-        if not msg_ids:
-            return set()
-        rows = await self._rows("SELECT * FROM pgmq.delete(%s, %s::bigint[])", (queue, list(msg_ids)))
-        return {int(r[0]) for r in rows}
-
     async def set_visibility(self, queue: str, msg_ids: Sequence[int], seconds: float) -> None:
         """Make messages visible again after `seconds` (0: at once). Used for back-off and release."""
         if msg_ids:
