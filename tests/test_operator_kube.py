@@ -384,3 +384,33 @@ def test_scaling_down_with_delete_policy_drops_the_instance_data(cluster, operat
         assert prefix + "singularity_1" in databases(pg_cluster, prefix)
         stacks.delete("shrink")
         wait_for("deletion", timeout=120, check=lambda: not _exists(stacks, "shrink"))
+
+
+@pytest.mark.parametrize("scope", [["--all-namespaces"], ["--namespace", "team-a", "--namespace", "team-b"]])
+def test_the_operator_command_runs_as_the_chart_starts_it(cluster, scope: list[str], tmp_path: Path) -> None:
+    """`singularity-stack operator ...` exactly as the chart's Deployment runs it: up, alive, scrapeable."""
+    import subprocess
+    import sys
+
+    plane, _ = cluster
+    liveness, metrics = free_port(), free_port()
+    cli = Path(sys.executable).with_name("singularity-stack")
+    argv = [str(cli), "operator", f"--liveness-port={liveness}", f"--metrics-port={metrics}", *scope]
+    env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "HEALTH_INTERVAL_SECONDS": "2"}
+    log = (tmp_path / "operator.log").open("w")
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def answers(url: str) -> bool:
+            assert process.poll() is None, (tmp_path / "operator.log").read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(url, timeout=2).status_code == 200
+            return False
+
+        wait_for("the liveness endpoint", lambda: answers(f"http://127.0.0.1:{liveness}/healthz"), 60)
+        assert answers(f"http://127.0.0.1:{metrics}/metrics")
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+    assert process.returncode == 0, (tmp_path / "operator.log").read_text()

@@ -19,7 +19,7 @@ def run_operator(namespaces: list[str], *, liveness_port: int, metrics_port: int
         kopf.operator(
             standalone=True,
             clusterwide=not namespaces,
-            namespaces=namespaces or None,
+            namespaces=namespaces,  # empty with clusterwide (None crashes kopf 1.45)
             liveness_endpoint=f"http://0.0.0.0:{liveness_port}/healthz",
         )
     )
