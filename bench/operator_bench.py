@@ -3,7 +3,7 @@ and the API writes an idle reconcile makes (goal: 0).
 
     .venv/bin/python bench/operator_bench.py [--instances 1 10 50]
 
-Runs a real kube-apiserver (scripts/build-kube-apiserver.sh builds it), a throwaway PostgreSQL, and the
+Runs a real kube-apiserver (scripts/build-kubernetes.sh builds it), a throwaway PostgreSQL, and the
 operator in-process (kopf's KopfRunner) with a 2 s health timer.
 """
 

@@ -1,71 +1,71 @@
-"""End-to-end suite on a real cluster: the project's image, the Helm chart, a SingularityStack, a task.
+"""End-to-end suite on a real cluster: the project's images, the Helm chart, SingularityStacks, a task.
 
-    .venv/bin/python -m pytest e2e            # needs Docker, kind, helm and kubectl on PATH
+    .venv/bin/python -m pytest e2e                            # the local node (root; what CI runs)
+    .venv/bin/python -m pytest e2e --cluster-provider=kind    # kind (Docker, kind and kubectl on PATH)
 
-The cluster provider is chosen with `--cluster-provider` or $SINGULARITY_E2E_PROVIDER; today `kind`
-(Docker). Where a provider's tools are missing the suite skips, saying which. On failure it prints what
-a person needs: pod states, events, and the logs of the operator and the services.
+The provider is chosen with `--cluster-provider` or $SINGULARITY_E2E_PROVIDER (default `local`, the
+single-node cluster of e2e/kube/localnode.py). Where a provider cannot run the suite skips, saying why;
+with SINGULARITY_REQUIRE_KUBE=1 (CI) it fails instead. On failure it prints what a person needs: pod
+states, events, and the logs of the operator, the services and the node's components.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from e2e_support import IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, ROOT, Cluster, run
+from e2e_support import Cluster
+from providers import PROVIDERS, ProviderUnavailable, install_chart, kind_cluster, local_cluster
+
+REQUIRE_ENV = "SINGULARITY_REQUIRE_KUBE"
+TIMINGS: dict[str, float] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--cluster-provider", default=os.environ.get("SINGULARITY_E2E_PROVIDER", "kind"))
-
-
-def _missing(*tools: str) -> list[str]:
-    return [tool for tool in tools if shutil.which(tool) is None]
-
-
-def _kind_cluster(tmp: Path) -> Iterator[Cluster]:
-    missing = _missing("docker", "kind", "helm", "kubectl")
-    if missing:
-        pytest.skip(f"KIND E2E SKIPPED: {', '.join(missing)} not on PATH (kind needs a Docker engine)")
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        pytest.skip("KIND E2E SKIPPED: the docker client is here but no Docker engine answers")
-    name = f"singularity-e2e-{os.getpid()}"
-    kubeconfig = tmp / "kubeconfig"
-    run("kind", "create", "cluster", "--name", name, "--kubeconfig", str(kubeconfig), "--wait", "180s", capture=False)
-    try:
-        for image, dockerfile in ((IMAGE, "images/Dockerfile"), (POSTGRES_IMAGE, "images/postgres/Dockerfile")):
-            run("docker", "build", "-f", str(ROOT / dockerfile), "-t", image, str(ROOT), capture=False)
-            run("kind", "load", "docker-image", image, "--name", name, capture=False)
-        yield Cluster(kubeconfig)
-    finally:
-        run("kind", "delete", "cluster", "--name", name, check=False)
+    parser.addoption(
+        "--cluster-provider",
+        default=os.environ.get("SINGULARITY_E2E_PROVIDER", "local"),
+        choices=PROVIDERS,
+        help="where the e2e suite runs: 'local' (a node built on this machine, needs root) or 'kind' (Docker)",
+    )
 
 
 @pytest.fixture(scope="session")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     provider = request.config.getoption("--cluster-provider")
-    if provider != "kind":
-        pytest.skip(f"E2E SKIPPED: cluster provider {provider!r} is not available yet (only 'kind')")
-    yield from _kind_cluster(tmp_path_factory.mktemp("e2e"))
+    start = local_cluster if provider == "local" else kind_cluster
+    clusters = start(tmp_path_factory.mktemp("e2e"), TIMINGS)
+    try:
+        cluster = next(clusters)
+    except ProviderUnavailable as exc:
+        message = f"E2E SUITE NOT RUN: cluster provider {provider!r} cannot run here: {exc}"
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{message} ({REQUIRE_ENV}=1)", pytrace=False)
+        pytest.skip(message)
+    yield cluster
+    # Runs the provider's teardown, which fails the session if the node left anything behind.
+    next(clusters, None)
 
 
 @pytest.fixture(scope="session")
 def operator_installed(cluster: Cluster) -> Cluster:
-    run(
-        "helm", "install", "ops", str(ROOT / "charts" / "singularity-stack"),
-        "--kubeconfig", str(cluster.kubeconfig), "--namespace", OPERATOR_NAMESPACE, "--create-namespace",
-        "--set", "image.pullPolicy=Never", "--wait", "--timeout", "5m",
-    )  # fmt: skip
+    install_chart(cluster)
     return cluster
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     report = yield
-    if report.failed and "cluster" in getattr(item, "funcargs", {}):
-        report.sections.append(("cluster diagnostics", item.funcargs["cluster"].diagnostics()))
+    funcargs = getattr(item, "funcargs", {})
+    cluster = funcargs.get("cluster") or funcargs.get("operator_installed")
+    if report.failed and isinstance(cluster, Cluster):
+        report.sections.append(("cluster diagnostics", cluster.diagnostics()))
     return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if TIMINGS:
+        terminalreporter.section("e2e timings")
+        for step, seconds in TIMINGS.items():
+            terminalreporter.write_line(f"{step:<40} {seconds:7.1f} s")

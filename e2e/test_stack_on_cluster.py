@@ -1,85 +1,187 @@
-"""On a real cluster: the example SingularityStack becomes Ready and runs one task to completion."""
+"""On a real cluster: the operator runs as a Pod from the project's image and runs SingularityStacks for real.
+
+The tests run in file order and share one stack: apply → Ready → a task → scale 1 → 3 → operator killed
+mid-reconcile → delete (Retain); then a second stack is deleted with the Delete policy.
+"""
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import socket
-import subprocess
+import copy
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import httpx
-from e2e_support import ROOT, Cluster, wait_until
+import psycopg
+import pytest
+import yaml
+from conftest import TIMINGS
+from e2e_support import EXAMPLE, IMAGE, OPERATOR_NAMESPACE, Cluster, wait_until
+from providers import operator_pods
 
-EXAMPLE = ROOT / "charts" / "singularity-stack" / "examples" / "singularitystack.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def port_forward(cluster: Cluster, service: str) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        ["kubectl", "--kubeconfig", str(cluster.kubeconfig), "port-forward", f"svc/{service}", f"{port}:8000"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(f"port-forward to {service}", lambda: _answers(url), 60)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
+STACK = "example"
+NAMESPACE = "default"
+READY_TIMEOUT = 600
+# The first test also waits for the images to build and the cluster to start.
+pytestmark = pytest.mark.timeout(1800)
 
 
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+def example(name: str = STACK, replicas: int = 1, deletion_policy: str = "Retain") -> dict[str, Any]:
+    stack = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
+    stack["metadata"] = {"name": name, "namespace": NAMESPACE}
+    stack["spec"]["singularity"]["replicas"] = replicas
+    stack["spec"]["deletionPolicy"] = deletion_policy
+    return stack
+
+
+def stack_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    stack = cluster.json("get", "singularitystack", name, "-n", NAMESPACE)
+    return {**stack.get("status", {}), "generation": stack["metadata"]["generation"]}
 
 
 def ready(cluster: Cluster, name: str) -> bool:
-    conditions = cluster.json("get", "singularitystack", name).get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    """Ready=True for the stack's current generation."""
+    status = stack_status(cluster, name)
+    conditions = status.get("conditions", [])
+    return status.get("observedGeneration") == status["generation"] and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in conditions
+    )
 
 
-def test_example_stack_runs_a_task_end_to_end(operator_installed: Cluster, tmp_path: Path) -> None:
+def stack_pods(cluster: Cluster, name: str) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/instance={name}"
+    return cluster.json("get", "pods", "-n", NAMESPACE, "-l", selector)["items"]
+
+
+def all_running(cluster: Cluster, name: str, expected: int) -> bool:
+    pods = [pod for pod in stack_pods(cluster, name) if not pod["metadata"].get("deletionTimestamp")]
+    return len(pods) == expected and all(pod["status"].get("phase") == "Running" for pod in pods)
+
+
+def wait_ready(cluster: Cluster, name: str, pods: int) -> float:
+    started = time.monotonic()
+    wait_until(f"{name} to be Ready", lambda: ready(cluster, name), READY_TIMEOUT)
+    wait_until(f"{pods} Pods of {name} Running", lambda: all_running(cluster, name, pods), READY_TIMEOUT)
+    return time.monotonic() - started
+
+
+def secret_value(cluster: Cluster, name: str, key: str) -> str:
+    return base64.b64decode(cluster.json("get", "secret", name, "-n", NAMESPACE)["data"][key]).decode()
+
+
+def databases(cluster: Cluster, name: str) -> set[str]:
+    password = secret_value(cluster, f"{name}-postgres-admin", "POSTGRES_PASSWORD")
+    with cluster.service_address(NAMESPACE, f"{name}-postgres", 5432) as (host, port):
+        dsn = f"host={host} port={port} user=postgres password={password} dbname=postgres connect_timeout=10"
+        with psycopg.connect(dsn) as conn:
+            return {row[0] for row in conn.execute("SELECT datname FROM pg_database WHERE NOT datistemplate")}
+
+
+def singularity_deployments(cluster: Cluster, name: str) -> list[str]:
+    items = cluster.json("get", "deployments", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]
+    return sorted(d["metadata"]["name"] for d in items if "-singularity-" in d["metadata"]["name"])
+
+
+# Pods of a stack beside its Singularity instances: PostgreSQL, Nexus, Genesis, CentralCloud.
+OTHER_PODS = 4
+
+
+def test_the_operator_runs_as_a_pod_from_the_project_image(operator_installed: Cluster) -> None:
+    (pod,) = operator_pods(operator_installed, ready=True)
+    spec = operator_installed.json("get", "pod", pod, "-n", OPERATOR_NAMESPACE)["spec"]
+    assert spec["containers"][0]["image"] == IMAGE
+    assert spec["containers"][0]["args"][0] == "operator"
+
+
+def test_the_example_stack_with_managed_postgres_becomes_ready(operator_installed: Cluster) -> None:
     cluster = operator_installed
-    cluster.kubectl("apply", "-f", str(EXAMPLE))
-    wait_until("the example stack to be Ready", lambda: ready(cluster, "example"), 900)
+    started = time.monotonic()
+    cluster.apply(example(replicas=1))
+    wait_ready(cluster, STACK, OTHER_PODS + 1)
+    TIMINGS["example stack apply -> Ready (N=1)"] = time.monotonic() - started
+    conditions = {c["type"]: c["status"] for c in stack_status(cluster, STACK)["conditions"]}
+    assert conditions == dict.fromkeys(
+        ("DatabasesReady", "QueueReady", "MigrationsSucceeded", "ServicesAvailable", "Ready"), "True"
+    )
 
-    token_b64 = cluster.json("get", "secret", "example-nexus-ui")["data"]["NEXUS_UI_TOKEN"]
-    token = base64.b64decode(token_b64).decode()
-    with port_forward(cluster, "example-singularity-1") as singularity, port_forward(cluster, "example-nexus") as nexus:
-        created = httpx.post(f"{singularity}/tasks", json={"description": "Write a program that prints a greeting"})
+
+def test_a_task_runs_through_the_live_system(operator_installed: Cluster) -> None:
+    cluster = operator_installed
+    token = secret_value(cluster, f"{STACK}-nexus-ui", "NEXUS_UI_TOKEN")
+    with (
+        cluster.service_address(NAMESPACE, f"{STACK}-singularity-1", 8000) as singularity,
+        cluster.service_address(NAMESPACE, f"{STACK}-nexus", 8000) as nexus,
+    ):
+        singularity_api = httpx.Client(base_url=f"http://{singularity[0]}:{singularity[1]}", timeout=10)
+        nexus_api = httpx.Client(
+            base_url=f"http://{nexus[0]}:{nexus[1]}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        )
+        created = singularity_api.post("/tasks", json={"description": "Write a program that prints a greeting"})
         assert created.status_code == 202, created.text
         task_id = created.json()["id"]
-        api = httpx.Client(base_url=nexus, headers={"Authorization": f"Bearer {token}"}, timeout=10)
 
         def pending_approval() -> dict | None:
-            approvals = api.get("/api/pending").json()["approvals"]
+            approvals = nexus_api.get("/api/pending").json()["approvals"]
             return next((a for a in approvals if a["instance"] == "singularity_1"), None)
 
-        card = wait_until("the approval card", pending_approval, 300)
-        assert (
-            api.post(f"/api/approvals/{card['request_id']}", json={"approved": True, "reason": ""}).status_code == 200
-        )
+        card = wait_until("the approval card in Nexus", pending_approval, 300)
+        approved = nexus_api.post(f"/api/approvals/{card['request_id']}", json={"approved": True, "reason": ""})
+        assert approved.status_code == 200, approved.text
 
         def finished() -> dict | None:
-            task = httpx.get(f"{singularity}/tasks/{task_id}", timeout=10).json()
+            task = singularity_api.get(f"/tasks/{task_id}").json()
             return task if task["state"] in ("succeeded", "failed") else None
 
         task = wait_until("the task to finish", finished, 300)
         assert task["state"] == "succeeded", task.get("failure_reason")
         assert len(task["steps"]) == 7
 
-    cluster.kubectl("delete", "-f", str(EXAMPLE), "--wait=true", "--timeout=5m")
-    time.sleep(1)
+
+def test_scaling_to_three_gives_each_new_instance_its_own_database(operator_installed: Cluster) -> None:
+    cluster = operator_installed
+    before = databases(cluster, STACK)
+    cluster.kubectl("patch", "singularitystack", STACK, "-n", NAMESPACE, "--type=merge",
+                    "-p", '{"spec": {"singularity": {"replicas": 3}}}')  # fmt: skip
+    wait_ready(cluster, STACK, OTHER_PODS + 3)
+    assert singularity_deployments(cluster, STACK) == [f"{STACK}-singularity-{i}" for i in (1, 2, 3)]
+    added = databases(cluster, STACK) - before
+    assert sorted(added) == sorted(next(db for db in databases(cluster, STACK) if db.endswith(f"singularity_{i}"))
+                                   for i in (2, 3))  # fmt: skip
+
+
+def test_the_operator_killed_mid_reconcile_recovers_without_duplicates(operator_installed: Cluster) -> None:
+    cluster = operator_installed
+    secrets_before = {
+        name: secret_value(cluster, name, "DATABASE_URL") for name in (f"{STACK}-singularity-{i}-db" for i in (1, 2, 3))
+    }
+    (old_pod,) = operator_pods(cluster, ready=True)
+    cluster.kubectl("patch", "singularitystack", STACK, "-n", NAMESPACE, "--type=merge",
+                    "-p", '{"spec": {"singularity": {"replicas": 2}}}')  # fmt: skip
+    cluster.kubectl("delete", "pod", old_pod, "-n", OPERATOR_NAMESPACE, "--grace-period=0", "--force", check=False)
+    wait_until("a new operator Pod", lambda: [p for p in operator_pods(cluster, ready=True) if p != old_pod], 300)
+    wait_ready(cluster, STACK, OTHER_PODS + 2)
+    assert singularity_deployments(cluster, STACK) == [f"{STACK}-singularity-1", f"{STACK}-singularity-2"]
+    # No password was generated twice: every instance's credentials are the ones it had.
+    assert {name: secret_value(cluster, name, "DATABASE_URL") for name in secrets_before} == secrets_before
+    # Scaling down keeps the data (Retain): the third instance's database is still there.
+    assert any(db.endswith("singularity_3") for db in databases(cluster, STACK))
+
+
+def test_deleting_with_retain_keeps_the_data(operator_installed: Cluster) -> None:
+    cluster = operator_installed
+    cluster.kubectl("delete", "singularitystack", STACK, "-n", NAMESPACE, "--wait=true", "--timeout=5m")
+    wait_until("the stack's Pods to go", lambda: not stack_pods(cluster, STACK), 300)
+    claims = cluster.json("get", "pvc", "-n", NAMESPACE)["items"]
+    assert f"data-{STACK}-postgres-0" in [claim["metadata"]["name"] for claim in claims]
+
+
+@pytest.mark.parametrize("name", ["doomed"])
+def test_deleting_with_delete_drops_the_data(operator_installed: Cluster, name: str) -> None:
+    cluster = operator_installed
+    cluster.apply(example(name, replicas=1, deletion_policy="Delete"))
+    wait_ready(cluster, name, OTHER_PODS + 1)
+    cluster.kubectl("delete", "singularitystack", name, "-n", NAMESPACE, "--wait=true", "--timeout=5m")
+    wait_until("the stack's Pods to go", lambda: not stack_pods(cluster, name), 300)
+    claims = cluster.json("get", "pvc", "-n", NAMESPACE)["items"]
+    assert f"data-{name}-postgres-0" not in [claim["metadata"]["name"] for claim in claims]
+    assert not cluster.json("get", "secrets", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]

@@ -8,7 +8,7 @@
 
 Load it with ``pytest_plugins = ["kube_fixture"]`` (in tests/conftest.py, or in a test module).
 
-When the binaries are missing the tests are skipped with a loud reason naming scripts/build-kube-apiserver.sh
+When the binaries are missing the tests are skipped with a loud reason naming scripts/build-kubernetes.sh
 (and a warning in the summary); with SINGULARITY_REQUIRE_KUBE=1 (for CI, after running that script) they fail.
 """
 

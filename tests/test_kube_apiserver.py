@@ -1,6 +1,6 @@
 """The throwaway control plane (e2e/kube) is a real Kubernetes API server: what a kopf operator relies on works.
 
-Needs the binaries from scripts/build-kube-apiserver.sh (skipped loudly without them; see tests/kube_fixture.py).
+Needs the binaries from scripts/build-kubernetes.sh (skipped loudly without them; see tests/kube_fixture.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 No kubelet and no scheduler: Pods stay Pending, but everything an operator talks to (CRDs, custom objects
 and their /status, RBAC, owner-reference garbage collection, namespace deletion) is the real thing.
-The binaries come from scripts/build-kube-apiserver.sh.
+The binaries come from scripts/build-kubernetes.sh.
 """
 
 from __future__ import annotations

@@ -17,16 +17,12 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
 import os
 import secrets
 import shutil
-import signal
 import socket
 import ssl
-import subprocess
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -34,13 +30,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import yaml
 
+from . import pki
+from .processes import ProcessGroup
+
 KUBE_VERSION = "1.20.2"
 DEFAULT_CACHE = Path("/var/cache/singularity-stack") / f"kubernetes-{KUBE_VERSION}"
-BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-kube-apiserver.sh"
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-kubernetes.sh"
 
 SERVICE_CLUSTER_IP_RANGE = "198.19.0.0/16"
 # The in-cluster `kubernetes` Service gets the range's first address; the serving certificate names it.
@@ -48,14 +47,15 @@ KUBERNETES_SERVICE_IP = "198.19.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "admin"
 TEST_USER = "test-user"
+# Users the bootstrap RBAC policy already grants what these components need.
+SCHEDULER_USER = "system:kube-scheduler"
+PROXY_USER = "system:kube-proxy"
 
 ETCD = "etcd"
 APISERVER = "kube-apiserver"
 CONTROLLER_MANAGER = "kube-controller-manager"
 
 START_TIMEOUT = 90.0
-STOP_GRACE = 5.0
-LOG_TAIL_LINES = 40
 
 
 class ControlPlaneError(RuntimeError):
@@ -63,7 +63,7 @@ class ControlPlaneError(RuntimeError):
 
 
 class BinariesMissing(ControlPlaneError):
-    """kube-apiserver, kube-controller-manager or etcd is not installed (see scripts/build-kube-apiserver.sh)."""
+    """kube-apiserver, kube-controller-manager or etcd is not installed (see scripts/build-kubernetes.sh)."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class Binaries:
 
 
 def cache_dir() -> Path:
-    """Where scripts/build-kube-apiserver.sh puts the binaries (env SINGULARITY_KUBE_CACHE overrides)."""
+    """Where scripts/build-kubernetes.sh puts the binaries (env SINGULARITY_KUBE_CACHE overrides)."""
     return Path(os.environ.get("SINGULARITY_KUBE_CACHE") or DEFAULT_CACHE)
 
 
@@ -96,72 +96,28 @@ def find_binaries() -> Binaries:
     return binaries
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     # Hold every socket until all are bound, so the kernel cannot hand out the same port twice.
     with contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
         for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
+            sock.bind((host, 0))
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def _openssl(workdir: Path, *args: str) -> None:
-    try:
-        result = subprocess.run(["openssl", *args], cwd=workdir, capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise ControlPlaneError("the openssl command is missing (Debian package openssl)") from None
-    if result.returncode != 0:
-        raise ControlPlaneError(f"openssl {' '.join(args)} failed: {result.stderr.strip()}")
+KUBERNETES_NAMES = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                    "kubernetes.default.svc.cluster.local")  # fmt: skip
 
 
-_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-_SERVING_EXTENSIONS = f"""\
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1, DNS:localhost, IP:{KUBERNETES_SERVICE_IP}, DNS:kubernetes, DNS:kubernetes.default, \
-DNS:kubernetes.default.svc, DNS:kubernetes.default.svc.cluster.local
-"""
-
-
-def _make_pki(workdir: Path) -> None:
-    """A CA, a serving certificate it signs for 127.0.0.1, and the service-account signing key (all EC: fast)."""
-    _openssl(
-        workdir,
-        *("req", "-x509", *_EC_KEY, "-keyout", "ca.key", "-out", "ca.crt", "-days", "7"),
-        *("-subj", "/CN=singularity-stack test CA"),
-        *("-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"),
-    )
-    _openssl(
-        workdir,
-        *("req", "-new", *_EC_KEY, "-keyout", "apiserver.key", "-out", "apiserver.csr"),
-        *("-subj", "/CN=kube-apiserver"),
-    )
-    (workdir / "apiserver.ext").write_text(_SERVING_EXTENSIONS)
-    _openssl(
-        workdir,
-        *("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-days", "7"),
-        *("-set_serial", str(secrets.randbits(63)), "-extfile", "apiserver.ext", "-out", "apiserver.crt"),
-    )
-    _openssl(workdir, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "sa.key")
-    _openssl(workdir, "pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub")
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # If the test process is killed outright, take the control plane down with it rather than leave it holding
-    # ports and memory. Runs in the child between fork and exec.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
+def _make_pki(workdir: Path, address: str) -> None:
+    """The CA, the API server's serving certificate, its client certificate for kubelets, the service-account key."""
+    pki.make_ca(workdir)
+    names = pki.subject_alt_names(sorted({"127.0.0.1", address, KUBERNETES_SERVICE_IP}), KUBERNETES_NAMES)
+    pki.issue(workdir, "apiserver", "kube-apiserver", server_names=names)
+    # How the API server authenticates to kubelets (logs, exec, port-forward); kubelets authorise it by group.
+    pki.issue(workdir, "apiserver-kubelet-client", "kube-apiserver-kubelet-client", organization="system:masters",
+              client=True)  # fmt: skip
+    pki.make_service_account_key(workdir)
 
 
 class ControlPlane:
@@ -171,6 +127,11 @@ class ControlPlane:
     garbage collection of owned objects, namespace deletion, Deployments' ReplicaSets and so on. It rediscovers
     API resources only every 30 s, so owner references across kinds of CRDs created after it started take up to
     that long to be honoured: create CRDs first when that matters.
+
+    For a cluster with nodes (e2e/kube/localnode.py), ``address`` is the node IP the server binds and advertises
+    (Pods reach it through the ``kubernetes`` Service) and ``service_account_tokens=True`` turns on the
+    ServiceAccount admission plugin, so Pods get their tokens as on a real cluster. Kubelets authenticate with
+    client certificates from :meth:`issue_client_certificate` and are authorised by the Node authorizer.
     """
 
     # The kubeconfig's contexts are named after these users.
@@ -185,17 +146,21 @@ class ControlPlane:
         controllers: Sequence[str] = ("*",),
         start_timeout: float = START_TIMEOUT,
         keep_workdir: bool = False,
+        address: str = "127.0.0.1",
+        service_account_tokens: bool = False,
     ) -> None:
         self.binaries = binaries or find_binaries()
         self.controllers = tuple(controllers)
         self.start_timeout = start_timeout
         self.keep_workdir = keep_workdir
+        self.address = address
+        self.service_account_tokens = service_account_tokens
         self._workdir_parent = workdir_parent
         self.workdir: Path | None = None
         self.admin_token = secrets.token_urlsafe(24)
         self.user_token = secrets.token_urlsafe(24)
-        self._processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._pgid: int | None = None
+        self.component_tokens = {user: secrets.token_urlsafe(24) for user in (SCHEDULER_USER, PROXY_USER)}
+        self._group: ProcessGroup | None = None
         self._server: str | None = None
         self._etcd_port = self._etcd_peer_port = self._apiserver_port = 0
         self._opener = urllib.request.build_opener()
@@ -219,11 +184,11 @@ class ControlPlane:
 
     @property
     def running(self) -> bool:
-        return bool(self._processes) and all(proc.poll() is None for proc in self._processes.values())
+        return self._group is not None and self._group.running
 
     def start(self, with_controller_manager: bool = False) -> Self:
         """Start etcd and kube-apiserver and wait until /readyz answers; stop everything if that fails."""
-        if self._processes:
+        if self._group is not None:
             raise ControlPlaneError("control plane already started")
         atexit.register(self.stop)
         try:
@@ -239,7 +204,8 @@ class ControlPlane:
 
     def start_controller_manager(self) -> None:
         """Start kube-controller-manager (idempotent) and wait until it holds its leader lease."""
-        if CONTROLLER_MANAGER in self._processes:
+        group = self._started()
+        if CONTROLLER_MANAGER in group:
             return
         started = time.monotonic()
         argv = [
@@ -254,53 +220,60 @@ class ControlPlane:
             f"--service-account-private-key-file={self._path('sa.key')}",
             f"--root-ca-file={self.ca_file}",
         ]
-        self._launch(CONTROLLER_MANAGER, argv)
+        group.launch(CONTROLLER_MANAGER, argv)
         # It acquires the lease right before it starts its controllers (a fresh cluster has no other holder).
         lease = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/kube-controller-manager"
         try:
             self._wait_until("kube-controller-manager's leader lease", lambda: self._get(lease)[0] == 200)
         except ControlPlaneError:
             # Leave etcd and the API server up (they are fine), and let a later call try again.
-            proc = self._processes.pop(CONTROLLER_MANAGER)
-            proc.kill()
-            proc.wait()
+            group.kill(CONTROLLER_MANAGER)
             raise
         self.startup_seconds[CONTROLLER_MANAGER] = time.monotonic() - started
 
     def stop(self) -> None:
         """Kill the process group (SIGTERM, then SIGKILL) and remove the temporary directory. Idempotent."""
         atexit.unregister(self.stop)
-        if self._pgid is not None:
-            self._signal_group(signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE
-            for proc in self._processes.values():
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            # SIGKILL also catches anything a component forked into the group.
-            self._signal_group(signal.SIGKILL)
-            for proc in self._processes.values():
-                proc.wait()
-        self._processes.clear()
-        self._pgid = None
+        if self._group is not None:
+            self._group.stop()
+        self._group = None
         self._server = None
         if self.workdir is not None and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def log_tail(self, component: str, lines: int = LOG_TAIL_LINES) -> str:
-        return _tail(self._path(f"{component}.log"), lines)
+    def log_tail(self, component: str, lines: int = 40) -> str:
+        return self._started().log_tail(component, lines)
 
     def memory_rss(self) -> dict[str, int]:
         """Resident memory in bytes of each running component (from /proc)."""
-        usage = {}
-        for name, proc in self._processes.items():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        usage[name] = int(line.split()[1]) * 1024
-        return usage
+        return self._group.memory_rss() if self._group is not None else {}
+
+    def kubeconfig_for(self, path: Path, user: str, credentials: dict[str, str]) -> Path:
+        """Write a kubeconfig for one user (``{"token": ...}`` or client-certificate/-key paths) to ``path``."""
+        ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority-data": ca_data}}],
+            "users": [{"name": user, "user": credentials}],
+            "contexts": [{"name": user, "context": {"cluster": "test", "user": user}}],
+            "current-context": user,
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+    def issue_client_certificate(self, name: str, user: str, group: str = "") -> dict[str, str]:
+        """A client certificate signed by the cluster CA (user from CN, group from O), as kubeconfig credentials."""
+        pki.issue(self._path(""), name, user, organization=group, client=True)
+        return {"client-certificate": str(self._path(f"{name}.crt")), "client-key": str(self._path(f"{name}.key"))}
+
+    def issue_serving_certificate(self, name: str, ips: Sequence[str], dns_names: Sequence[str] = ()) -> None:
+        """``<workdir>/<name>.crt`` and ``.key``: a serving certificate signed by the cluster CA."""
+        pki.issue(self._path(""), name, name, server_names=pki.subject_alt_names(ips, dns_names))
 
     def __enter__(self) -> Self:
-        if not self._processes:
+        if self._group is None:
             self.start()
         return self
 
@@ -316,17 +289,31 @@ class ControlPlane:
             raise ControlPlaneError("control plane not started")
         return self.workdir / name
 
+    def _started(self) -> ProcessGroup:
+        if self._group is None:
+            raise ControlPlaneError("control plane not started")
+        return self._group
+
     def _prepare(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="kube-control-plane-", dir=self._workdir_parent))
-        self._etcd_port, self._etcd_peer_port, self._apiserver_port = _free_ports(3)
-        self._server = f"https://127.0.0.1:{self._apiserver_port}"
-        _make_pki(self.workdir)
-        # Static tokens: name,uid,"groups". system:masters bypasses RBAC; the test user has only what RBAC grants.
-        self._path("tokens.csv").write_text(
-            f'{self.admin_token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n{self.user_token},{TEST_USER},{TEST_USER}\n'
-        )
+        self._group = ProcessGroup(self.workdir, ControlPlaneError)
+        self._etcd_port, self._etcd_peer_port = free_ports(2)
+        (self._apiserver_port,) = free_ports(1, self.address)
+        self._server = f"https://{self.address}:{self._apiserver_port}"
+        try:
+            _make_pki(self.workdir, self.address)
+        except pki.PkiError as exc:
+            raise ControlPlaneError(str(exc)) from None
+        # Static tokens: token,user,uid,"groups". system:masters bypasses RBAC; the test user has only what RBAC
+        # grants every authenticated user; the components' users are bound by the bootstrap policy.
+        lines = [
+            f'{self.admin_token},{ADMIN_USER},{ADMIN_USER},"system:masters"',
+            f"{self.user_token},{TEST_USER},{TEST_USER}",
+            *(f"{token},{user},{user}" for user, token in self.component_tokens.items()),
+        ]
+        self._path("tokens.csv").write_text("\n".join(lines) + "\n")
         self._write_kubeconfig()
-        # Loopback only: never let an HTTPS_PROXY from the environment intercept the readiness checks.
+        # Never let an HTTPS_PROXY from the environment intercept the readiness checks.
         self._opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}),
             urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(self.ca_file))),
@@ -334,7 +321,7 @@ class ControlPlane:
 
     def _write_kubeconfig(self) -> None:
         ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
-        config = {
+        config: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority-data": ca_data}}],
@@ -369,61 +356,45 @@ class ControlPlane:
             "--logger=zap",
             "--log-level=warn",
         ]
-        self._launch(ETCD, argv)
+        self._started().launch(ETCD, argv)
         self._wait_until("etcd /health", lambda: b'"health":"true"' in self._get(f"{client_url}/health")[1])
         self.startup_seconds[ETCD] = time.monotonic() - started
 
     def _start_apiserver(self) -> None:
         started = time.monotonic()
+        # The ServiceAccount admission plugin rejects Pods until the controller-manager has minted a token for
+        # the namespace's default ServiceAccount; without it Pods (and Deployments' Pods) are accepted at once.
+        admission = "--enable-admission-plugins=NodeRestriction" if self.service_account_tokens else (
+            "--disable-admission-plugins=ServiceAccount")  # fmt: skip
         argv = [
             str(self.binaries.kube_apiserver),
             f"--etcd-servers=http://127.0.0.1:{self._etcd_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}",
+            f"--advertise-address={self.address}",
             f"--secure-port={self._apiserver_port}",
             # 1.20 still opens an unauthenticated port 8080 by default; two instances would collide on it.
             "--insecure-port=0",
             f"--tls-cert-file={self._path('apiserver.crt')}",
             f"--tls-private-key-file={self._path('apiserver.key')}",
             f"--cert-dir={self._path('certs')}",
+            f"--client-ca-file={self.ca_file}",
             f"--token-auth-file={self._path('tokens.csv')}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC",
+            f"--kubelet-client-certificate={self._path('apiserver-kubelet-client.crt')}",
+            f"--kubelet-client-key={self._path('apiserver-kubelet-client.key')}",
+            f"--kubelet-certificate-authority={self.ca_file}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--service-account-key-file={self._path('sa.pub')}",
             f"--service-account-signing-key-file={self._path('sa.key')}",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            # The ServiceAccount admission plugin rejects Pods until the controller-manager has minted a token for
-            # the namespace's default ServiceAccount; without it Pods (and Deployments' Pods) are accepted at once.
-            "--disable-admission-plugins=ServiceAccount",
+            admission,
             "--allow-privileged=true",
             "--profiling=false",
         ]
-        self._launch(APISERVER, argv)
+        self._started().launch(APISERVER, argv)
         self._wait_until("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200)
         self.startup_seconds[APISERVER] = time.monotonic() - started
-
-    def _launch(self, name: str, argv: list[str]) -> None:
-        # All components share the first one's process group, so stop() can signal them together.
-        # PDEATHSIG fires when the *thread* that forked exits, so only ask for it from the main thread.
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        with self._path(f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                process_group=self._pgid or 0,
-                preexec_fn=_die_with_parent if in_main_thread else None,
-            )
-        self._processes[name] = proc
-        if self._pgid is None:
-            self._pgid = proc.pid
-
-    def _signal_group(self, signum: int) -> None:
-        if self._pgid is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._pgid, signum)
 
     # --- waiting ----------------------------------------------------------------------------------------------
 
@@ -440,15 +411,4 @@ class ControlPlane:
             return 0, b""
 
     def _wait_until(self, what: str, ready: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while not ready():
-            for name, proc in self._processes.items():
-                if proc.poll() is not None:
-                    raise ControlPlaneError(
-                        f"{name} exited with status {proc.returncode} while waiting for {what}; "
-                        f"last lines of {self._path(name + '.log')}:\n{self.log_tail(name)}"
-                    )
-            if time.monotonic() > deadline:
-                tails = "\n".join(f"--- {name}:\n{self.log_tail(name)}" for name in self._processes)
-                raise ControlPlaneError(f"timed out after {self.start_timeout:.0f} s waiting for {what}\n{tails}")
-            time.sleep(0.1)
+        self._started().wait_until(what, ready, self.start_timeout)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build kube-apiserver and kube-controller-manager from Debian bookworm's own `kubernetes` source package
-# (1.20.2), once per machine, for tests that need a real Kubernetes API server but no kubelet (see
-# e2e/kube/apiserver.py). The binaries are cached outside the checkout:
+# Build Kubernetes 1.20.2 (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy) from
+# Debian bookworm's own `kubernetes` source package, in one `make WHAT=...`, once per machine: the API-server
+# tier of the operator tests (e2e/kube/apiserver.py) uses the first two, the local single-node cluster of the
+# e2e suite (e2e/kube/localnode.py) all five. The binaries (about 430 MB) are cached outside the checkout:
 #
 #   ${SINGULARITY_KUBE_CACHE:-/var/cache/singularity-stack/kubernetes-1.20.2}/bin/
 #
-# Idempotent: when both binaries exist and answer --version, it only makes sure the runtime packages
+# Idempotent: when all binaries exist and answer --version, it only makes sure the runtime packages
 # (etcd-server) are installed and prints where they are. Set KEEP_BUILD=1 to keep the source tree and Go
 # build cache (under the cache dir's build/) after a successful build.
 set -euo pipefail
@@ -16,13 +17,14 @@ KUBE_VERSION=1.20.2
 CACHE_DIR=${SINGULARITY_KUBE_CACHE:-/var/cache/singularity-stack/kubernetes-$KUBE_VERSION}
 BIN_DIR=$CACHE_DIR/bin
 BUILD_DIR=$CACHE_DIR/build
-COMMANDS=(kube-apiserver kube-controller-manager)
+PAUSE_VERSION=3.4
+COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 # What the control plane needs at run time, and what the build needs on top.
 RUNTIME_PACKAGES=(etcd-server openssl)
-BUILD_PACKAGES=(dpkg-dev golang-go rsync jq golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev)
+BUILD_PACKAGES=(dpkg-dev golang-go rsync jq gcc libc6-dev golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev)
 DEB_SRC_FILE=/etc/apt/sources.list.d/singularity-stack-deb-src.sources
 
-log() { echo "build-kube-apiserver: $*" >&2; }
+log() { echo "build-kubernetes: $*" >&2; }
 die() {
   log "ERROR: $*"
   exit 1
@@ -30,18 +32,25 @@ die() {
 
 
 
+# kubectl has no --version flag.
+version_of() {
+  if [[ $(basename "$1") == kubectl ]]; then "$1" version --client --short; else "$1" --version; fi
+}
+
 binaries_ok() {
   local cmd
   for cmd in "${COMMANDS[@]}"; do
-    [[ -x $BIN_DIR/$cmd ]] && "$BIN_DIR/$cmd" --version >/dev/null 2>&1 || return 1
+    [[ -x $BIN_DIR/$cmd ]] && version_of "$BIN_DIR/$cmd" >/dev/null 2>&1 || return 1
   done
+  [[ -x $BIN_DIR/pause ]] && "$BIN_DIR/pause" -v >/dev/null 2>&1
 }
 
 report() {
   local cmd
   for cmd in "${COMMANDS[@]}"; do
-    log "$cmd: $BIN_DIR/$cmd ($("$BIN_DIR/$cmd" --version))"
+    log "$cmd: $BIN_DIR/$cmd ($(version_of "$BIN_DIR/$cmd"))"
   done
+  log "pause: $BIN_DIR/pause ($("$BIN_DIR/pause" -v 2>&1))"
   echo "$BIN_DIR"
 }
 
@@ -62,7 +71,7 @@ ensure_deb_src() {
   keyring=/usr/share/keyrings/debian-archive-keyring.gpg
   log "adding deb-src for $codename main from $uri ($DEB_SRC_FILE)"
   {
-    echo "# Added by singularity-stack scripts/build-kube-apiserver.sh for 'apt-get source kubernetes'."
+    echo "# Added by singularity-stack scripts/build-kubernetes.sh for 'apt-get source kubernetes'."
     echo "Types: deb-src"
     echo "URIs: $uri"
     echo "Suites: $codename"
@@ -118,8 +127,11 @@ build() {
   mkdir -p "$out"
   for cmd in "${COMMANDS[@]}"; do
     cp "$SRC_DIR/_output/bin/$cmd" "$out/$cmd"
-    "$out/$cmd" --version >/dev/null || die "$out/$cmd does not run"
+    version_of "$out/$cmd" >/dev/null || die "$out/$cmd does not run"
   done
+  # The Pod sandbox's pause process, as upstream's build/pause/Makefile compiles it: no registry is needed.
+  gcc -Os -Wall -Werror -static -DVERSION="v$PAUSE_VERSION-debian-$KUBE_VERSION" -o "$out/pause" \
+    "$SRC_DIR/build/pause/linux/pause.c" || die "compiling the pause binary failed"
   rm -rf "$BIN_DIR"
   mv "$out" "$BIN_DIR"
 }

@@ -1,0 +1,575 @@
+"""A complete single-node Kubernetes 1.20 on this machine, from Debian packages and Debian's source alone.
+
+The e2e suite's second cluster provider (kind is the first): real Pods run the project's images, with no
+Docker and no registry. One instance per machine at a time (it owns a fixed node IP and kubelet's cgroups).
+
+    with LocalNode().start() as node:
+        node.load_image(Path("singularity-stack_0.1.0.tar"))
+        ...  # kubectl --kubeconfig node.kubeconfig ...
+
+- Control plane: etcd, kube-apiserver (bound to the node IP, so Pods reach it through the `kubernetes`
+  Service), kube-controller-manager, kube-scheduler (e2e/kube/apiserver.py).
+- Node: containerd 1.6 + runc with the cgroupfs driver, kubelet with its own serving and client certificates
+  (webhook authentication and authorization), kube-proxy in iptables mode; the CNI bridge plugin with
+  host-local IPAM; dnsmasq for cluster DNS; local PersistentVolumes behind a default StorageClass
+  (e2e/kube/clustersync.py). The pause image is compiled from the Kubernetes source and imported.
+- Addresses stay on this machine: the node IP on a dummy interface (a documentation range), Pods in
+  198.18.0.0/16 and Services in 198.19.0.0/16 (reserved for testing).
+- stop() leaves nothing behind: processes, mounts, network namespaces, veths and the bridge, iptables
+  chains, cgroups, sysctls, the run directory (e2e/kube/hostnet.py; leftovers() checks).
+
+It needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN; :func:`unavailable_reason` says why it cannot run here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import new_client_from_config
+
+from . import containerd, hostnet
+from .apiserver import (
+    BUILD_SCRIPT,
+    PROXY_USER,
+    SCHEDULER_USER,
+    SERVICE_CLUSTER_IP_RANGE,
+    Binaries,
+    BinariesMissing,
+    ControlPlane,
+    cache_dir,
+    find_binaries,
+    free_ports,
+)
+from .clustersync import CLUSTER_DOMAIN, ClusterSync
+from .processes import ProcessGroup
+
+NODE_NAME = "singularity-e2e-node"
+NODE_IP = "203.0.113.10"
+NODE_LINK = "sse2e-node0"
+BRIDGE = "sse2e-br0"
+POD_CIDR = "198.18.0.0/16"
+POD_GATEWAY = "198.18.0.1"
+# Where kubelet (cgroupfs driver, default cgroup root) puts every Pod, in each cgroup v1 hierarchy.
+KUBEPODS_CGROUP = "kubepods"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Files outside the run directory that kubelet and containerd write wherever they are told to run.
+SHARED_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"), Path("/run/containerd/s"))
+NODE_READY_TIMEOUT = 120.0
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+RUNTIME_TOOLS = {
+    "containerd": "containerd",
+    "ctr": "containerd",
+    "runc": "runc",
+    "dnsmasq": "dnsmasq-base",
+    "iptables": "iptables",
+    "conntrack": "conntrack",
+    "ebtables": "ebtables",
+    "socat": "socat",
+    "ip": "iproute2",
+}
+
+
+class LocalNodeError(RuntimeError):
+    """The local node failed to start or to stop cleanly; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class NodeBinaries:
+    control_plane: Binaries
+    kube_scheduler: Path
+    kubelet: Path
+    kube_proxy: Path
+    pause: Path
+
+
+def find_node_binaries() -> NodeBinaries:
+    """The cached Kubernetes binaries, the pause binary, and the runtime's Debian packages; else BinariesMissing."""
+    bin_dir = cache_dir() / "bin"
+    binaries = NodeBinaries(
+        control_plane=find_binaries(),
+        kube_scheduler=bin_dir / "kube-scheduler",
+        kubelet=bin_dir / "kubelet",
+        kube_proxy=bin_dir / "kube-proxy",
+        pause=bin_dir / "pause",
+    )
+    missing = [str(path) for path in vars(binaries).values() if isinstance(path, Path) and not os.access(path, os.X_OK)]
+    if missing:
+        raise BinariesMissing(f"missing {', '.join(missing)}; run {BUILD_SCRIPT} once on this machine")
+    packages = sorted({package for tool, package in RUNTIME_TOOLS.items() if shutil.which(tool) is None})
+    if not Path(containerd.CNI_BIN_DIR, "bridge").exists():
+        packages.append("containernetworking-plugins")
+    if packages:
+        raise BinariesMissing(f"missing Debian packages: {' '.join(packages)} (apt-get install them)")
+    return binaries
+
+
+def _capabilities() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def unavailable_reason() -> str | None:
+    """Why a local node cannot run on this machine (privileges, binaries, a node already running), or None."""
+    if os.geteuid() != 0:
+        return "the local node needs root (it runs kubelet, containerd and changes the host's network)"
+    caps = _capabilities()
+    for name, bit in (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_NET_ADMIN", CAP_NET_ADMIN)):
+        if not caps & (1 << bit):
+            return f"the local node needs {name}, which this process does not have"
+    if not (CGROUP_ROOT / "memory").is_dir():
+        return f"the local node needs cgroup v1 hierarchies under {CGROUP_ROOT} (kubelet runs with cgroupfs)"
+    try:
+        find_node_binaries()
+    except BinariesMissing as exc:
+        return str(exc)
+    if hostnet.link_exists(NODE_LINK) or (CGROUP_ROOT / "memory" / KUBEPODS_CGROUP).exists():
+        return f"another local node is running, or one was left behind ({NODE_LINK} or the kubepods cgroup exists)"
+    return None
+
+
+def _cgroup_dirs() -> list[Path]:
+    """kubelet's kubepods cgroup in every mounted hierarchy, deepest first."""
+    found: list[Path] = []
+    for hierarchy in CGROUP_ROOT.iterdir():
+        top = hierarchy / KUBEPODS_CGROUP
+        if top.is_dir():
+            found.extend(path for path in top.rglob("*") if path.is_dir())
+            found.append(top)
+    return sorted(found, key=lambda path: len(path.parts), reverse=True)
+
+
+def _kill_cgroup_processes(timeout: float = 15) -> None:
+    """SIGKILL every process in the kubepods cgroups (the Pods' processes) until none is left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pids = set()
+        for directory in _cgroup_dirs():
+            with contextlib.suppress(OSError):
+                pids.update(int(pid) for pid in (directory / "cgroup.procs").read_text().split())
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        time.sleep(0.2)
+
+
+def _remove_cgroups(timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while (directories := _cgroup_dirs()) and time.monotonic() < deadline:
+        for directory in directories:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        time.sleep(0.1)
+
+
+def mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below ``directory``, deepest first (from /proc/self/mountinfo)."""
+    prefix = str(directory).rstrip("/")
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")
+        if point == prefix or point.startswith(prefix + "/"):
+            points.append(point)
+    return sorted(set(points), key=len, reverse=True)
+
+
+def _unmount_all(directory: Path) -> None:
+    for _ in range(5):
+        points = mounts_under(directory)
+        if not points:
+            return
+        for point in points:
+            hostnet.run("umount", point, check=False)
+        for point in mounts_under(directory):
+            hostnet.run("umount", "--lazy", point, check=False)
+
+
+def _listing(directory: Path) -> set[str]:
+    return set(os.listdir(directory)) if directory.is_dir() else set()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    needle = text.encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+class LocalNode:
+    """A one-node cluster on this machine; start() brings it up (about 25 s), stop() removes every trace."""
+
+    def __init__(self, binaries: NodeBinaries | None = None, *, keep_workdir: bool = False) -> None:
+        self.binaries = binaries or find_node_binaries()
+        self.keep_workdir = keep_workdir
+        self.workdir: Path | None = None
+        self.control_plane: ControlPlane | None = None
+        self.api: ApiClient | None = None
+        self.timings: dict[str, float] = {}
+        self._group: ProcessGroup | None = None
+        self._sync: ClusterSync | None = None
+        self._saved_sysctls: dict[str, str] = {}
+        self._shared_before: dict[Path, set[str]] = {}
+        self._kubelet_port = 0
+
+    # --- public API -------------------------------------------------------------------------------------------
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self._control_plane().kubeconfig
+
+    @property
+    def server(self) -> str:
+        return self._control_plane().server
+
+    @property
+    def ctr(self) -> containerd.Ctr:
+        return containerd.Ctr(self._path("containerd/containerd.sock"))
+
+    def start(self) -> Self:
+        reason = unavailable_reason()
+        if reason:
+            raise LocalNodeError(reason)
+        atexit.register(self.stop)
+        started = time.monotonic()
+        try:
+            self._prepare_host()
+            self._start_control_plane()
+            self._start_containerd()
+            self._start_cluster_services()
+            self._start_kubelet()
+            self._start_kube_proxy()
+        except BaseException:
+            self.stop()
+            raise
+        self.timings["start"] = time.monotonic() - started
+        return self
+
+    def load_image(self, archive: Path) -> set[str]:
+        """Import a docker-archive (scripts/build-images.sh writes them) into the node's containerd."""
+        started = time.monotonic()
+        added = self.ctr.import_archive(archive)
+        self.timings[f"import {archive.name}"] = time.monotonic() - started
+        return added
+
+    def stop(self) -> None:
+        """Tear everything down, in the order that lets each step succeed. Idempotent."""
+        atexit.unregister(self.stop)
+        started = time.monotonic()
+        if self._sync is not None:
+            self._sync.stop()
+            self._sync = None
+        if self.api is not None:
+            self.api.close()
+            self.api = None
+        if self._group is not None:
+            # kubelet first, so it restarts nothing; then the Pods' processes, containerd and its shims.
+            self._group.terminate("kubelet")
+            _kill_cgroup_processes()
+            self._group.stop()
+            containerd.kill_shims(self._path("containerd/containerd.sock"))
+            self._group = None
+        if self.control_plane is not None:
+            self.control_plane.stop()
+            self.control_plane = None
+        _remove_cgroups()
+        if self.workdir is not None:
+            _unmount_all(self.workdir)
+        hostnet.delete_link(BRIDGE)
+        hostnet.delete_link(NODE_LINK)
+        with contextlib.suppress(hostnet.HostNetworkError):
+            hostnet.remove_owned_chains()
+        hostnet.restore_sysctls(self._saved_sysctls)
+        for directory, before in self._shared_before.items():
+            for name in _listing(directory) - before:
+                path = directory / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        self._shared_before = {}
+        if self.workdir is not None and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.workdir is not None:
+            self.timings["stop"] = time.monotonic() - started
+
+    def leftovers(self) -> list[str]:
+        """What stop() should have removed and did not (empty after a clean teardown)."""
+        found = []
+        if self.workdir is not None:
+            if self.workdir.exists() and not self.keep_workdir:
+                found.append(f"run directory {self.workdir}")
+            found += [f"mount {point}" for point in mounts_under(self.workdir)]
+            found += [f"process {pid}" for pid in _processes_mentioning(str(self.workdir))]
+        found += [f"interface {name}" for name in (NODE_LINK, BRIDGE) if hostnet.link_exists(name)]
+        found += [f"cgroup {path}" for path in _cgroup_dirs()]
+        found += [f"iptables chain {chain}" for chain in hostnet.owned_chains()]
+        current = hostnet.read_sysctls(self._saved_sysctls)
+        found += [
+            f"sysctl {name}={current.get(name)} (was {value})"
+            for name, value in self._saved_sysctls.items()
+            if current.get(name) != value
+        ]
+        return found
+
+    def diagnostics(self) -> str:
+        """The tail of every component's log."""
+        parts = []
+        if self._group is not None:
+            parts += [f"--- {name}:\n{self._group.log_tail(name)}" for name in self._group.processes]
+        if self.control_plane is not None and self.control_plane.workdir is not None:
+            parts += [
+                f"--- {name}:\n{self.control_plane.log_tail(name)}"
+                for name in ("kube-apiserver", "kube-controller-manager")
+            ]
+        return "\n".join(parts)
+
+    def memory_rss(self) -> dict[str, int]:
+        usage = self.control_plane.memory_rss() if self.control_plane else {}
+        return {**usage, **(self._group.memory_rss() if self._group else {})}
+
+    def __enter__(self) -> Self:
+        if self._group is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- start-up steps ---------------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        if self.workdir is None:
+            raise LocalNodeError("local node not started")
+        return self.workdir / name
+
+    def _control_plane(self) -> ControlPlane:
+        if self.control_plane is None:
+            raise LocalNodeError("local node not started")
+        return self.control_plane
+
+    def _timed(self, step: str, started: float) -> None:
+        self.timings[step] = time.monotonic() - started
+
+    def _prepare_host(self) -> None:
+        started = time.monotonic()
+        # Not under /tmp: containerd's overlay snapshots and kubelet's volumes need a real filesystem.
+        parent = Path(os.environ.get("SINGULARITY_NODE_RUN_DIR", "/var/tmp"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="singularity-node-", dir=parent))
+        self.workdir.chmod(0o755)
+        for name in ("logs", "containerd", "cni/net.d", "cni/ipam", "kubelet", "volumes"):
+            self._path(name).mkdir(parents=True, exist_ok=True)
+        self._group = ProcessGroup(self._path("logs"), LocalNodeError)
+        self._shared_before = {directory: _listing(directory) for directory in SHARED_DIRS}
+        self._saved_sysctls = hostnet.read_sysctls(hostnet.TOUCHED_SYSCTLS)
+        hostnet.write_sysctl("net.ipv4.ip_forward", "1")
+        if "net.bridge.bridge-nf-call-iptables" in self._saved_sysctls:
+            # Service traffic between two Pods on the bridge must pass through kube-proxy's rules.
+            hostnet.write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
+        hostnet.add_node_interface(NODE_LINK, NODE_IP, [SERVICE_CLUSTER_IP_RANGE])
+        self._timed("host network", started)
+
+    def _start_control_plane(self) -> None:
+        started = time.monotonic()
+        self.control_plane = ControlPlane(
+            self.binaries.control_plane,
+            workdir_parent=self.workdir,
+            address=NODE_IP,
+            service_account_tokens=True,
+        ).start(with_controller_manager=True)
+        self.api = new_client_from_config(config_file=str(self.kubeconfig))
+        self._timed("control plane", started)
+
+    def _start_containerd(self) -> None:
+        started = time.monotonic()
+        run_dir = self._path("containerd")
+        config = run_dir / "config.toml"
+        config.write_text(containerd.containerd_config(run_dir, containerd.PAUSE_REFERENCE, self._path("cni/net.d")))
+        cni = containerd.cni_config(BRIDGE, POD_CIDR, POD_GATEWAY, self._path("cni/ipam"))
+        self._path("cni/net.d/10-singularity-e2e.conflist").write_text(json.dumps(cni, indent=2))
+        group = self._started()
+        group.launch("containerd", ["containerd", "--config", str(config), "--log-level", "warn"])
+        group.wait_until("containerd's socket", self.ctr.answers, 30)
+        archive = containerd.pause_image_archive(
+            self.binaries.pause, containerd.PAUSE_REFERENCE, self._path("pause.tar")
+        )
+        self.ctr.import_archive(archive)
+        self._timed("containerd", started)
+
+    def _start_cluster_services(self) -> None:
+        """dnsmasq + the DNS/volume sync loop, and the scheduler."""
+        started = time.monotonic()
+        group = self._started()
+        hosts = self._path("cluster-hosts")
+        hosts.write_text("")
+        dnsmasq = group.launch(
+            "dnsmasq",
+            [
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--log-facility=-",
+                "--conf-file=/dev/null",
+                "--user=root",
+                "--no-resolv",
+                "--no-hosts",
+                f"--addn-hosts={hosts}",
+                f"--local=/{CLUSTER_DOMAIN}/",
+                f"--listen-address={NODE_IP}",
+                "--bind-interfaces",
+                "--pid-file=",
+            ],
+        )
+        self._sync = ClusterSync(self._api(), hosts, self._path("volumes"), NODE_NAME, dnsmasq.pid)
+        self._sync.start()
+        plane = self._control_plane()
+        kubeconfig = plane.kubeconfig_for(
+            self._path("scheduler.kubeconfig"), SCHEDULER_USER, {"token": plane.component_tokens[SCHEDULER_USER]}
+        )
+        group.launch(
+            "kube-scheduler",
+            [
+                str(self.binaries.kube_scheduler),
+                f"--kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+            ],
+        )
+        self._timed("dns, volumes, scheduler", started)
+
+    def _start_kubelet(self) -> None:
+        started = time.monotonic()
+        plane = self._control_plane()
+        plane.issue_serving_certificate("kubelet", [NODE_IP], [NODE_NAME])
+        credentials = plane.issue_client_certificate("kubelet-client", f"system:node:{NODE_NAME}", "system:nodes")
+        kubeconfig = plane.kubeconfig_for(self._path("kubelet.kubeconfig"), f"system:node:{NODE_NAME}", credentials)
+        self._kubelet_port, healthz_port = free_ports(2)
+        resolv = self._path("resolv.conf")
+        resolv.write_text("")  # no host search domains or upstream servers leak into Pods
+        config = self._path("kubelet-config.yaml")
+        config.write_text(yaml.safe_dump(self._kubelet_config(healthz_port, resolv), sort_keys=False))
+        self._started().launch(
+            "kubelet",
+            [
+                str(self.binaries.kubelet),
+                f"--config={config}",
+                f"--kubeconfig={kubeconfig}",
+                "--container-runtime=remote",
+                f"--container-runtime-endpoint=unix://{self._path('containerd/containerd.sock')}",
+                f"--root-dir={self._path('kubelet')}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                "--v=1",
+            ],
+        )
+        self._started().wait_until("the node to be Ready", self._node_ready, NODE_READY_TIMEOUT)
+        self._timed("kubelet (node Ready)", started)
+
+    def _kubelet_config(self, healthz_port: int, resolv: Path) -> dict[str, Any]:
+        plane = self._control_plane()
+        return {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": NODE_IP,
+            "port": self._kubelet_port,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": healthz_port,
+            "tlsCertFile": str(plane.workdir / "kubelet.crt") if plane.workdir else "",
+            "tlsPrivateKeyFile": str(plane.workdir / "kubelet.key") if plane.workdir else "",
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(plane.ca_file)},
+            },
+            "authorization": {"mode": "Webhook"},
+            # No systemd as PID 1 here, and cgroups v1: the cgroupfs driver, as containerd's runc uses.
+            "cgroupDriver": "cgroupfs",
+            "failSwapOn": False,
+            "nodeStatusUpdateFrequency": "2s",
+            "nodeStatusReportFrequency": "2s",
+            "clusterDNS": [NODE_IP],
+            "clusterDomain": CLUSTER_DOMAIN,
+            "resolvConf": str(resolv),
+            # A test machine's disk and memory are whatever they are: evict only when truly out.
+            "evictionHard": {
+                "memory.available": "50Mi",
+                "nodefs.available": "1%",
+                "imagefs.available": "1%",
+                "nodefs.inodesFree": "1%",
+            },
+            "imageGCHighThresholdPercent": 100,
+            "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False,
+            "volumePluginDir": str(self._path("kubelet/volume-plugins")),
+        }
+
+    def _node_ready(self) -> bool:
+        try:
+            node = CoreV1Api(self._api()).read_node(NODE_NAME)
+        except ApiException:
+            return False
+        conditions = node.status.conditions or []
+        return any(c.type == "Ready" and c.status == "True" for c in conditions)
+
+    def _start_kube_proxy(self) -> None:
+        started = time.monotonic()
+        plane = self._control_plane()
+        kubeconfig = plane.kubeconfig_for(
+            self._path("kube-proxy.kubeconfig"), PROXY_USER, {"token": plane.component_tokens[PROXY_USER]}
+        )
+        healthz_port, metrics_port = free_ports(2)
+        config = {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(kubeconfig)},
+            "mode": "iptables",
+            "clusterCIDR": POD_CIDR,
+            "hostnameOverride": NODE_NAME,
+            "bindAddress": NODE_IP,
+            "healthzBindAddress": f"127.0.0.1:{healthz_port}",
+            "metricsBindAddress": f"127.0.0.1:{metrics_port}",
+            # Leave the host's conntrack table sizes and timeouts alone.
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+            "nodePortAddresses": [f"{NODE_IP}/32"],
+        }
+        path = self._path("kube-proxy-config.yaml")
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self._started().launch("kube-proxy", [str(self.binaries.kube_proxy), f"--config={path}", "--v=1"])
+        self._started().wait_until("kube-proxy's rules", _kube_services_chain_exists, 60)
+        self._timed("kube-proxy", started)
+
+    def _started(self) -> ProcessGroup:
+        if self._group is None:
+            raise LocalNodeError("local node not started")
+        return self._group
+
+    def _api(self) -> ApiClient:
+        if self.api is None:
+            raise LocalNodeError("local node not started")
+        return self.api
+
+
+def _kube_services_chain_exists() -> bool:
+    return ":KUBE-SERVICES " in hostnet.run("iptables-save", "-t", "nat", check=False)

@@ -1,0 +1,120 @@
+"""Cluster providers for the e2e suite, and installing the chart on whichever cluster they give.
+
+- ``local``: the single-node cluster built on this machine (e2e/kube/localnode.py); images are built with
+  buildah (scripts/build-images.sh) and imported into its containerd. Needs root, no Docker.
+- ``kind``: a kind cluster; images are built with `docker build` and loaded with `kind load`. Needs Docker.
+
+Each provider is a generator that yields a :class:`Cluster` and tears everything down afterwards; when
+it cannot run here it raises :class:`ProviderUnavailable` with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import helm_python as helm
+import yaml
+from e2e_support import CHART, IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, ROOT, Cluster, run, wait_until
+
+from e2e.kube import localnode
+
+PROVIDERS = ("local", "kind")
+IMAGE_ARCHIVES = (f"{IMAGE.replace(':', '_')}.tar", f"{POSTGRES_IMAGE.replace(':', '_')}.tar")
+
+
+class ProviderUnavailable(RuntimeError):
+    """The provider cannot run on this machine; the message says why and what would fix it."""
+
+
+def _missing(*tools: str) -> list[str]:
+    return [tool for tool in tools if shutil.which(tool) is None]
+
+
+def kind_cluster(tmp: Path, timings: dict[str, float]) -> Iterator[Cluster]:
+    missing = _missing("docker", "kind", "kubectl")
+    if missing:
+        raise ProviderUnavailable(f"{', '.join(missing)} not on PATH (kind needs a Docker engine)")
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        raise ProviderUnavailable("the docker client is here but no Docker engine answers")
+    name = f"singularity-e2e-{os.getpid()}"
+    kubeconfig = tmp / "kubeconfig"
+    started = time.monotonic()
+    run("kind", "create", "cluster", "--name", name, "--kubeconfig", str(kubeconfig), "--wait", "180s", capture=False)
+    timings["cluster start"] = time.monotonic() - started
+    try:
+        for image, dockerfile in ((IMAGE, "images/Dockerfile"), (POSTGRES_IMAGE, "images/postgres/Dockerfile")):
+            run("docker", "build", "-f", str(ROOT / dockerfile), "-t", image, str(ROOT), capture=False)
+            run("kind", "load", "docker-image", image, "--name", name, capture=False)
+        yield Cluster(kubeconfig, provider="kind")
+    finally:
+        started = time.monotonic()
+        run("kind", "delete", "cluster", "--name", name, check=False)
+        timings["cluster teardown"] = time.monotonic() - started
+
+
+def build_image_archives(out_dir: Path) -> list[Path]:
+    """Both images as docker-archives, built from images/ with buildah (layer-cached after the first build)."""
+    run("bash", str(ROOT / "scripts" / "build-images.sh"), str(out_dir), capture=False, timeout=1800)
+    return [out_dir / name for name in IMAGE_ARCHIVES]
+
+
+def local_cluster(tmp: Path, timings: dict[str, float]) -> Iterator[Cluster]:
+    reason = localnode.unavailable_reason()
+    if reason:
+        raise ProviderUnavailable(reason)
+    started = time.monotonic()
+    archives = build_image_archives(tmp / "images")
+    timings["image build"] = time.monotonic() - started
+    node = localnode.LocalNode()
+    node.start()
+    timings["cluster start"] = node.timings["start"]
+    try:
+        for archive in archives:
+            node.load_image(archive)
+        kubectl = str(node.binaries.kubelet.with_name("kubectl"))
+        yield Cluster(node.kubeconfig, provider="local", kubectl_binary=kubectl, routable=True,
+                      node_diagnostics=node.diagnostics)  # fmt: skip
+    finally:
+        node.stop()
+        timings["cluster teardown"] = node.timings.get("stop", 0.0)
+        leftovers = node.leftovers()
+        if leftovers:
+            raise AssertionError(f"the local node's teardown left: {leftovers}")
+
+
+def install_chart(cluster: Cluster, values: dict | None = None) -> None:
+    """The chart, rendered by Helm's own engine (the helm-python-sdk wheel), applied with kubectl; then wait for
+    the operator Deployment to be available. (No helm CLI needed: Debian does not package one.)"""
+    rendered = helm.Chart.load(str(CHART)).render(
+        values or {}, name="ops", namespace=OPERATOR_NAMESPACE, is_install=True
+    )
+    docs = [doc for path, text in sorted(rendered.items()) if path.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]  # fmt: skip
+    cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE)
+    crds = [doc for doc in docs if doc["kind"] == "CustomResourceDefinition"]
+    cluster.apply(crds)
+    for crd in crds:
+        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{crd['metadata']['name']}")
+    cluster.kubectl("apply", "-n", OPERATOR_NAMESPACE, "-f", "-",
+                    stdin=yaml.safe_dump_all([doc for doc in docs if doc not in crds]))  # fmt: skip
+    cluster.kubectl(
+        "wait", "-n", OPERATOR_NAMESPACE, "--for=condition=Available", "deployment", "--all", "--timeout=300s"
+    )
+    wait_until("the operator Pod to be Ready", lambda: operator_pods(cluster, ready=True), 120)
+
+
+def operator_pods(cluster: Cluster, ready: bool = False) -> list[str]:
+    pods = cluster.json("get", "pods", "-n", OPERATOR_NAMESPACE, "-l", "app.kubernetes.io/name=singularity-operator")
+    names = []
+    for pod in pods["items"]:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        conditions = pod.get("status", {}).get("conditions", [])
+        if not ready or any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+            names.append(pod["metadata"]["name"])
+    return names
