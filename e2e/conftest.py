@@ -15,11 +15,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from e2e_support import Cluster
+from e2e_support import TIMINGS, Cluster
 from providers import PROVIDERS, ProviderUnavailable, install_chart, kind_cluster, local_cluster
 
 REQUIRE_ENV = "SINGULARITY_REQUIRE_KUBE"
-TIMINGS: dict[str, float] = {}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

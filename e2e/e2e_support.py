@@ -18,6 +18,8 @@ POSTGRES_IMAGE = "singularity-stack-postgres:0.1.0"
 OPERATOR_NAMESPACE = "singularity-system"
 CHART = ROOT / "charts" / "singularity-stack"
 EXAMPLE = CHART / "examples" / "singularitystack.yaml"
+# Figures the suite measures on the way (cluster start, apply -> Ready, ...), printed at the end of the run.
+TIMINGS: dict[str, float] = {}
 
 
 def run(*args: str, check: bool = True, capture: bool = True, timeout: float = 900, stdin: str | None = None) -> str:

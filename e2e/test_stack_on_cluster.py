@@ -15,8 +15,7 @@ import httpx
 import psycopg
 import pytest
 import yaml
-from conftest import TIMINGS
-from e2e_support import EXAMPLE, IMAGE, OPERATOR_NAMESPACE, Cluster, wait_until
+from e2e_support import EXAMPLE, IMAGE, OPERATOR_NAMESPACE, TIMINGS, Cluster, wait_until
 from providers import operator_pods
 
 STACK = "example"

@@ -480,8 +480,11 @@ async def test_a_refused_proc_mount_falls_back_once_and_is_remembered(monkeypatc
     wrapper.write_text(
         "#!/bin/sh\n"
         f'echo "$*" >> {calls}\n'
+        # What a default container does to bwrap: no fresh /proc, and its own /proc/sys is read-only.
         'case " $* " in *" --proc "*) echo "bwrap: Can\'t mount proc on /newroot/proc: Operation not permitted" >&2; '
         "exit 1;; esac\n"
+        'case " $* " in *" --disable-userns "*) echo "bwrap: cannot open /proc/sys/user/max_user_namespaces: '
+        'Read-only file system" >&2; exit 1;; esac\n'
         f'exec {real} "$@"\n'
     )
     wrapper.chmod(0o755)

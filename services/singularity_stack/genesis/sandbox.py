@@ -211,7 +211,10 @@ def _bwrap_argv(
         bwrap,
         "--unshare-all",  # user, pid, net, ipc, uts, cgroup
         "--unshare-user",  # explicitly: required for --uid/--gid and --disable-userns
-        "--disable-userns",  # no nested user namespaces: less kernel attack surface
+        # No nested user namespaces: less kernel attack surface. bwrap enforces it by writing
+        # /proc/sys/user/max_user_namespaces in the job's /proc; without a /proc of its own (in a container)
+        # that is the runtime's read-only /proc/sys, so there it cannot.
+        *(["--disable-userns"] if mount_proc else []),
         "--uid",
         str(SANDBOX_UID),
         "--gid",

@@ -1,0 +1,59 @@
+"""Local-node benchmark: `kubectl apply` of a SingularityStack → Ready=True with every Pod Running, for N
+Singularity instances, on the single-node cluster the e2e suite uses; and the cluster's start-up and
+teardown times.
+
+    sudo .venv/bin/python bench/local_node_bench.py [--instances 1 5]
+
+Builds the images first (scripts/build-images.sh, from its layer cache after the first run), starts the
+local node (e2e/kube/localnode.py), installs the chart (the operator runs as a Pod), then for each N
+applies the example stack with managed PostgreSQL and N instances, waits, and deletes it (policy Delete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "e2e")]  # e2e/ is not installed
+
+from e2e_support import TIMINGS, wait_until  # noqa: E402
+from providers import install_chart, local_cluster  # noqa: E402
+from test_stack_on_cluster import NAMESPACE, OTHER_PODS, example, stack_pods, wait_ready  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, nargs="+", default=[1, 5])
+    args = parser.parse_args()
+    results: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(prefix="local-node-bench-") as tmp:
+        clusters = local_cluster(Path(tmp), TIMINGS)
+        cluster = next(clusters)
+        try:
+            started = time.monotonic()
+            install_chart(cluster)
+            TIMINGS["chart install -> operator Ready"] = time.monotonic() - started
+            for count in args.instances:
+                name = f"bench-{count}"
+                started = time.monotonic()
+                cluster.apply(example(name, replicas=count, deletion_policy="Delete"))
+                wait_ready(cluster, name, OTHER_PODS + count)
+                results[count] = time.monotonic() - started
+                print(f"N={count}: apply -> Ready=True, all {OTHER_PODS + count} Pods Running: {results[count]:.1f} s")
+                cluster.kubectl("delete", "singularitystack", name, "-n", NAMESPACE, "--timeout=5m")
+                wait_until(f"{name}'s Pods to go", lambda name=name: not stack_pods(cluster, name), 300)
+        finally:
+            next(clusters, None)
+    print("\nlocal node, figures in seconds")
+    for step, seconds in TIMINGS.items():
+        print(f"  {step:<40} {seconds:7.1f}")
+    for count, seconds in results.items():
+        print(f"  {'apply -> Ready, N=' + str(count):<40} {seconds:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
