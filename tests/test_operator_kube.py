@@ -25,11 +25,12 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 
-from e2e.kube.apiserver import ControlPlane
+from e2e.kube.apiserver import SERVICE_ACCOUNT_ISSUER, ControlPlane
 from singularity_stack.postgres.cluster import LocalCluster, free_port, throwaway_cluster
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "singularity-stack"
 GROUP, VERSION, PLURAL = "singularity.dev", "v1alpha1", "singularitystacks"
+OPERATOR_SA = "ops-singularity-stack"  # the chart's ServiceAccount for release "ops"
 _names = itertools.count(1)
 METRICS_PORT, LIVENESS_PORT = free_port(), free_port()
 
@@ -64,6 +65,14 @@ def cluster(kube_binaries) -> Iterator[tuple[ControlPlane, client.ApiClient]]:
     plane.stop()
 
 
+def operator_kubeconfig(plane: ControlPlane, api_client: client.ApiClient) -> Path:
+    """A kubeconfig with a token of the ServiceAccount the chart gives the operator (TokenRequest API)."""
+    request = {"spec": {"audiences": [SERVICE_ACCOUNT_ISSUER], "expirationSeconds": 3600}}
+    token = client.CoreV1Api(api_client).create_namespaced_service_account_token(OPERATOR_SA, "default", request)
+    path = plane.kubeconfig.with_name("operator.kubeconfig")
+    return plane.kubeconfig_for(path, f"system:serviceaccount:default:{OPERATOR_SA}", {"token": token.status.token})
+
+
 def _crd_established(api_client: client.ApiClient) -> bool:
     crd = client.ApiextensionsV1Api(api_client).read_custom_resource_definition(f"{PLURAL}.{GROUP}")
     return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
@@ -74,8 +83,9 @@ def operator(cluster) -> Iterator[Callable[[], contextlib.AbstractContextManager
     """Start the operator (KopfRunner) on demand; several starts in one test simulate restarts."""
     from kopf.testing import KopfRunner
 
-    plane, _ = cluster
-    os.environ["KUBECONFIG"] = str(plane.kubeconfig)
+    plane, api_client = cluster
+    # As the chart's ServiceAccount, so that every API call the operator makes is checked against its RBAC.
+    os.environ["KUBECONFIG"] = str(operator_kubeconfig(plane, api_client))
     os.environ["HEALTH_INTERVAL_SECONDS"] = "2"
     os.environ["OPERATOR_METRICS_PORT"] = str(METRICS_PORT)
     import singularity_operator.handlers as handlers
@@ -357,7 +367,7 @@ def test_managed_postgres_runs_as_a_statefulset_and_waits_for_it(cluster, operat
     _, api_client = cluster
     stacks = Stacks(api_client, namespace)
     with operator():
-        stacks.create("managed", {"postgres": {"managed": {"storage": "2Gi"}}})
+        stacks.create("managed", {"postgres": {"managed": {"storage": "2Gi"}}, "deletionPolicy": "Delete"})
         waiting = stacks.wait_condition("managed", "DatabasesReady", "False")
         assert waiting["reason"] == "PostgresUnreachable"
         statefulset = stacks.apps.read_namespaced_stateful_set("managed-postgres", namespace)
@@ -367,6 +377,16 @@ def test_managed_postgres_runs_as_a_statefulset_and_waits_for_it(cluster, operat
         assert len(password) >= 24
         time.sleep(3)  # reconciles go on; the generated password stays
         assert stacks.secret("managed-postgres-admin")["POSTGRES_PASSWORD"] == password
+        # The claim the StatefulSet controller would make; the Delete policy drops it with the stack.
+        core = stacks.core
+        claim = {"metadata": {"name": "data-managed-postgres-0"},
+                 "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}}  # fmt: skip
+        core.create_namespaced_persistent_volume_claim(namespace, claim)
+        stacks.delete("managed")
+        wait_for("the stack to go", lambda: not stacks.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL)["items"])  # fmt: skip
+        claims = core.list_namespaced_persistent_volume_claim(namespace).items
+        assert [c.metadata.name for c in claims if not c.metadata.deletion_timestamp] == []
 
 
 def test_scaling_down_with_delete_policy_drops_the_instance_data(cluster, operator, namespace, pg_cluster):
@@ -392,11 +412,12 @@ def test_the_operator_command_runs_as_the_chart_starts_it(cluster, scope: list[s
     import subprocess
     import sys
 
-    plane, _ = cluster
+    plane, api_client = cluster
     liveness, metrics = free_port(), free_port()
     cli = Path(sys.executable).with_name("singularity-stack")
     argv = [str(cli), "operator", f"--liveness-port={liveness}", f"--metrics-port={metrics}", *scope]
-    env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "HEALTH_INTERVAL_SECONDS": "2"}
+    env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig(plane, api_client)), "HEALTH_INTERVAL_SECONDS": "2"}
+    env.pop("OPERATOR_METRICS_PORT", None)  # the in-process operator of the other tests holds that port
     log = (tmp_path / "operator.log").open("w")
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
