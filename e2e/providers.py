@@ -74,8 +74,10 @@ def local_cluster(tmp: Path, timings: dict[str, float]) -> Iterator[Cluster]:
     node.start()
     timings["cluster start"] = node.timings["start"]
     try:
+        started = time.monotonic()
         for archive in archives:
             node.load_image(archive)
+        timings["image import"] = time.monotonic() - started
         kubectl = str(node.binaries.kubelet.with_name("kubectl"))
         yield Cluster(node.kubeconfig, provider="local", kubectl_binary=kubectl, routable=True,
                       node_diagnostics=node.diagnostics)  # fmt: skip

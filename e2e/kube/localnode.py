@@ -26,6 +26,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -57,6 +58,7 @@ from .clustersync import CLUSTER_DOMAIN, ClusterSync
 from .processes import ProcessGroup
 
 NODE_NAME = "singularity-e2e-node"
+RUN_DIR_PREFIX = "singularity-node-"
 NODE_IP = "203.0.113.10"
 NODE_LINK = "sse2e-node0"
 BRIDGE = "sse2e-br0"
@@ -80,6 +82,9 @@ RUNTIME_TOOLS = {
     "socat": "socat",
     "ip": "iproute2",
 }
+
+
+log = logging.getLogger(__name__)
 
 
 class LocalNodeError(RuntimeError):
@@ -137,9 +142,55 @@ def unavailable_reason() -> str | None:
         find_node_binaries()
     except BinariesMissing as exc:
         return str(exc)
-    if hostnet.link_exists(NODE_LINK) or (CGROUP_ROOT / "memory" / KUBEPODS_CGROUP).exists():
-        return f"another local node is running, or one was left behind ({NODE_LINK} or the kubepods cgroup exists)"
+    running = running_kubelets()
+    if running:
+        return f"another local node is running on this machine (kubelet pid {running[0]})"
     return None
+
+
+def run_parent() -> Path:
+    # Not under /tmp: containerd's overlay snapshots and kubelet's volumes need a real filesystem.
+    return Path(os.environ.get("SINGULARITY_NODE_RUN_DIR", "/var/tmp"))
+
+
+def running_kubelets() -> list[int]:
+    """Kubelets of local nodes (ours run with --root-dir under a run directory)."""
+    marker = str(run_parent() / RUN_DIR_PREFIX)
+    return [pid for pid in _processes_mentioning(marker) if _argv0(pid).endswith("/kubelet")]
+
+
+def _argv0(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    return ""
+
+
+def reclaim_leftovers() -> list[str]:
+    """Remove what a local node killed outright (its test process SIGKILLed) left behind: its processes, the
+    Pods' processes and cgroups, mounts, interfaces, iptables chains and run directories. Not to be called
+    while a node runs. (Sysctls it changed cannot be restored: their old values died with it.)"""
+    removed = []
+    workdirs = sorted(run_parent().glob(RUN_DIR_PREFIX + "*"))
+    for workdir in workdirs:
+        for pid in _processes_mentioning(str(workdir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+                removed.append(f"process {pid} ({Path(_argv0(pid)).name or '?'})")
+    if _cgroup_dirs():
+        _kill_cgroup_processes()
+        _remove_cgroups()
+        removed.append("kubepods cgroups")
+    for workdir in workdirs:
+        _unmount_all(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        removed.append(f"run directory {workdir}")
+    for link in (BRIDGE, NODE_LINK):
+        if hostnet.link_exists(link):
+            hostnet.delete_link(link)
+            removed.append(f"interface {link}")
+    with contextlib.suppress(hostnet.HostNetworkError):
+        removed += [f"iptables chains in {table}" for table in hostnet.remove_owned_chains()]
+    return removed
 
 
 def _cgroup_dirs() -> list[Path]:
@@ -249,6 +300,9 @@ class LocalNode:
         reason = unavailable_reason()
         if reason:
             raise LocalNodeError(reason)
+        leftovers = reclaim_leftovers()
+        if leftovers:
+            log.warning("removed what an earlier local node left behind: %s", ", ".join(leftovers))
         atexit.register(self.stop)
         started = time.monotonic()
         try:
@@ -374,9 +428,7 @@ class LocalNode:
 
     def _prepare_host(self) -> None:
         started = time.monotonic()
-        # Not under /tmp: containerd's overlay snapshots and kubelet's volumes need a real filesystem.
-        parent = Path(os.environ.get("SINGULARITY_NODE_RUN_DIR", "/var/tmp"))
-        self.workdir = Path(tempfile.mkdtemp(prefix="singularity-node-", dir=parent))
+        self.workdir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=run_parent()))
         self.workdir.chmod(0o755)
         for name in ("logs", "containerd", "cni/net.d", "cni/ipam", "kubelet", "volumes"):
             self._path(name).mkdir(parents=True, exist_ok=True)
