@@ -250,18 +250,7 @@ class ControlPlane:
 
     def kubeconfig_for(self, path: Path, user: str, credentials: dict[str, str]) -> Path:
         """Write a kubeconfig for one user (``{"token": ...}`` or client-certificate/-key paths) to ``path``."""
-        ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority-data": ca_data}}],
-            "users": [{"name": user, "user": credentials}],
-            "contexts": [{"name": user, "context": {"cluster": "test", "user": user}}],
-            "current-context": user,
-        }
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        path.chmod(0o600)
-        return path
+        return self._write_kubeconfig(path, [(user, credentials, None)])
 
     def issue_client_certificate(self, name: str, user: str, group: str = "") -> dict[str, str]:
         """A client certificate signed by the cluster CA (user from CN, group from O), as kubeconfig credentials."""
@@ -312,31 +301,33 @@ class ControlPlane:
             *(f"{token},{user},{user}" for user, token in self.component_tokens.items()),
         ]
         self._path("tokens.csv").write_text("\n".join(lines) + "\n")
-        self._write_kubeconfig()
+        self._write_kubeconfig(
+            self.kubeconfig,
+            [(ADMIN_USER, {"token": self.admin_token}, None), (TEST_USER, {"token": self.user_token}, "default")],
+        )
         # Never let an HTTPS_PROXY from the environment intercept the readiness checks.
         self._opener = urllib.request.build_opener(
             urllib.request.ProxyHandler({}),
             urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(self.ca_file))),
         )
 
-    def _write_kubeconfig(self) -> None:
+    def _write_kubeconfig(self, path: Path, users: list[tuple[str, dict[str, str], str | None]]) -> Path:
+        """A kubeconfig with one context per (user, credentials, namespace); the first is the current one."""
         ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
         config: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority-data": ca_data}}],
-            "users": [
-                {"name": ADMIN_USER, "user": {"token": self.admin_token}},
-                {"name": TEST_USER, "user": {"token": self.user_token}},
-            ],
+            "users": [{"name": user, "user": credentials} for user, credentials, _ in users],
             "contexts": [
-                {"name": ADMIN_USER, "context": {"cluster": "test", "user": ADMIN_USER}},
-                {"name": TEST_USER, "context": {"cluster": "test", "user": TEST_USER, "namespace": "default"}},
+                {"name": user, "context": {"cluster": "test", "user": user, **({"namespace": ns} if ns else {})}}
+                for user, _, ns in users
             ],
-            "current-context": ADMIN_USER,
+            "current-context": users[0][0],
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.kubeconfig.chmod(0o600)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return path
 
     # --- components -------------------------------------------------------------------------------------------
 
