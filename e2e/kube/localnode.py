@@ -605,6 +605,9 @@ class LocalNode:
             # Leave the host's conntrack table sizes and timeouts alone.
             "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
             "nodePortAddresses": [f"{NODE_IP}/32"],
+            # Without bridge netfilter, a reply from a Pod to another Pod on the bridge skips the host's conntrack
+            # and so its Service NAT; masquerading all Service traffic routes replies back through the host.
+            "iptables": {"masqueradeAll": not Path("/proc/sys/net/bridge").is_dir()},
         }
         path = self._path("kube-proxy-config.yaml")
         path.write_text(yaml.safe_dump(config, sort_keys=False))
