@@ -11,6 +11,7 @@ import asyncio
 import os
 import resource
 import shutil
+import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -503,3 +504,39 @@ async def test_a_refused_proc_mount_falls_back_once_and_is_remembered(monkeypatc
             await JobRunner(1).run("print(3)", "python")
     finally:
         shutil.rmtree(wrapper_dir, ignore_errors=True)
+
+
+NEW_USER_NAMESPACE = """
+import ctypes, os, threading
+libc = ctypes.CDLL(None, use_errno=True)
+result = libc.unshare(0x10000000)  # CLONE_NEWUSER
+print("unshare", result, os.strerror(ctypes.get_errno()) if result else "")
+threads = [threading.Thread(target=lambda: None) for _ in range(4)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+pid = os.fork()
+if pid == 0: os._exit(7)
+print("child", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.parametrize("proc_mode", ["auto", "off"])
+async def test_jobs_cannot_create_user_namespaces_with_or_without_proc(monkeypatch, proc_mode: str) -> None:
+    """Without its own /proc (in a Pod) bwrap cannot --disable-userns; the seccomp filter refuses it anyway,
+    while threads (clone3 -> ENOSYS -> glibc's clone fallback) and fork keep working."""
+    monkeypatch.setenv(sandbox.PROC_ENV, proc_mode)
+    outcome = await JobRunner(1).run(NEW_USER_NAMESPACE, "python")
+    assert outcome.status == JobStatus.OK, outcome
+    assert outcome.stdout.splitlines() == ["unshare -1 Operation not permitted", "child 7"]
+
+
+def test_the_seccomp_filter_is_known_for_this_machine_and_well_formed() -> None:
+    from singularity_stack.genesis import seccomp
+
+    program = seccomp.no_new_user_namespaces()
+    assert program is not None and len(program) % 8 == 0
+    assert seccomp.no_new_user_namespaces("riscv64") is None  # unknown ABI: no filter rather than a wrong one
+    for offset in range(0, len(program), 8):
+        _, jt, jf, _ = struct.unpack("<HBBI", program[offset : offset + 8])
+        target_limit = len(program) // 8 - offset // 8 - 1
+        assert jt <= target_limit and jf <= target_limit, f"jump out of the program at {offset // 8}"

@@ -35,6 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import seccomp
+
 log = logging.getLogger(__name__)
 
 KiB = 1024
@@ -205,6 +207,7 @@ def _bwrap_argv(
     env: Mapping[str, str],
     limits: Limits,
     mount_proc: bool = True,
+    seccomp_fd: int | None = None,
 ) -> list[str]:
     """The bwrap options; mounts are applied in order, so the final `--remount-ro /` freezes the root."""
     argv = [
@@ -215,6 +218,8 @@ def _bwrap_argv(
         # /proc/sys/user/max_user_namespaces in the job's /proc; without a /proc of its own (in a container)
         # that is the runtime's read-only /proc/sys, so there it cannot.
         *(["--disable-userns"] if mount_proc else []),
+        # ... and a seccomp filter refuses it everywhere (see seccomp.py).
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         "--uid",
         str(SANDBOX_UID),
         "--gid",
@@ -361,6 +366,7 @@ class _Bwrap:
         return out, err, timed_out
 
 
+_SECCOMP_FILTER = seccomp.no_new_user_namespaces()
 PROC_ENV = "GENESIS_SANDBOX_PROC"  # auto (default) | on | off
 _proc_refused = False  # set once a container runtime refused bwrap a fresh /proc (see run_sandboxed)
 
@@ -417,6 +423,10 @@ async def _run_once(
     try:
         status_fd = os.memfd_create("bwrap-status")
         fds.append(status_fd)
+        seccomp_fd = None
+        if _SECCOMP_FILTER is not None:
+            seccomp_fd = _memfd_with("seccomp", _SECCOMP_FILTER)
+            fds.append(seccomp_fd)
         file_fds: dict[str, int] = {}
         for name, content in files.items():
             file_fds[name] = _memfd_with(name, content)
@@ -429,6 +439,7 @@ async def _run_once(
             env=env or {},
             limits=limits,
             mount_proc=mount_proc,
+            seccomp_fd=seccomp_fd,
         )
         command = [*sandbox, "--", *_INIT, *_rlimit_argv(prlimit, limits, address_space_bytes), *argv]
         started = time.perf_counter()
