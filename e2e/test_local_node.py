@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from e2e_support import ROOT, wait_until
 
-from e2e.kube import hostnet, localnode
+from e2e.kube import hostnet, hoststate, localnode
 
 CHILD = """
 import sys, time
@@ -57,5 +57,5 @@ def test_a_node_killed_outright_is_reclaimed_by_the_next(local_provider: None) -
     assert not workdir.exists()
     assert not hostnet.link_exists(localnode.NODE_LINK)
     assert not hostnet.owned_chains()
-    assert not localnode.mounts_under(workdir)
+    assert not hoststate.mounts_under(workdir)
     assert localnode.unavailable_reason() is None

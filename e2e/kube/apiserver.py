@@ -257,9 +257,12 @@ class ControlPlane:
         pki.issue(self._path(""), name, user, organization=group, client=True)
         return {"client-certificate": str(self._path(f"{name}.crt")), "client-key": str(self._path(f"{name}.key"))}
 
-    def issue_serving_certificate(self, name: str, ips: Sequence[str], dns_names: Sequence[str] = ()) -> None:
-        """``<workdir>/<name>.crt`` and ``.key``: a serving certificate signed by the cluster CA."""
+    def issue_serving_certificate(
+        self, name: str, ips: Sequence[str], dns_names: Sequence[str] = ()
+    ) -> tuple[Path, Path]:
+        """A serving certificate signed by the cluster CA: the paths of the certificate and of its key."""
         pki.issue(self._path(""), name, name, server_names=pki.subject_alt_names(ips, dns_names))
+        return self._path(f"{name}.crt"), self._path(f"{name}.key")
 
     def __enter__(self) -> Self:
         if self._group is None:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import hoststate
+
 CNI_BIN_DIR = "/usr/lib/cni"
 K8S_NAMESPACE = "k8s.io"
 PAUSE_REFERENCE = "localhost/singularity-e2e/pause:3.4.1"
@@ -169,17 +171,7 @@ class Ctr:
 
 def shim_pids(socket: Path) -> list[int]:
     """containerd-shim processes started by the containerd listening on ``socket`` (they outlive it)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"containerd-shim" in argv[0] and str(socket).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid in hoststate.processes_mentioning(str(socket)) if "containerd-shim" in hoststate.argv0(pid)]
 
 
 def kill_shims(socket: Path, timeout: float = 10) -> None:

@@ -41,7 +41,7 @@ from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
-from . import containerd, hostnet
+from . import containerd, hostnet, hoststate
 from .apiserver import (
     BUILD_SCRIPT,
     PROXY_USER,
@@ -64,9 +64,6 @@ NODE_LINK = "sse2e-node0"
 BRIDGE = "sse2e-br0"
 POD_CIDR = "198.18.0.0/16"
 POD_GATEWAY = "198.18.0.1"
-# Where kubelet (cgroupfs driver, default cgroup root) puts every Pod, in each cgroup v1 hierarchy.
-KUBEPODS_CGROUP = "kubepods"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Files outside the run directory that kubelet and containerd write wherever they are told to run.
 SHARED_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"), Path("/run/containerd/s"))
 NODE_READY_TIMEOUT = 120.0
@@ -136,8 +133,8 @@ def unavailable_reason() -> str | None:
     for name, bit in (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_NET_ADMIN", CAP_NET_ADMIN)):
         if not caps & (1 << bit):
             return f"the local node needs {name}, which this process does not have"
-    if not (CGROUP_ROOT / "memory").is_dir():
-        return f"the local node needs cgroup v1 hierarchies under {CGROUP_ROOT} (kubelet runs with cgroupfs)"
+    if not (hoststate.CGROUP_ROOT / "memory").is_dir():
+        return f"the local node needs cgroup v1 hierarchies under {hoststate.CGROUP_ROOT} (kubelet runs with cgroupfs)"
     try:
         find_node_binaries()
     except BinariesMissing as exc:
@@ -156,13 +153,7 @@ def run_parent() -> Path:
 def running_kubelets() -> list[int]:
     """Kubelets of local nodes (ours run with --root-dir under a run directory)."""
     marker = str(run_parent() / RUN_DIR_PREFIX)
-    return [pid for pid in _processes_mentioning(marker) if _argv0(pid).endswith("/kubelet")]
-
-
-def _argv0(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-    return ""
+    return [pid for pid in hoststate.processes_mentioning(marker) if hoststate.argv0(pid).endswith("/kubelet")]
 
 
 def reclaim_leftovers() -> list[str]:
@@ -172,16 +163,16 @@ def reclaim_leftovers() -> list[str]:
     removed = []
     workdirs = sorted(run_parent().glob(RUN_DIR_PREFIX + "*"))
     for workdir in workdirs:
-        for pid in _processes_mentioning(str(workdir)):
+        for pid in hoststate.processes_mentioning(str(workdir)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-                removed.append(f"process {pid} ({Path(_argv0(pid)).name or '?'})")
-    if _cgroup_dirs():
-        _kill_cgroup_processes()
-        _remove_cgroups()
+                removed.append(f"process {pid} ({Path(hoststate.argv0(pid)).name or '?'})")
+    if hoststate.cgroup_dirs():
+        hoststate.kill_cgroup_processes()
+        hoststate.remove_cgroups()
         removed.append("kubepods cgroups")
     for workdir in workdirs:
-        _unmount_all(workdir)
+        hoststate.unmount_all(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
         removed.append(f"run directory {workdir}")
     for link in (BRIDGE, NODE_LINK):
@@ -191,79 +182,6 @@ def reclaim_leftovers() -> list[str]:
     with contextlib.suppress(hostnet.HostNetworkError):
         removed += [f"iptables chains in {table}" for table in hostnet.remove_owned_chains()]
     return removed
-
-
-def _cgroup_dirs() -> list[Path]:
-    """kubelet's kubepods cgroup in every mounted hierarchy, deepest first."""
-    found: list[Path] = []
-    for hierarchy in CGROUP_ROOT.iterdir():
-        top = hierarchy / KUBEPODS_CGROUP
-        if top.is_dir():
-            found.extend(path for path in top.rglob("*") if path.is_dir())
-            found.append(top)
-    return sorted(found, key=lambda path: len(path.parts), reverse=True)
-
-
-def _kill_cgroup_processes(timeout: float = 15) -> None:
-    """SIGKILL every process in the kubepods cgroups (the Pods' processes) until none is left."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pids = set()
-        for directory in _cgroup_dirs():
-            with contextlib.suppress(OSError):
-                pids.update(int(pid) for pid in (directory / "cgroup.procs").read_text().split())
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-        time.sleep(0.2)
-
-
-def _remove_cgroups(timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while (directories := _cgroup_dirs()) and time.monotonic() < deadline:
-        for directory in directories:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        time.sleep(0.1)
-
-
-def mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below ``directory``, deepest first (from /proc/self/mountinfo)."""
-    prefix = str(directory).rstrip("/")
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].encode().decode("unicode_escape")
-        if point == prefix or point.startswith(prefix + "/"):
-            points.append(point)
-    return sorted(set(points), key=len, reverse=True)
-
-
-def _unmount_all(directory: Path) -> None:
-    for _ in range(5):
-        points = mounts_under(directory)
-        if not points:
-            return
-        for point in points:
-            hostnet.run("umount", point, check=False)
-        for point in mounts_under(directory):
-            hostnet.run("umount", "--lazy", point, check=False)
-
-
-def _listing(directory: Path) -> set[str]:
-    return set(os.listdir(directory)) if directory.is_dir() else set()
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    needle = text.encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if needle in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-    return pids
 
 
 class LocalNode:
@@ -338,23 +256,23 @@ class LocalNode:
         if self._group is not None:
             # kubelet first, so it restarts nothing; then the Pods' processes, containerd and its shims.
             self._group.terminate("kubelet")
-            _kill_cgroup_processes()
+            hoststate.kill_cgroup_processes()
             self._group.stop()
             containerd.kill_shims(self._path("containerd/containerd.sock"))
             self._group = None
         if self.control_plane is not None:
             self.control_plane.stop()
             self.control_plane = None
-        _remove_cgroups()
+        hoststate.remove_cgroups()
         if self.workdir is not None:
-            _unmount_all(self.workdir)
+            hoststate.unmount_all(self.workdir)
         hostnet.delete_link(BRIDGE)
         hostnet.delete_link(NODE_LINK)
         with contextlib.suppress(hostnet.HostNetworkError):
             hostnet.remove_owned_chains()
         hostnet.restore_sysctls(self._saved_sysctls)
         for directory, before in self._shared_before.items():
-            for name in _listing(directory) - before:
+            for name in hoststate.listing(directory) - before:
                 path = directory / name
                 if path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path, ignore_errors=True)
@@ -372,10 +290,10 @@ class LocalNode:
         if self.workdir is not None:
             if self.workdir.exists() and not self.keep_workdir:
                 found.append(f"run directory {self.workdir}")
-            found += [f"mount {point}" for point in mounts_under(self.workdir)]
-            found += [f"process {pid}" for pid in _processes_mentioning(str(self.workdir))]
+            found += [f"mount {point}" for point in hoststate.mounts_under(self.workdir)]
+            found += [f"process {pid}" for pid in hoststate.processes_mentioning(str(self.workdir))]
         found += [f"interface {name}" for name in (NODE_LINK, BRIDGE) if hostnet.link_exists(name)]
-        found += [f"cgroup {path}" for path in _cgroup_dirs()]
+        found += [f"cgroup {path}" for path in hoststate.cgroup_dirs()]
         found += [f"iptables chain {chain}" for chain in hostnet.owned_chains()]
         current = hostnet.read_sysctls(self._saved_sysctls)
         found += [
@@ -433,7 +351,7 @@ class LocalNode:
         for name in ("logs", "containerd", "cni/net.d", "cni/ipam", "kubelet", "volumes"):
             self._path(name).mkdir(parents=True, exist_ok=True)
         self._group = ProcessGroup(self._path("logs"), LocalNodeError)
-        self._shared_before = {directory: _listing(directory) for directory in SHARED_DIRS}
+        self._shared_before = {directory: hoststate.listing(directory) for directory in SHARED_DIRS}
         self._saved_sysctls = hostnet.read_sysctls(hostnet.TOUCHED_SYSCTLS)
         hostnet.write_sysctl("net.ipv4.ip_forward", "1")
         if "net.bridge.bridge-nf-call-iptables" in self._saved_sysctls:
@@ -513,14 +431,14 @@ class LocalNode:
     def _start_kubelet(self) -> None:
         started = time.monotonic()
         plane = self._control_plane()
-        plane.issue_serving_certificate("kubelet", [NODE_IP], [NODE_NAME])
+        serving = plane.issue_serving_certificate("kubelet", [NODE_IP], [NODE_NAME])
         credentials = plane.issue_client_certificate("kubelet-client", f"system:node:{NODE_NAME}", "system:nodes")
         kubeconfig = plane.kubeconfig_for(self._path("kubelet.kubeconfig"), f"system:node:{NODE_NAME}", credentials)
         self._kubelet_port, healthz_port = free_ports(2)
         resolv = self._path("resolv.conf")
         resolv.write_text("")  # no host search domains or upstream servers leak into Pods
         config = self._path("kubelet-config.yaml")
-        config.write_text(yaml.safe_dump(self._kubelet_config(healthz_port, resolv), sort_keys=False))
+        config.write_text(yaml.safe_dump(self._kubelet_config(healthz_port, resolv, serving), sort_keys=False))
         self._started().launch(
             "kubelet",
             [
@@ -538,7 +456,7 @@ class LocalNode:
         self._started().wait_until("the node to be Ready", self._node_ready, NODE_READY_TIMEOUT)
         self._timed("kubelet (node Ready)", started)
 
-    def _kubelet_config(self, healthz_port: int, resolv: Path) -> dict[str, Any]:
+    def _kubelet_config(self, healthz_port: int, resolv: Path, serving: tuple[Path, Path]) -> dict[str, Any]:
         plane = self._control_plane()
         return {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -548,8 +466,8 @@ class LocalNode:
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
             "healthzPort": healthz_port,
-            "tlsCertFile": str(plane.workdir / "kubelet.crt") if plane.workdir else "",
-            "tlsPrivateKeyFile": str(plane.workdir / "kubelet.key") if plane.workdir else "",
+            "tlsCertFile": str(serving[0]),
+            "tlsPrivateKeyFile": str(serving[1]),
             "authentication": {
                 "anonymous": {"enabled": False},
                 "webhook": {"enabled": True},
