@@ -112,13 +112,38 @@ def plan_services(
     return sorted(plans, key=lambda p: (p.role != "centralcloud", p.name))
 
 
+# Restarts back off as Kubernetes' CrashLoopBackOff does: a service that keeps dying right after it starts is
+# retried after 5 s, 10 s, 20 s, ... up to 5 minutes; one that ran for a minute before dying restarts at once.
 RESTART_BACKOFF_S = 5.0
+MAX_RESTART_BACKOFF_S = 300.0
+STABLE_RUN_S = 60.0
+
+
+def restart_delay(crashes_in_a_row: int) -> float:
+    """Seconds to wait before restarting a service that died after ``crashes_in_a_row`` short runs."""
+    if crashes_in_a_row <= 0:
+        return 0.0
+    return min(RESTART_BACKOFF_S * 2 ** (crashes_in_a_row - 1), MAX_RESTART_BACKOFF_S)
+
+
+@dataclass
+class _Restart:
+    due: float
+    crashes_in_a_row: int
 
 
 class Supervisor:
-    def __init__(self, services: list[ServiceProcess], report: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        services: list[ServiceProcess],
+        report: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.services = services
         self.report = report
+        self.clock = clock
+        self._pending: dict[str, _Restart] = {}  # services that died, waiting out their back-off
+        self._crashes: dict[str, int] = {}
 
     def start_all(self, timeout: float = 120.0) -> None:
         """Start every service and wait until each answers /readyz, reporting progress as they come up."""
@@ -142,14 +167,27 @@ class Supervisor:
             time.sleep(0.1)
 
     def watch_once(self) -> None:
-        """Restart any service that died."""
+        """Restart any service that died, once its back-off has passed."""
+        now = self.clock()
         for service in self.services:
             code = service.exited()
-            # one that dies right after starting is retried every few seconds, not in a tight loop
-            if code is not None and time.monotonic() - service.started_at >= RESTART_BACKOFF_S:
+            if code is None:
+                continue
+            pending = self._pending.get(service.name)
+            if pending is None:
+                ran_for = now - service.started_at
+                crashes = 0 if ran_for >= STABLE_RUN_S else self._crashes.get(service.name, 0) + 1
+                self._crashes[service.name] = crashes
+                pending = self._pending[service.name] = _Restart(now + restart_delay(crashes), crashes)
+                self.report(
+                    f"{service.name} exited with code {code} after {ran_for:.0f}s; restarting in "
+                    f"{restart_delay(crashes):.0f}s" + (f" ({crashes} short runs in a row)" if crashes else "")
+                )
+            if now >= pending.due:
+                del self._pending[service.name]
                 service.restarts += 1
-                self.report(f"{service.name} exited with code {code}; restarting (restart #{service.restarts})")
                 service.start()
+                service.started_at = now
 
     def stop_all(self, timeout: float = 20.0) -> None:
         # Singularity instances first (they send), CentralCloud last (it owns the queues).
