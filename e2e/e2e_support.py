@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from singularity_stack.postgres.cluster import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "singularity-stack:0.1.0"
 POSTGRES_IMAGE = "singularity-stack-postgres:0.1.0"
@@ -27,12 +29,6 @@ def run(*args: str, check: bool = True, capture: bool = True, timeout: float = 9
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result.stdout if capture else ""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -119,3 +119,12 @@ def test_runs_as_unprivileged_account_when_root():
             assert uid != 0
     finally:
         shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    """Ports handed out for servers that bind later: an outgoing connection can never have taken them."""
+    from singularity_stack.postgres.cluster import _ephemeral_range_start, free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(10000 <= port < _ephemeral_range_start() for port in ports)

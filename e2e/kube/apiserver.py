@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import atexit
 import base64
-import contextlib
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import tempfile
 import time
@@ -33,6 +31,8 @@ from types import TracebackType
 from typing import Any, Self
 
 import yaml
+
+from singularity_stack.postgres.cluster import free_port
 
 from . import pki
 from .processes import ProcessGroup
@@ -97,12 +97,8 @@ def find_binaries() -> Binaries:
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    # Hold every socket until all are bound, so the kernel cannot hand out the same port twice.
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+    """Ports for servers started next, distinct, outside the ephemeral range (see free_port)."""
+    return [free_port(host) for _ in range(count)]
 
 
 KUBERNETES_NAMES = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",

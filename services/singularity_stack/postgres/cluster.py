@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import secrets
 import socket
 import subprocess
@@ -28,9 +29,38 @@ class ClusterError(RuntimeError):
     """initdb, pg_ctl or the server failed; the message carries its output and log tail."""
 
 
-def free_port() -> int:
+_LOWEST_PORT = 10000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for a server that binds it later.
+
+    Taken below the kernel's ephemeral range where there is room: any outgoing connection may get an
+    ephemeral port as its local port, and a server started later could then not bind it. A port is never
+    handed out twice by one process.
+    """
+    top = _ephemeral_range_start()
+    for _ in range(100 if top > _LOWEST_PORT + 1000 else 0):
+        port = random.randrange(_LOWEST_PORT, top)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
