@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 5])
     args = parser.parse_args()
     results: dict[int, float] = {}
+    memory: dict[int, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="local-node-bench-") as tmp:
         clusters = local_cluster(Path(tmp), TIMINGS)
         cluster = next(clusters)
@@ -44,6 +45,8 @@ def main() -> None:
                 wait_ready(cluster, name, OTHER_PODS + count)
                 results[count] = time.monotonic() - started
                 print(f"N={count}: apply -> Ready=True, all {OTHER_PODS + count} Pods Running: {results[count]:.1f} s")
+                time.sleep(10)  # let start-up settle before reading memory
+                memory[count] = cluster.memory_rss()
                 cluster.kubectl("delete", "singularitystack", name, "-n", NAMESPACE, "--timeout=5m")
                 wait_until(f"{name}'s Pods to go", lambda name=name: not stack_pods(cluster, name), 300)
         finally:
@@ -53,6 +56,13 @@ def main() -> None:
         print(f"  {step:<40} {seconds:7.1f}")
     for count, seconds in results.items():
         print(f"  {'apply -> Ready, N=' + str(count):<40} {seconds:7.1f}")
+    for count, usage in memory.items():
+        pods = usage.pop("pods", 0)
+        print(f"\nresident memory with N={count} ({OTHER_PODS + count} stack Pods + the operator), MiB:")
+        print(f"  {'all Pods':<40} {pods / 2**20:7.0f}")
+        print(f"  {'cluster components':<40} {sum(usage.values()) / 2**20:7.0f}")
+        for name, rss in sorted(usage.items(), key=lambda item: -item[1]):
+            print(f"    {name:<38} {rss / 2**20:7.0f}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ class Cluster:
     kubectl_binary: str = "kubectl"
     routable: bool = False
     node_diagnostics: Callable[[], str] = field(default=lambda: "")
+    # Resident memory of the node's components and Pods, where the provider can tell.
+    memory_rss: Callable[[], dict[str, int]] = field(default=dict)
 
     def kubectl(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
         return run(self.kubectl_binary, "--kubeconfig", str(self.kubeconfig), *args, check=check, stdin=stdin)

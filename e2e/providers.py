@@ -80,7 +80,7 @@ def local_cluster(tmp: Path, timings: dict[str, float]) -> Iterator[Cluster]:
         timings["image import"] = time.monotonic() - started
         kubectl = str(node.binaries.kubelet.with_name("kubectl"))
         yield Cluster(node.kubeconfig, provider="local", kubectl_binary=kubectl, routable=True,
-                      node_diagnostics=node.diagnostics)  # fmt: skip
+                      node_diagnostics=node.diagnostics, memory_rss=node.memory_rss)  # fmt: skip
     finally:
         node.stop()
         timings["cluster teardown"] = node.timings.get("stop", 0.0)

@@ -316,8 +316,13 @@ class LocalNode:
         return "\n".join(parts)
 
     def memory_rss(self) -> dict[str, int]:
+        """Resident memory in bytes of each component, and of all Pods together ("pods", from their cgroup)."""
         usage = self.control_plane.memory_rss() if self.control_plane else {}
-        return {**usage, **(self._group.memory_rss() if self._group else {})}
+        usage.update(self._group.memory_rss() if self._group else {})
+        with contextlib.suppress(OSError, ValueError):
+            stat = (hoststate.CGROUP_ROOT / "memory" / hoststate.KUBEPODS_CGROUP / "memory.stat").read_text()
+            usage["pods"] = next(int(line.split()[1]) for line in stat.splitlines() if line.startswith("total_rss "))
+        return usage
 
     def __enter__(self) -> Self:
         if self._group is None:
