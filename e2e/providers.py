@@ -19,7 +19,7 @@ from pathlib import Path
 
 import helm_python as helm
 import yaml
-from e2e_support import CHART, IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, ROOT, Cluster, run, wait_until
+from e2e_support import CHART, IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, ROOT, Cluster, run
 
 from e2e.kube import localnode
 
@@ -78,15 +78,18 @@ def local_cluster(tmp: Path, timings: dict[str, float]) -> Iterator[Cluster]:
         for archive in archives:
             node.load_image(archive)
         timings["image import"] = time.monotonic() - started
-        kubectl = str(node.binaries.kubelet.with_name("kubectl"))
-        yield Cluster(node.kubeconfig, provider="local", kubectl_binary=kubectl, routable=True,
+        missing = [image for image in (IMAGE, POSTGRES_IMAGE) if f"docker.io/library/{image}" not in node.ctr.images()]
+        if missing:
+            raise AssertionError(f"{', '.join(missing)} not in the node's containerd after importing {archives}")
+        yield Cluster(node.kubeconfig, provider="local", kubectl_binary=str(node.binaries.kubectl), routable=True,
                       node_diagnostics=node.diagnostics, memory_rss=node.memory_rss)  # fmt: skip
     finally:
         node.stop()
         timings["cluster teardown"] = node.timings.get("stop", 0.0)
-        leftovers = node.leftovers()
-        if leftovers:
-            raise AssertionError(f"the local node's teardown left: {leftovers}")
+    # Checked only after a clean run: an error raised above must not be masked by its consequences.
+    leftovers = node.leftovers()
+    if leftovers:
+        raise AssertionError(f"the local node's teardown left: {leftovers}")
 
 
 def install_chart(cluster: Cluster, values: dict | None = None) -> None:
@@ -107,7 +110,6 @@ def install_chart(cluster: Cluster, values: dict | None = None) -> None:
     cluster.kubectl(
         "wait", "-n", OPERATOR_NAMESPACE, "--for=condition=Available", "deployment", "--all", "--timeout=300s"
     )
-    wait_until("the operator Pod to be Ready", lambda: operator_pods(cluster, ready=True), 120)
 
 
 def operator_pods(cluster: Cluster, ready: bool = False) -> list[str]:

@@ -107,7 +107,6 @@ class ClusterSync:
         self.volumes_dir = volumes_dir
         self.node = node
         self.dnsmasq_pid = dnsmasq_pid
-        self.errors = 0
         self._next_volume = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="local-node-sync", daemon=True)
@@ -168,6 +167,5 @@ class ClusterSync:
         while not self._stop.wait(POLL_SECONDS):
             try:
                 self.sync_once()
-            except Exception:  # the API server restarting, a race with a delete: try again next round
-                self.errors += 1
-                log.debug("local node sync failed", exc_info=True)
+            except Exception as exc:  # the API server restarting, a race with a delete: try again next round
+                log.warning("local node: DNS/volume sync failed, retrying: %s", exc)

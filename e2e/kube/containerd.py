@@ -157,16 +157,7 @@ class Ctr:
         """Import a docker-archive or OCI archive; the image references that are new afterwards."""
         before = self.images()
         self("images", "import", str(archive))
-        added = self.images() - before
-        # Docker's short names ("name:tag") mean docker.io/library/name:tag to the CRI; buildah writes them
-        # as localhost/name:tag. Tag both ways, so either spelling in a Pod finds the image.
-        for reference in sorted(added):
-            if reference.startswith("localhost/") and reference.count("/") == 1:
-                alias = "docker.io/library/" + reference.removeprefix("localhost/")
-                if alias not in self.images():
-                    self("images", "tag", reference, alias)
-                    added.add(alias)
-        return added
+        return self.images() - before
 
 
 def shim_pids(socket: Path) -> list[int]:

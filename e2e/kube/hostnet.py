@@ -148,9 +148,3 @@ def add_node_interface(name: str, node_ip: str, routed: Iterable[str]) -> None:
 def delete_link(name: str) -> None:
     if link_exists(name):
         run("ip", "link", "delete", name, check=False)
-
-
-def veths_on(bridge: str) -> list[str]:
-    """Interfaces still attached to ``bridge`` (Pods' host-side veths)."""
-    directory = Path("/sys/class/net", bridge, "brif")
-    return sorted(path.name for path in directory.iterdir()) if directory.is_dir() else []

@@ -58,7 +58,8 @@ def no_new_user_namespaces(machine: str | None = None) -> bytes | None:
         _insn(_LD_W_ABS, _ARCH),  # 0
         _insn(_JEQ_K, abi.audit_arch, jf=10),  # 1: another ABI -> 12
         _insn(_LD_W_ABS, _NR),  # 2
-        _insn(_JGE_K, _X32_SYSCALL_BIT, jt=8) if abi.has_x32 else _insn(_JEQ_K, 0xFFFFFFFF, jt=8),  # 3: x32 -> 12
+        # 3: x32 -> 12 (an ABI without x32 gets a check no syscall number matches, keeping the offsets)
+        _insn(_JGE_K, _X32_SYSCALL_BIT, jt=8) if abi.has_x32 else _insn(_JEQ_K, 0xFFFFFFFF, jt=8),
         _insn(_JEQ_K, abi.clone3, jt=7),  # 4: -> 12
         _insn(_JEQ_K, abi.unshare, jt=2),  # 5: -> 8
         _insn(_JEQ_K, abi.clone, jt=1),  # 6: -> 8

@@ -187,7 +187,7 @@ class Supervisor:
                 del self._pending[service.name]
                 service.restarts += 1
                 service.start()
-                service.started_at = now
+                service.started_at = now  # on the supervisor's clock, which measures the next run
 
     def stop_all(self, timeout: float = 20.0) -> None:
         # Singularity instances first (they send), CentralCloud last (it owns the queues).
