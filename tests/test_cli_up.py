@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psycopg
 
@@ -40,6 +43,18 @@ def stop(process: subprocess.Popen) -> str:
     return rest
 
 
+def assert_private(state: Path) -> None:
+    """The state directory is ours alone (PostgreSQL's account, when it is not ours, may only pass through)."""
+    info = state.lstat()
+    assert stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+    if os.geteuid() == 0:
+        assert stat.S_IMODE(info.st_mode) == 0o710
+        assert info.st_gid == (state / "postgres").stat().st_gid != 0
+    else:
+        assert stat.S_IMODE(info.st_mode) == 0o700
+    assert stat.S_IMODE((state / "credentials.json").stat().st_mode) == 0o600
+
+
 def test_up_provisions_prints_and_stops_cleanly_then_restarts_unchanged(open_tmp):
     state = open_tmp / "stack"
     process, output = start(state, 2)
@@ -47,6 +62,7 @@ def test_up_provisions_prints_and_stops_cleanly_then_restarts_unchanged(open_tmp
         assert "created database shared_queue" in output
         assert "singularity_2  DATABASE_URL=postgresql://singularity_2:" in output
         credentials = json.loads((state / "credentials.json").read_text())
+        assert_private(state)
         with psycopg.connect(credentials["centralcloud"]["shared_queue_url"]) as conn:
             assert conn.execute("SELECT count(*) FROM pgmq.meta").fetchone()[0] == 2 * (4 + 4 * 2)
     finally:

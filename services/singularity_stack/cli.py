@@ -11,9 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
+from singularity_stack.nexus.routing_config import RoutingConfigError
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.migrations import applied_migrations
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError, ProvisionResult
+from singularity_stack.securefile import UnsafeFileError, private_dir, read_private, write_private
 from singularity_stack.topology import StackLayout
 
 
@@ -73,19 +75,19 @@ def _ui_token(state: Path) -> str:
     if os.environ.get("NEXUS_UI_TOKEN"):
         return os.environ["NEXUS_UI_TOKEN"]
     path = state / "ui-token"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(24))
-    return path.read_text().strip()
+    token = (read_private(path) or "").strip()
+    if len(token) < 16:  # none yet (or not one Nexus would accept): a new one
+        token = secrets.token_urlsafe(24)
+        write_private(path, token)
+    return token
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from singularity_stack.local.supervisor import Supervisor, plan_services, write_state
     from singularity_stack.postgres.cluster import LocalCluster
 
-    state = args.state_dir.resolve()
+    # Not resolved: a symlink planted at the state directory's name must be refused, not followed.
+    state = private_dir(args.state_dir.absolute())
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -95,6 +97,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         port_file = state / "postgres-port"
         port = int(port_file.read_text()) if port_file.exists() else None
         cluster = LocalCluster(state / "postgres", port=port)
+        if cluster.account:  # the server's own account must pass through to its data directory
+            private_dir(state, traverse_gid=cluster.account.pw_gid)
         print(
             f"[1/3] starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
             f"in {cluster.datadir} on port {cluster.port}",
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.func(args))
-    except ProvisionError as error:
+    except (ProvisionError, UnsafeFileError, RoutingConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

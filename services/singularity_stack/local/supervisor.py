@@ -15,13 +15,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from singularity_stack.postgres.cluster import free_port
 from singularity_stack.provision.credentials import ServiceCredentials
+from singularity_stack.securefile import private_dir, write_private
 
 
 @dataclass
@@ -41,10 +42,11 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.log_path.parent)  # logs may quote secrets: ours alone, and no planted names in it
         if self._log:
             self._log.close()  # a restart: the previous process's handle
-        self._log = self.log_path.open("ab")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        self._log = os.fdopen(os.open(self.log_path, flags, 0o600), "ab")
         self.started_at = time.monotonic()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "singularity_stack.cli", "run", self.role],
@@ -80,6 +82,74 @@ class ServiceProcess:
             self._log.close()
 
 
+# What a service process gets from `up`'s environment: nothing else, so a secret of `up`'s (a provider key,
+# a cloud credential) reaches only the service that uses it. Values `up` sets itself are added on top.
+PROCESS_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LOG_LEVEL"})  # and LC_*
+# Each service's settings: the validation_alias names of its settings class (tests/test_service_env.py
+# checks this table against the classes, which are not imported here: Nexus's pulls in litellm).
+COMMON_SETTINGS_ENV = frozenset({"LOG_LEVEL", "SHUTDOWN_GRACE_SECONDS", "ALLOWED_HOSTS", "MAX_BODY_BYTES"})
+# A service's connections and address are `up`'s own: set by the plan, never taken from the environment.
+SET_BY_UP_ENV = frozenset({"DATABASE_URL", "SHARED_QUEUE_DB_URL", "SHARED_QUEUE_URL", "HOST", "PORT"})
+SETTINGS_ENV: dict[str, frozenset[str]] = {
+    "singularity": frozenset(
+        {
+            "SINGULARITY_INSTANCE",
+            "SINGULARITY_API_TOKEN",
+            "LLM_TIMEOUT_SECONDS",
+            "JOB_TIMEOUT_SECONDS",
+            "HUMAN_TIMEOUT_SECONDS",
+            "DAILY_LLM_BUDGET_USD",
+            "LLM_REQUESTS_PER_MINUTE",
+        }
+    ),
+    "nexus": frozenset(
+        {"NEXUS_UI_TOKEN", "NEXUS_ROUTING_CONFIG", "NEXUS_MAX_CONCURRENT_LLM", "HITL_EXPIRY_INTERVAL_SECONDS"}
+    ),
+    "genesis": frozenset({"GENESIS_MAX_CONCURRENT_JOBS", "GENESIS_SANDBOX_PROC"}),
+    "centralcloud": frozenset(
+        {
+            "SHARED_QUEUE_ANALYTICS_URL",
+            "CENTRALCLOUD_API_TOKEN",
+            "SHARED_QUEUE_RETENTION_DAYS",
+            "SINGULARITY_INSTANCES",
+            "STACK_PREFIX",
+            "PRUNE_INTERVAL_SECONDS",
+            "ANALYTICS_INTERVAL_SECONDS",
+            "METRICS_INTERVAL_SECONDS",
+        }
+    ),
+}
+# Nexus alone talks to LLM providers, through a proxy and CA bundle where the host has them.
+NEXUS_NETWORK_ENV = frozenset(
+    {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"}
+    | {"SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE"}
+)
+
+
+def provider_env(source: Mapping[str, str]) -> frozenset[str]:
+    """The provider keys Nexus's routing config asks for (`requires_env` and `os.environ/NAME` of its models):
+    the config that decides a model's key is missing is the one place that says which keys Nexus gets."""
+    from singularity_stack.nexus.routing_config import load_routing_config
+
+    path = source.get("NEXUS_ROUTING_CONFIG")
+    config = load_routing_config(Path(path) if path else None)
+    return frozenset(name for model in config.models for name in model.required_env)
+
+
+def allowed_env(role: str, source: Mapping[str, str]) -> frozenset[str]:
+    """The names a `role` service may receive from `source` (besides LC_*)."""
+    names = PROCESS_ENV | COMMON_SETTINGS_ENV | SETTINGS_ENV[role]
+    if role == "nexus":
+        names |= NEXUS_NETWORK_ENV | provider_env(source)
+    return names
+
+
+def service_env(role: str, source: Mapping[str, str]) -> dict[str, str]:
+    """The part of `source` (normally `up`'s environment) that a `role` service may see."""
+    names = allowed_env(role, source)
+    return {key: value for key, value in source.items() if key in names or key.startswith("LC_")}
+
+
 def plan_services(
     credentials: dict[str, ServiceCredentials],
     state_dir: Path,
@@ -87,14 +157,26 @@ def plan_services(
     instances: int,
     ui_token: str,
     prefix: str = "",
-    extra_env: dict[str, str] | None = None,
+    extra_env: Mapping[str, Mapping[str, str]] | None = None,
+    source_env: Mapping[str, str] | None = None,
 ) -> list[ServiceProcess]:
-    """One process per service and per Singularity instance, each with its own port and settings."""
-    base = {**os.environ, **(extra_env or {}), "HOST": "127.0.0.1"}
+    """One process per service and per Singularity instance, each with its own port and settings.
+
+    Each gets only its share of `source_env` (default: our environment, see `service_env`), then its
+    settings, then `extra_env[role]` and `extra_env[name]` (e.g. "singularity", "singularity_2"): variables
+    given explicitly for that service, passed whatever their name.
+    """
+    source = os.environ if source_env is None else source_env
+    shares = {role: service_env(role, source) for role in SETTINGS_ENV}
     plans = []
     for name, creds in credentials.items():
         role = "singularity" if name.startswith("singularity_") else name
-        env = {**base, "DATABASE_URL": creds.database_url, "SHARED_QUEUE_DB_URL": creds.shared_queue_url}
+        env = {
+            **shares[role],
+            "HOST": "127.0.0.1",
+            "DATABASE_URL": creds.database_url,
+            "SHARED_QUEUE_DB_URL": creds.shared_queue_url,
+        }
         if role == "singularity":
             env["SINGULARITY_INSTANCE"] = name
         if role == "centralcloud":
@@ -107,6 +189,8 @@ def plan_services(
             env["NEXUS_UI_TOKEN"] = ui_token
         port = free_port()
         env["PORT"] = str(port)
+        for key in (role, name):
+            env |= (extra_env or {}).get(key, {})
         plans.append(ServiceProcess(name, role, env, port, state_dir / "logs" / f"{name}.log"))
     # CentralCloud first: it owns the queues the others use.
     return sorted(plans, key=lambda p: (p.role != "centralcloud", p.name))
@@ -209,9 +293,4 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def write_state(path: Path, data: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the UI token
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    tmp.replace(path)
+    write_private(path, json.dumps(data, indent=2))  # it holds the UI token

@@ -19,6 +19,7 @@ from types import TracebackType
 from urllib.parse import quote
 
 from singularity_stack.postgres.installation import PostgresInstallation, find_installation
+from singularity_stack.securefile import write_private
 
 SUPERUSER = "postgres"
 # Settings for a throwaway cluster: durability traded for speed.
@@ -98,6 +99,11 @@ class LocalCluster:
         self.host = "127.0.0.1"
         self._account = _run_as_user()
 
+    @property
+    def account(self) -> pwd.struct_passwd | None:
+        """The account the server runs as, when it is not ours (we are root)."""
+        return self._account
+
     # -- paths and credentials -------------------------------------------------------------------
 
     @property
@@ -160,8 +166,8 @@ class LocalCluster:
         self.datadir.mkdir(parents=True, exist_ok=True)
         self.datadir.chmod(0o700)
         self._give_to_account(self.datadir)
-        self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
-        self.password_file.chmod(0o600)
+        # The data directory is the server account's: nothing it planted there is written through.
+        write_private(self.password_file, secrets.token_urlsafe(24) + "\n")
         self._give_to_account(self.password_file)
         self._run(
             [
@@ -199,6 +205,7 @@ class LocalCluster:
             [str(self.installation.tool("pg_ctl")), "status", "--pgdata", str(self.pgdata)],
             capture_output=True,
             user=self._account.pw_uid if self._account else None,
+            group=self._account.pw_gid if self._account else None,  # the group that may enter `up`'s state dir
             env=self.installation.environment(),
         )
         return result.returncode == 0

@@ -8,12 +8,13 @@ CentralCloud also gets `shared_queue_analytics_url`, its read-only connection to
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict
+
+from singularity_stack.securefile import read_private, write_private
 
 
 class ServiceCredentials(BaseModel):
@@ -38,9 +39,10 @@ def url_user_password(url: str) -> tuple[str, str]:
 
 
 def load(path: Path) -> dict[str, ServiceCredentials]:
-    if not path.exists():
+    text = read_private(path)
+    if text is None:
         return {}
-    data = json.loads(path.read_text())
+    data = json.loads(text)
     return {name: ServiceCredentials.model_validate(entry) for name, entry in data.items()}
 
 
@@ -58,10 +60,5 @@ def known_passwords(credentials: dict[str, ServiceCredentials]) -> dict[str, str
 
 def save(path: Path, credentials: dict[str, ServiceCredentials]) -> None:
     """Write the file readable by its owner only, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        json.dump({k: v.model_dump(exclude_none=True) for k, v in credentials.items()}, handle, indent=2)
-        handle.write("\n")
-    tmp.replace(path)
+    data = {k: v.model_dump(exclude_none=True) for k, v in credentials.items()}
+    write_private(path, json.dumps(data, indent=2) + "\n")
