@@ -12,6 +12,8 @@ from singularity_stack import contract as c
 from singularity_stack.centralcloud.service import CentralCloudService, CentralCloudSettings
 from singularity_stack.sharedqueue import Consumer, Delivery
 
+API_TOKEN = "centralcloud-test-api-token"
+
 
 @pytest.fixture
 async def central(sq):
@@ -25,10 +27,15 @@ async def central(sq):
         prune_interval_seconds=3600,
         analytics_interval_seconds=3600,
         metrics_interval_seconds=3600,
+        api_token=API_TOKEN,
     )
     service = CentralCloudService(settings)
     await service.start()
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://centralcloud")
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=service.app()),
+        base_url="http://localhost",
+        headers={"Authorization": f"Bearer {API_TOKEN}"},
+    )
     yield service, client
     await service.stop()
 
@@ -43,6 +50,7 @@ async def test_start_recreates_a_missing_queue_with_its_privileges(sq):
             shared_queue_url=creds.shared_queue_url,
             analytics_url=creds.shared_queue_analytics_url,
             stack_prefix=sq.result.layout.prefix,
+            api_token=API_TOKEN,
         )
     )
     await service.start()

@@ -15,7 +15,7 @@ async def readyz(sq) -> httpx.Response:
     service = GenesisService(GenesisSettings(database_url=creds.database_url, shared_queue_url=creds.shared_queue_url))
     await service.start()
     try:
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://genesis")
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://localhost")
         for _ in range(100):  # the NOTIFY listener connects in the background
             response = await client.get("/readyz")
             if response.status_code == 200 or "sandbox" in response.json().get("problems", {}):

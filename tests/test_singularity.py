@@ -18,6 +18,7 @@ from singularity_stack import contract as c
 from singularity_stack.sharedqueue import Consumer, Delivery
 from singularity_stack.singularity.service import SingularityService, SingularitySettings
 
+API_TOKEN = "singularity-test-api-token"
 CODE_ANSWER = "Here it is:\n```python\nprint('hello from the stand-in')\n```\n"
 
 
@@ -90,12 +91,19 @@ async def world(sq):
 
     async def start_singularity(**overrides) -> tuple[SingularityService, httpx.AsyncClient]:
         settings = SingularitySettings(
-            database_url=sq.db_url("singularity_1"), shared_queue_url=sq.url("singularity_1"), **overrides
+            database_url=sq.db_url("singularity_1"),
+            shared_queue_url=sq.url("singularity_1"),
+            api_token=API_TOKEN,
+            **overrides,
         )
         service = SingularityService(settings)
         await service.start()
         services.append(service)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://singularity")
+        client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=service.app()),
+            base_url="http://localhost",
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+        )
         return service, client
 
     yield stand_ins, start_singularity

@@ -31,6 +31,8 @@ PRUNED = Counter("singularity_archive_pruned_total", "Archived messages pruned b
 
 
 class CentralCloudSettings(ServiceSettings):
+    # The analytics page and API need 'Authorization: Bearer <token>'; up and the operator generate it.
+    api_token: str = Field(min_length=16, validation_alias=AliasChoices("CENTRALCLOUD_API_TOKEN", "api_token"))
     analytics_url: str = Field(validation_alias=AliasChoices("SHARED_QUEUE_ANALYTICS_URL", "analytics_url"))
     retention_days: int = Field(90, ge=1, validation_alias=AliasChoices("SHARED_QUEUE_RETENTION_DAYS"))
     singularity_instances: int = Field(1, ge=1, validation_alias=AliasChoices("SINGULARITY_INSTANCES"))
@@ -91,6 +93,9 @@ class CentralCloudService(Service):
         ]
 
     # -- HTTP ------------------------------------------------------------------------------------
+
+    def api_token(self) -> str | None:
+        return self.settings.api_token
 
     async def _latest(self) -> tuple[dict[str, Any] | None, str | None]:
         async with self.db.connection() as conn:

@@ -38,7 +38,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from singularity_stack.nexus.hitl import RESYNC, Event, Hitl, HitlError
+from singularity_stack.service.guard import FormRoute
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
+from singularity_stack.service.text import StorableText
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,12 @@ class Decision(BaseModel):
     # strict: "approved": "yes" must be refused, not read as True
     model_config = ConfigDict(extra="forbid", strict=True)
     approved: bool
-    reason: Annotated[str, Field(max_length=10_000)] = ""
+    reason: Annotated[StorableText, Field(max_length=10_000)] = ""
 
 
 class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    response: Annotated[str, Field(min_length=1, max_length=100_000)]
+    response: Annotated[StorableText, Field(min_length=1, max_length=100_000)]
 
 
 # -- authentication ---------------------------------------------------------------------------------
@@ -175,8 +177,9 @@ class HitlWeb:
         return [
             Route("/", self.index, methods=["GET"]),
             Route("/login", self.login_form, methods=["GET"]),
-            Route("/login", self.login, methods=["POST"]),
-            Route("/logout", self.logout, methods=["POST"]),
+            # HTML forms; every other POST must be JSON (service/guard.py).
+            FormRoute("/login", self.login, methods=["POST"]),
+            FormRoute("/logout", self.logout, methods=["POST"]),
             Route("/api/pending", self.api(self.pending), methods=["GET"]),
             Route("/api/approvals/{request_id}", self.api(self.decide), methods=["POST"]),
             Route("/api/questions/{request_id}", self.api(self.answer), methods=["POST"]),

@@ -17,16 +17,21 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from singularity_stack.service.body_limit import BodyLimit
+from singularity_stack.service.guard import FormRoute, GuardPolicy, RequestGuard
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, NotifyListener, SharedQueue
 from singularity_stack.sharedqueue.pool import connection_pool
 
 log = logging.getLogger(__name__)
 Job = Callable[[asyncio.Event], Awaitable[None]]
+# Served to anyone who reaches the service by an allowed host name: probes and Prometheus carry no token.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 async def every(seconds: float, stop: asyncio.Event, work: Callable[[], Awaitable[Any]], name: str) -> None:
@@ -57,6 +62,10 @@ class Service:
 
     def routes(self) -> list[BaseRoute]:
         return []
+
+    def api_token(self) -> str | None:
+        """The bearer token every route but OPEN_PATHS requires; None: the routes authenticate themselves."""
+        return None
 
     def consumers(self) -> list[Consumer[Any]]:
         """Consumers of this service; their `wakeup` events are wired to the NOTIFY listener."""
@@ -139,4 +148,16 @@ class Service:
                 await self.stop()
 
         base = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
-        return Starlette(routes=[*base, *self.routes()], lifespan=lifespan)
+        routes = [*base, *self.routes()]
+        policy = GuardPolicy(
+            allowed_hosts=self.settings.allowed_host_names(),
+            api_token=self.api_token(),
+            open_paths=OPEN_PATHS,
+            form_paths=frozenset(route.path for route in routes if isinstance(route, FormRoute)),
+        )
+        # The guard first (a stranger's body is never read), then the body limit, then the routes.
+        middleware = [
+            Middleware(RequestGuard, policy=policy),
+            Middleware(BodyLimit, max_bytes=self.settings.max_body_bytes),
+        ]
+        return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from singularity_stack.service.body_limit import DEFAULT_MAX_BODY_BYTES
+
+# What `up` gives every service; the operator sets ALLOWED_HOSTS to the Service's DNS names and the pod IP.
+DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,::1"
+
 
 class ServiceSettings(BaseSettings):
     """Settings every service reads. Each service extends this with its own."""
@@ -20,3 +25,11 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("INFO", validation_alias=AliasChoices("LOG_LEVEL", "log_level"))
     # How long a stopping service waits for in-flight messages before handing them back.
     shutdown_grace_seconds: float = Field(10.0, validation_alias=AliasChoices("SHUTDOWN_GRACE_SECONDS"))
+    # Comma-separated host names the HTTP server answers to (any other Host header: 400).
+    allowed_hosts: str = Field(DEFAULT_ALLOWED_HOSTS, validation_alias=AliasChoices("ALLOWED_HOSTS", "allowed_hosts"))
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1, validation_alias=AliasChoices("MAX_BODY_BYTES", "max_body_bytes")
+    )
+
+    def allowed_host_names(self) -> frozenset[str]:
+        return frozenset(name.strip().lower().strip("[]") for name in self.allowed_hosts.split(",") if name.strip())

@@ -17,6 +17,7 @@ from singularity_stack import contract as c
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
 from singularity_stack.service.runtime import Service
 from singularity_stack.service.settings import ServiceSettings
+from singularity_stack.service.text import StorableText
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
 from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class SingularitySettings(ServiceSettings):
+    # Every task API call needs 'Authorization: Bearer <token>'; up and the operator generate it.
+    api_token: str = Field(min_length=16, validation_alias=AliasChoices("SINGULARITY_API_TOKEN", "api_token"))
     instance_id: str = Field("", validation_alias=AliasChoices("SINGULARITY_INSTANCE", "instance_id"))
     llm_timeout_seconds: float = Field(120.0, validation_alias=AliasChoices("LLM_TIMEOUT_SECONDS"))
     job_timeout_seconds: float = Field(120.0, validation_alias=AliasChoices("JOB_TIMEOUT_SECONDS"))
@@ -56,10 +59,10 @@ class SingularitySettings(ServiceSettings):
 
 class NewTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    description: str = Field(min_length=1, max_length=20_000)
-    files: dict[str, str] = Field(default_factory=dict, max_length=50)
+    description: StorableText = Field(min_length=1, max_length=20_000)
+    files: dict[StorableText, StorableText] = Field(default_factory=dict, max_length=50)
     language: Literal["python", "javascript", "bash", "elixir"] = "python"
-    agent_id: str = Field("default-agent", min_length=1, max_length=200)
+    agent_id: StorableText = Field("default-agent", min_length=1, max_length=200)
 
 
 class SingularityService(Service):
@@ -112,6 +115,9 @@ class SingularityService(Service):
         ]
 
     # -- HTTP API --------------------------------------------------------------------------------
+
+    def api_token(self) -> str | None:
+        return self.settings.api_token
 
     async def create(self, request: Request) -> Response:
         try:
