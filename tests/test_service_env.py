@@ -171,3 +171,14 @@ def test_a_planted_log_directory_symlink_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafeFileError, match="it is a symbolic link"):
         plan.start()
     assert plan.process is None and list(outside.iterdir()) == []
+
+
+def test_extra_env_must_name_the_service(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="maps a service"):
+        plan_services(
+            fake_credentials(1),
+            tmp_path,
+            instances=1,
+            ui_token=UI_TOKEN,
+            extra_env={"SINGULARITY_API_TOKEN": "flat, so it would reach no service"},  # type: ignore[dict-item]
+        )

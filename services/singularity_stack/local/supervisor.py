@@ -167,6 +167,9 @@ def plan_services(
     given explicitly for that service, passed whatever their name.
     """
     source = os.environ if source_env is None else source_env
+    explicit = dict(extra_env or {})
+    if any(not isinstance(values, Mapping) for values in explicit.values()):  # a flat dict would be ignored
+        raise TypeError("extra_env maps a service (role or name) to its variables")
     shares = {role: service_env(role, source) for role in SETTINGS_ENV}
     plans = []
     for name, creds in credentials.items():
@@ -190,7 +193,7 @@ def plan_services(
         port = free_port()
         env["PORT"] = str(port)
         for key in (role, name):
-            env |= (extra_env or {}).get(key, {})
+            env |= explicit.get(key, {})
         plans.append(ServiceProcess(name, role, env, port, state_dir / "logs" / f"{name}.log"))
     # CentralCloud first: it owns the queues the others use.
     return sorted(plans, key=lambda p: (p.role != "centralcloud", p.name))
