@@ -62,7 +62,7 @@ def question(**overrides: Any) -> QuestionRequest:
 async def deliver(hitl: Hitl, request: ApprovalRequest | QuestionRequest) -> None:
     """What the shared-queue consumer does: receive inside a transaction on the nexus database."""
     async with hitl.store.pool.connection() as conn, conn.transaction():
-        await hitl.receive(conn, request)
+        await hitl.receive(conn, request, request.reply_to)  # the consumer passes the vouched sender
 
 
 @contextlib.asynccontextmanager
@@ -445,7 +445,7 @@ async def test_a_request_is_announced_only_after_its_transaction_commits(hitl):
         kept, dropped = approval(), approval()
         async with hitl.store.pool.connection() as conn:
             async with conn.transaction():
-                await hitl.receive(conn, kept)
+                await hitl.receive(conn, kept, kept.reply_to)
                 await asyncio.sleep(0.2)
                 assert inbox.empty(), "announced before commit"
             event = await asyncio.wait_for(inbox.get(), 5)
@@ -453,7 +453,7 @@ async def test_a_request_is_announced_only_after_its_transaction_commits(hitl):
 
             with contextlib.suppress(RuntimeError):
                 async with conn.transaction():
-                    await hitl.receive(conn, dropped)
+                    await hitl.receive(conn, dropped, dropped.reply_to)
                     raise RuntimeError("the handler failed after receive")
         await asyncio.sleep(0.3)
         assert inbox.empty(), "a rolled-back request was announced"

@@ -175,7 +175,7 @@ async def test_redelivered_request_id_is_processed_once(sq):
     await settle(consumer, sq)
     assert handled == [request.request_id]
     assert consumer.stats.counts[Outcome.DUPLICATE] == 1
-    assert await store.processed("llm_requests", request.request_id)
+    assert await store.processed("llm_requests", request.request_id, "singularity_1")
     assert sq.owner_query("SELECT count(*) FROM pgmq.a_llm_requests") == [(2,)]
 
 

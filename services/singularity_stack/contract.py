@@ -214,7 +214,8 @@ class DeadLetter(BaseModel):
     source_queue: str
     source_msg_id: int
     attempts: int
-    reason: Literal["invalid", "failed", "expired", "attempts_exhausted"]
+    # forged_sender: a request whose sender PostgreSQL does not vouch for as its `reply_to`.
+    reason: Literal["invalid", "forged_sender", "failed", "expired", "attempts_exhausted"]
     error: str
     message: Any
     headers: dict[str, Any] | None = None

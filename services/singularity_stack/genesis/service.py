@@ -59,19 +59,27 @@ class GenesisService(Service):
 
     async def handle(self, delivery: Delivery[c.JobRequest]) -> None:
         request = delivery.message
+        # The consumer hands over only requests whose reply_to is the sender PostgreSQL vouches for;
+        # the reply goes to that sender.
+        assert delivery.sender is not None and delivery.sender == request.reply_to
         try:
             result = job_result(request, await self.runner.run(request.code, request.language.value, request.run))
         except SandboxError as error:
             # The sandbox itself is broken (not the job): say so at once rather than let the caller wait.
             log.error("sandbox failure", extra={"request_id": str(request.request_id), "error": str(error)})
-            result = c.JobResult(**c.reply_fields(request), status=c.JobStatus.ERROR, error=f"sandbox failure: {error}")
+            result = c.JobResult(
+                request_id=request.request_id,
+                recipient=delivery.sender,
+                status=c.JobStatus.ERROR,
+                error=f"sandbox failure: {error}",
+            )
         assert delivery.db is not None
         await delivery.db.execute(
             "INSERT INTO executions (request_id, instance, agent_id, language, status, exit_code, lint_count, "
             "timings_ms, stdout_bytes, stderr_bytes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 request.request_id,
-                request.reply_to,
+                delivery.sender,
                 request.agent_id,
                 request.language.value,
                 result.status.value,

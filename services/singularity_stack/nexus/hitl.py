@@ -69,6 +69,11 @@ class InvalidDecision(HitlError):
     status_code = 422
 
 
+class RequestIdTaken(Exception):
+    """An arriving request reuses the id of one held for another instance: the consumer retries, then
+    dead-letters it with this reason (not a web error)."""
+
+
 # -- fan-out to browsers ----------------------------------------------------------------------------
 
 
@@ -151,9 +156,9 @@ class HitlStore:
         self.pool = pool
 
     async def insert(
-        self, conn: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest
+        self, conn: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest, instance: str
     ) -> dict[str, Any] | None:
-        """Store a new pending request and its 'received' audit row; None if it was stored before."""
+        """Store a new pending request from `instance` and its 'received' audit row; None if it was stored before."""
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(
             "INSERT INTO hitl_requests (request_id, kind, instance, agent_id, payload, deadline) "
@@ -162,7 +167,7 @@ class HitlStore:
             (
                 request.request_id,
                 _kind(request),
-                request.reply_to,
+                instance,
                 request.agent_id,
                 Jsonb(request.model_dump(mode="json")),
                 request.deadline,
@@ -171,7 +176,14 @@ class HitlStore:
         row = await cur.fetchone()
         if row is not None:
             await self.audit(conn, request.request_id, "received", "system", {"queue": request.queue})
-        return row
+            return row
+        cur = await conn.execute("SELECT instance FROM hitl_requests WHERE request_id = %s", (request.request_id,))
+        held = await cur.fetchone()
+        if held is not None and held[0] != instance:
+            # Reviewers address requests by id alone: another instance's request under this id must
+            # neither be dropped as a duplicate nor share its answer. It fails, and is dead-lettered.
+            raise RequestIdTaken(f"request id {request.request_id} is already held for {held[0]}, not {instance}")
+        return None
 
     async def pending(self) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
@@ -273,9 +285,12 @@ class Hitl:
 
     # -- arrivals ----------------------------------------------------------------------------------
 
-    async def receive(self, db: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest) -> None:
-        """Store a request inside the consumer's open transaction `db`; browsers see it once that commits."""
-        row = await self.store.insert(db, request)
+    async def receive(
+        self, db: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest, sender: str
+    ) -> None:
+        """Store a request from `sender` (the instance PostgreSQL vouches sent it, which gets the answer)
+        inside the consumer's open transaction `db`; browsers see it once that commits."""
+        row = await self.store.insert(db, request, sender)
         if row is None:
             return  # stored before (a redelivery that slipped past the idempotency table): nothing new to show
         cur = await db.execute("SELECT pg_current_xact_id()::text")

@@ -38,12 +38,15 @@ class NexusService(Service):
 
     async def route(self, delivery: Delivery[c.LlmRequest]) -> None:
         request = delivery.message
+        # The reply goes to the instance PostgreSQL vouches sent the request, never to one the body names.
+        assert delivery.sender is not None
+        reply = {"request_id": request.request_id, "recipient": delivery.sender}
         messages = [m.model_dump() for m in request.messages]
         completion: Completion | None = None
         try:
             completion = await self.router.complete(request.task_type, messages, request.complexity)
             result = c.LlmResult(
-                **c.reply_fields(request),
+                **reply,
                 result=completion.text,
                 model=completion.model,
                 complexity=completion.complexity,
@@ -54,7 +57,7 @@ class NexusService(Service):
         except RoutingError as error:
             # Retries and fallbacks are spent: tell the agent now instead of letting it wait for its deadline.
             log.warning("LLM routing failed", extra={"request_id": str(request.request_id), "error": str(error)})
-            result = c.LlmResult(**c.reply_fields(request), error=str(error))
+            result = c.LlmResult(**reply, error=str(error))
         assert delivery.db is not None
         await delivery.db.execute(
             "INSERT INTO llm_calls (request_id, instance, agent_id, task_type, complexity, complexity_source, model, "
@@ -62,7 +65,7 @@ class NexusService(Service):
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
                 request.request_id,
-                request.reply_to,
+                delivery.sender,
                 request.agent_id,
                 request.task_type,
                 completion.complexity.value if completion else (request.complexity or None),
@@ -79,8 +82,8 @@ class NexusService(Service):
         await self.queue.publish(result)
 
     async def hold_for_humans(self, delivery: Delivery[Any]) -> None:
-        assert delivery.db is not None
-        await self.hitl.receive(delivery.db, delivery.message)
+        assert delivery.db is not None and delivery.sender is not None
+        await self.hitl.receive(delivery.db, delivery.message, delivery.sender)
 
     def consumers(self) -> list[Consumer[Any]]:
         store = IdempotencyStore(self.db)

@@ -197,6 +197,16 @@ class SharedQueue:
 
         return await self._retrying(move)
 
+    async def stamps_sender(self, queue: str) -> bool:
+        """Whether PostgreSQL writes each message's sender into its headers on this queue (the
+        provisioner's trigger): without it, a `sender` header is whatever the sender wrote."""
+        rows = await self._rows(
+            "SELECT 1 FROM pg_trigger "
+            "WHERE tgrelid = to_regclass(%s) AND tgname = 'stamp_sender' AND tgenabled IN ('O', 'A')",
+            (f"pgmq.q_{queue}",),
+        )
+        return bool(rows)
+
     # -- observing -------------------------------------------------------------------------------
 
     async def metrics_all(self) -> list[QueueMetrics]:

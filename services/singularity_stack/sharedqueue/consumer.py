@@ -2,7 +2,10 @@
 
 Every message ends in exactly one of three places: the archive (handled, or a duplicate of a
 handled one), back in the queue with a later visibility time (failed, attempts left), or the
-dead-letter queue with the reason (invalid, expired, failed too often).
+dead-letter queue with the reason (invalid, forged sender, expired, failed too often).
+
+A request is handled only when PostgreSQL vouches for its sender (the `sender` header the
+provisioner's trigger writes) and that sender is the instance its `reply_to` names.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from pydantic import ValidationError
 
-from singularity_stack.contract import Message, describe_validation_error
+from singularity_stack.contract import Message, Request, describe_validation_error
 from singularity_stack.sharedqueue.client import RawMessage, SharedQueue
 from singularity_stack.sharedqueue.idempotency import IdempotencyStore
 from singularity_stack.sharedqueue.metrics import BATCH_SECONDS, MESSAGES
@@ -47,13 +50,16 @@ class RetryPolicy:
 @dataclass(frozen=True, slots=True)
 class Delivery(Generic[M]):
     """What a handler gets: the parsed message, its attempt number and, with an idempotency
-    store, `db`: the open transaction in the service's database that also records the message."""
+    store, `db`: the open transaction in the service's database that also records the message.
+    For a request, `sender` is the instance PostgreSQL vouches sent it (always its `reply_to`):
+    replies go to its queues."""
 
     message: M
     msg_id: int
     attempt: int
     queue: str
     db: psycopg.AsyncConnection[TupleRow] | None = None
+    sender: str | None = None
 
 
 Handler = Callable[[Delivery[M]], Awaitable[None]]
@@ -106,6 +112,7 @@ class Consumer(Generic[M]):
         self.wakeup = wakeup or asyncio.Event()
         self.notify_throttle = notify_throttle
         self._woken_at = float("-inf")
+        self._stamps_sender = False  # learnt from the queue's table on the first request read
         self.stats = ConsumerStats()
         # Prometheus children looked up once: labels() per message costs more than the rest of the metric.
         self._settled = {outcome: MESSAGES.labels(queue, outcome.value) for outcome in Outcome}
@@ -118,14 +125,29 @@ class Consumer(Generic[M]):
         await self.client.dead_letter(self.queue, raw, reason, error)
         return Outcome.DEAD
 
-    async def _invoke(self, message: M, raw: RawMessage) -> Outcome:
+    async def _forged(self, message: Request, raw: RawMessage) -> str | None:
+        """Why `message` cannot be answered as its `reply_to` (None: PostgreSQL vouches it is theirs)."""
+        if not self._stamps_sender:
+            self._stamps_sender = await self.client.stamps_sender(self.queue)
+        if not self._stamps_sender:
+            return f"queue {self.queue} does not record senders (provision the stack again): no sender is vouched"
+        headers = raw.headers if isinstance(raw.headers, dict) else {}
+        sender = headers.get("sender")
+        if not isinstance(sender, str):
+            role = headers.get("sender_role")
+            return f"no sender vouched by PostgreSQL (role {role!r}, or sent before senders were recorded)"
+        if sender != message.reply_to:
+            return f"reply_to {message.reply_to} but sent by {sender} (role {headers.get('sender_role')})"
+        return None
+
+    async def _invoke(self, message: M, raw: RawMessage, sender: str | None) -> Outcome:
         if self.idempotency is None:
-            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue))
+            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, sender=sender))
             return Outcome.HANDLED
-        async with self.idempotency.claim(self.model.queue, message.request_id) as claim:
+        async with self.idempotency.claim(self.model.queue, message.request_id, sender or "") as claim:
             if not claim.fresh:
                 return Outcome.DUPLICATE
-            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, claim.db))
+            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, claim.db, sender))
             return Outcome.HANDLED
 
     async def _settle_all(self, batch: list[RawMessage]) -> list[Outcome | BaseException]:
@@ -154,10 +176,16 @@ class Consumer(Generic[M]):
             message = self.model.model_validate_json(raw.body)
         except ValidationError as error:
             return await self._dead(raw, "invalid", describe_validation_error(error))
+        sender: str | None = None
+        if isinstance(message, Request):
+            forged = await self._forged(message, raw)
+            if forged is not None:
+                return await self._dead(raw, "forged_sender", forged)
+            sender = message.reply_to
         if message.expired():
             return await self._dead(raw, "expired", f"deadline {message.deadline.isoformat()} passed")  # type: ignore[union-attr]
         try:
-            return await self._invoke(message, raw)
+            return await self._invoke(message, raw, sender)
         except psycopg.OperationalError:
             raise  # infrastructure, not the message: the batch is abandoned and redelivered
         except Exception as error:  # any handler failure is retried, then dead-lettered

@@ -1,9 +1,11 @@
 """Exactly-once handling on top of at-least-once delivery, in the consuming service's own database.
 
-A handler runs inside a transaction that first records (queue, request_id) in
-`processed_messages`. A redelivered message finds its row and is skipped; a handler that
-fails rolls the row back, so the retry runs it again. Two consumers racing on the same
-message serialize on the primary key: the second waits, then sees the first's row.
+A handler runs inside a transaction that first records (queue, sender, request_id) in
+`processed_messages`: a request id is its sender's, so another instance reusing it is not a
+duplicate (`sender` is "" where a queue has no vouched sender: reply queues). A redelivered
+message finds its row and is skipped; a handler that fails rolls the row back, so the retry
+runs it again. Two consumers racing on the same message serialize on the primary key: the
+second waits, then sees the first's row.
 """
 
 from __future__ import annotations
@@ -31,17 +33,19 @@ class IdempotencyStore:
         self.pool = pool
 
     @asynccontextmanager
-    async def claim(self, queue: str, request_id: uuid.UUID) -> AsyncIterator[Claim]:
+    async def claim(self, queue: str, request_id: uuid.UUID, sender: str) -> AsyncIterator[Claim]:
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
-                "INSERT INTO processed_messages (queue, request_id) VALUES (%s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-                (queue, request_id),
+                "INSERT INTO processed_messages (queue, sender, request_id) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING 1",
+                (queue, sender, request_id),
             )
             yield Claim(fresh=await cur.fetchone() is not None, db=conn)
 
-    async def processed(self, queue: str, request_id: uuid.UUID) -> bool:
+    async def processed(self, queue: str, request_id: uuid.UUID, sender: str) -> bool:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT 1 FROM processed_messages WHERE queue = %s AND request_id = %s", (queue, request_id)
+                "SELECT 1 FROM processed_messages WHERE queue = %s AND sender = %s AND request_id = %s",
+                (queue, sender, request_id),
             )
             return await cur.fetchone() is not None
