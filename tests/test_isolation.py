@@ -164,3 +164,22 @@ def test_sender_cannot_read_what_it_sent(queue_connections):
     rows = nexus.execute("SELECT message FROM pgmq.read('llm_requests', 0, 10)").fetchall()
     nexus.rollback()
     assert {"secret": 1} in [r[0] for r in rows]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_only_the_owner_can_switch_off_the_sender_stamp(queue_connections, role):
+    """Requests are bound to their sender by a trigger on the request queues (provision/queues.py): no
+    other role may disable or drop it, nor rewrite a queued request's headers unless it consumes the queue."""
+    conn = queue_connections[role]
+    owner = role == "centralcloud"
+    stamped = conn.execute(
+        "SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid WHERE t.tgname = 'stamp_sender'"
+    ).fetchall()
+    conn.rollback()
+    assert sorted(r[0] for r in stamped) == sorted(f"q_{q}" for q in REQUESTS)
+    for queue in REQUESTS:
+        table = sql.Identifier("pgmq", f"q_{queue}")
+        for change in ("ALTER TABLE {} DISABLE TRIGGER stamp_sender", "DROP TRIGGER stamp_sender ON {}"):
+            assert allowed(conn, sql.SQL(change).format(table)) is owner, (change, queue)
+        rewrite = sql.SQL('UPDATE {} SET headers = \'{{"sender": "singularity_2"}}\'').format(table)
+        assert allowed(conn, rewrite) is (owner or queue in EXPECTED[role].get("read", set())), queue
