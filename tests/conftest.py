@@ -16,7 +16,7 @@ from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
 from singularity_stack.topology import StackLayout
 
 # A real Kubernetes API server for the operator tests (tests/kube_fixture.py).
-pytest_plugins = ["kube_fixture"]
+pytest_plugins = ["kube_fixture", "sandbox_support"]
 _prefixes = itertools.count(1)
 
 

@@ -11,53 +11,22 @@ import asyncio
 import os
 import resource
 import shutil
-import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pydantic
 import pytest
+from sandbox_support import LANGUAGES, assert_nothing_left_running, require_language, require_tool
 
 from singularity_stack.genesis import sandbox
 from singularity_stack.genesis.languages import RUFF, UnsupportedLanguage, get_language
 from singularity_stack.genesis.runner import JobOutcome, JobRunner, JobStatus
-from singularity_stack.genesis.sandbox import SANDBOX_UID, KiB, Limits, MiB, probe_sandbox
+from singularity_stack.genesis.sandbox import SANDBOX_UID, KiB, Limits, MiB
 
 # Shorter than the production defaults so the hostile cases finish quickly; BEAM start-up needs ~0.5 s.
 LIMITS = Limits(wall_time_s=6, cpu_time_s=2)
 FAST_TIMEOUT = Limits(wall_time_s=1.5, cpu_time_s=1)
-
-# The interpreter each language needs on the host, and the Debian package that provides it.
-TOOLS = {
-    "python": ("python3", "python3"),
-    "javascript": ("node", "nodejs"),
-    "bash": ("bash", "bash"),
-    "elixir": ("elixir", "elixir"),
-}
-LANGUAGES = sorted(TOOLS)
-
-# Process names a leaked sandbox job could show up as on the host.
-_JOB_COMMANDS = {"bwrap", "prlimit", "python3", "node", "bash", "sh", "beam.smp", "erl_child_setup", "sleep"}
-
-
-def require_tool(executable: str, package: str) -> None:
-    if shutil.which(executable, path="/usr/bin:/bin") is None:
-        pytest.skip(f"MISSING TOOL: `{executable}` not found — apt-get install {package}")
-
-
-def require_language(language: str) -> None:
-    require_tool(*TOOLS[language])
-
-
-@pytest.fixture(scope="session")
-async def sandbox_ready() -> None:
-    require_tool("bwrap", "bubblewrap")
-    require_tool("prlimit", "util-linux")
-    require_tool("python3", "python3")
-    problem = await probe_sandbox()
-    if problem is not None:
-        pytest.skip(f"MISSING SANDBOX: bubblewrap cannot create namespaces here: {problem}")
 
 
 @pytest.fixture
@@ -67,31 +36,6 @@ def runner(sandbox_ready: None) -> JobRunner:
 
 def fast_runner() -> JobRunner:
     return JobRunner(max_concurrent=1, limits=FAST_TIMEOUT)
-
-
-def leaked_job_processes() -> list[str]:
-    """Host processes still running as the sandbox uid (only meaningful when the tests run as root)."""
-    leaked = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
-            continue  # exited while we looked
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uid = int(fields.get("Uid", "-1").split()[0])
-        name = fields.get("Name", "").strip()
-        if uid == SANDBOX_UID and name in _JOB_COMMANDS:
-            leaked.append(f"{entry.name}:{name}")
-    return leaked
-
-
-async def assert_nothing_left_running() -> None:
-    """Once a job's result is back, no process of it may remain, not even a zombie for the host's init."""
-    if os.geteuid() != 0:
-        return  # jobs then run under our own uid and cannot be told apart from other processes
-    assert leaked_job_processes() == []
 
 
 # -- the happy paths -----------------------------------------------------------------------------------
@@ -528,15 +472,3 @@ async def test_jobs_cannot_create_user_namespaces_with_or_without_proc(monkeypat
     outcome = await JobRunner(1).run(NEW_USER_NAMESPACE, "python")
     assert outcome.status == JobStatus.OK, outcome
     assert outcome.stdout.splitlines() == ["unshare -1 Operation not permitted", "child 7"]
-
-
-def test_the_seccomp_filter_is_known_for_this_machine_and_well_formed() -> None:
-    from singularity_stack.genesis import seccomp
-
-    program = seccomp.no_new_user_namespaces()
-    assert program is not None and len(program) % 8 == 0
-    assert seccomp.no_new_user_namespaces("riscv64") is None  # unknown ABI: no filter rather than a wrong one
-    for offset in range(0, len(program), 8):
-        _, jt, jf, _ = struct.unpack("<HBBI", program[offset : offset + 8])
-        target_limit = len(program) // 8 - offset // 8 - 1
-        assert jt <= target_limit and jf <= target_limit, f"jump out of the program at {offset // 8}"

@@ -10,14 +10,15 @@ Memory limits per language, because RLIMIT_AS (address space) is not usable ever
 - python and bash also get RLIMIT_AS = 2 x memory_bytes, which closes the one gap RLIMIT_DATA leaves
   (shared anonymous mappings, e.g. Python's `mmap.mmap(-1, n)`);
 - node (V8 reserves ~0.7 GiB of address space for hello world, more with WebAssembly) and elixir (the
-  BEAM reserves ~2 GiB for its super carrier) get no RLIMIT_AS. For them a shared mapping, or a child
-  process that is not itself node/elixir, is bounded only by the tmpfs sizes and the host's cgroup.
-  A memory cgroup per job would be exact but needs a writable cgroup tree, which pods rarely have.
+  BEAM reserves ~2 GiB for its super carrier) get no RLIMIT_AS.
+These bind one process at a time. The whole job (every process, shared memory, tmpfs files) is
+bounded by its memory cgroup where the host has a writable cgroup tree (cgroups.py); where it has
+none, a shared mapping of a node or elixir job, or a child process that is not itself node/elixir, is
+bounded by the host's or the Pod's limit, with the job first in line for the OOM killer.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -67,13 +68,6 @@ class Language:
     limit_address_space: bool
     linter: Linter | None = None
     env: Mapping[str, str] = field(default_factory=dict)
-    min_file_bytes: int = 0  # a floor under Limits.max_file_bytes for runtimes that need big files
-
-    def limits_for(self, limits: Limits) -> Limits:
-        """The limits this language runs under: the caller's, with the runtime's floors applied."""
-        if limits.max_file_bytes >= self.min_file_bytes:
-            return limits
-        return dataclasses.replace(limits, max_file_bytes=self.min_file_bytes)
 
     def address_space_bytes(self, limits: Limits) -> int | None:
         """RLIMIT_AS for this language, or None when the runtime cannot live with one (module docstring)."""
@@ -225,9 +219,6 @@ ELIXIR = Language(
     run_argv=lambda _limits: ("elixir", "main.exs"),
     memory_markers=("cannot allocate", "eheap_alloc", "erts_mmap", "out of memory"),
     limit_address_space=False,
-    # The BEAM JIT keeps its code in a 16 MiB memfd, which RLIMIT_FSIZE also bounds (else SIGXFSZ at
-    # start-up). Real files stay bounded by the size of the /box tmpfs.
-    min_file_bytes=32 * MiB,
     env={
         # One scheduler of each kind: the BEAM otherwise starts ~20 threads (more on big hosts), and
         # threads count against the job's process limit. CPU time is capped per process anyway.

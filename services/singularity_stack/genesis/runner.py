@@ -39,15 +39,24 @@ class JobOutcome(BaseModel):
     timings_ms: dict[str, float] = Field(default_factory=dict)  # syntax / lint / run / total
 
 
+NUL_STANDIN = "\u2400"  # SYMBOL FOR NULL: PostgreSQL's text and jsonb refuse U+0000 itself
+
+
 def _text(data: bytes) -> str:
-    # Caps cut at a byte count, possibly mid-character: replace rather than fail.
-    return data.decode("utf-8", errors="replace")
+    """A job's bytes as text that any queue message and database can hold.
+
+    Caps cut at a byte count, possibly mid-character, and a job may print anything: invalid UTF-8
+    becomes U+FFFD, NUL becomes a visible stand-in; every other character comes back as it was.
+    """
+    return data.decode("utf-8", errors="replace").replace("\x00", NUL_STANDIN)
 
 
 def classify(result: SandboxResult, language: Language) -> JobStatus:
     """Status of a finished sandboxed process, most specific cause first."""
     if result.output_truncated:
         return JobStatus.OUTPUT_TRUNCATED
+    if result.memory_limit_hit:  # even if the job survived losing a process to it
+        return JobStatus.MEMORY_LIMIT
     if result.timed_out or result.hit_cpu_limit:
         return JobStatus.TIMEOUT
     if result.exit_code == 0:
@@ -90,7 +99,7 @@ class _Job:
     def __init__(self, language: Language, code: str, limits: Limits) -> None:
         self.language = language
         self.files = {language.source_name: code.encode("utf-8")}
-        self.limits = language.limits_for(limits)
+        self.limits = limits
         self.timings: dict[str, float] = {}
         self.started = time.perf_counter()
 

@@ -1,4 +1,5 @@
-"""Run one untrusted process in isolation: bubblewrap namespaces plus rlimits, output capped as it streams.
+"""Run one untrusted process in isolation: bubblewrap namespaces, a cgroup per job, rlimits, a seccomp
+filter; output capped as it streams.
 
 Isolation (bubblewrap, `bwrap`):
 - new user, pid, net, ipc, uts and cgroup namespaces; no network: only the sandbox's own loopback;
@@ -7,17 +8,32 @@ Isolation (bubblewrap, `bwrap`):
 - the only writable place is /box, a size-capped tmpfs that is the job's own temporary directory
   (/tmp links to it); the source file is copied in from a memfd, so no host file is ever shared;
 - an empty environment except PATH/HOME/LANG/TMPDIR and what the language needs;
-- a pid namespace whose pid 1 is a tiny `sh` init: when it dies, the kernel kills every process the
-  job started; `--die-with-parent` does the same if the service itself dies.
+- a seccomp filter (seccomp.py) on every process of the sandbox: no ptrace, no process_vm_*, no new
+  user namespaces, no memfds (unless the runtime needs them), no bpf, io_uring, keyring, mounts…
 
-Limits: wall time and the output caps are enforced here, by SIGKILLing the sandbox's pid 1; CPU time,
-memory, process count, file size and open files are rlimits set by util-linux `prlimit` *inside* the
-sandbox, so they bind the job and not bwrap or its init.
+The sandbox's pid 1 is a tiny init (`dash`) that runs the job as its child and exits with its status;
+when it dies the kernel kills every process in the pid namespace. A job must not be able to take it
+over (attach to it, write its memory, clear its parent-death signal), so it is copied into the
+sandbox execute-only: the kernel marks a process exec'ed from a file it may not read non-dumpable, and
+nobody without CAP_SYS_PTRACE may then ptrace it or open its /proc/1/mem. It runs under the job's
+rlimits too: nothing in the sandbox runs outside the limits.
+
+Limits, for the job as a whole: a cgroup per job (cgroups.py) bounds memory (every page: heaps,
+shared memory, memfds, tmpfs contents), tasks and CPU bandwidth, where the host has a writable cgroup
+tree. Per process, everywhere: CPU time, data size, processes, file size and open files are rlimits
+set by util-linux `prlimit`. Every job gets oom_score_adj 1000, so if memory runs out the kernel
+kills a job before anything else (that is the memory bound where no cgroup is available: the host's
+or the Pod's limit). Wall time and the output caps are enforced here, by killing the job.
+
+A job's processes cannot outlive it: the cgroup is emptied when the job ends, pid 1's death takes
+the namespace down, bwrap's `--die-with-parent` ends the sandbox if Genesis dies, and the watchdog
+(watchdog.py) empties every job cgroup when Genesis is gone, even after a SIGKILL.
 
 Why the job runs as a real unprivileged uid: RLIMIT_NPROC is never enforced for the host's root user
 (kernel/fork.c exempts INIT_USER), and a uid that is only 65534 *inside* a user namespace is still
-root outside. So when the service runs as root, bwrap is started as nobody (65534) and creates the
-user namespace unprivileged. Since Linux 5.14 the process count lives in per-user-namespace ucounts,
+root outside. So when the service runs as root, bwrap is started as nobody (65534, via util-linux
+`setpriv`, after the launcher has moved itself into the job's cgroup as root) and creates the user
+namespace unprivileged. Since Linux 5.14 the process count lives in per-user-namespace ucounts,
 so concurrent jobs sharing that uid each get their own `max_processes` budget.
 """
 
@@ -30,12 +46,14 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from . import seccomp
+from .cgroups import CgroupUnavailable, JobBounds, JobCgroup, JobCgroups
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +63,7 @@ MiB = 1024 * KiB
 SANDBOX_UID = 65534  # "nobody": an unprivileged uid, see the module docstring for why it matters
 WORKDIR = "/box"  # the job's writable temporary directory inside the sandbox
 TOOLS_DIR = "/opt/genesis/bin"  # where host tools (linters) are bind-mounted read-only
+INIT_PATH = "/opt/genesis/init"  # the sandbox's pid 1, copied in execute-only (module docstring)
 SANDBOX_PATH = "/usr/bin:/bin"  # not /usr/local: interpreters are the distribution's
 
 _DEV_SHM_BYTES = 4 * MiB  # POSIX semaphores/shm need a little; tmpfs is RAM not covered by RLIMIT_DATA
@@ -53,7 +72,19 @@ _REAP_GRACE_S = 5.0  # after SIGKILL the namespace is torn down by the kernel; t
 # The sandbox's pid 1 (bwrap --as-pid-1 execs it): runs the job as its child and exits with the job's
 # status (128+N for signal N). Being init, it also reaps the job's orphans. bwrap's own init would
 # do that too, but bwrap exits without waiting for it, leaving a zombie for the host's init.
-_INIT = ("sh", "-c", '"$@" & wait $!', "sh")
+_INIT = (INIT_PATH, "-c", '"$@" & wait $!', "sh")
+# Runs as Genesis, before bwrap: marks everything that follows first in line for the OOM killer (as
+# root, so the job cannot lower it again), moves itself into the job's cgroups (each file named before
+# "--"), then execs the rest. Nothing of the job exists yet, so nothing can start outside the cgroup.
+_LAUNCHER = (
+    "/bin/sh",
+    "-c",
+    "echo 1000 > /proc/self/oom_score_adj || exit 120\n"
+    'while [ "$1" != -- ]; do echo 0 > "$1" || exit 121; shift; done\n'
+    'shift\nexec "$@"',
+    "genesis-launch",
+)
+_LAUNCH_FAILURES = {120: "could not set the job's oom_score_adj", 121: "could not move the job into its cgroup"}
 
 # Host directories the interpreters need; on merged-/usr Debian the ones besides /usr are symlinks.
 _SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -86,6 +117,12 @@ class Limits:
     max_output_bytes: int = 64 * KiB  # cap of stdout and of stderr, each
     workdir_bytes: int = 32 * MiB  # size of the /box tmpfs: total disk the job may use
     max_open_files: int = 256
+    # The whole job (all its processes, shared memory, memfds, tmpfs files), where a cgroup per job exists.
+    job_memory_bytes: int = 512 * MiB
+    job_cpus: float = 1.0  # CPU bandwidth of the whole job
+
+    def bounds(self) -> JobBounds:
+        return JobBounds(memory_bytes=self.job_memory_bytes, max_processes=self.max_processes, cpus=self.job_cpus)
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -108,6 +145,7 @@ class SandboxResult:
     timed_out: bool
     output_truncated: bool
     elapsed_ms: float
+    memory_limit_hit: bool = False  # the kernel killed a process of the job for the job's memory bound
 
     @property
     def hit_cpu_limit(self) -> bool:
@@ -202,6 +240,7 @@ def _bwrap_argv(
     bwrap: str,
     *,
     status_fd: int,
+    init_fd: int,
     file_fds: Mapping[str, int],
     tools: Mapping[str, str],
     env: Mapping[str, str],
@@ -253,6 +292,7 @@ def _bwrap_argv(
     ]
     for name, fd in file_fds.items():
         argv += ["--file", str(fd), f"{WORKDIR}/{name}"]
+    argv += ["--perms", "0111", "--file", str(init_fd), INIT_PATH]  # execute-only: see the module docstring
     for name, host_path in tools.items():
         argv += ["--ro-bind", host_path, f"{TOOLS_DIR}/{name}"]
     argv += ["--remount-ro", "/", "--chdir", WORKDIR, "--clearenv"]
@@ -275,11 +315,23 @@ def _memfd_with(name: str, content: bytes) -> int:
     return fd
 
 
-def _spawn_identity() -> dict[str, Any]:
-    """Drop to nobody when we are root, so RLIMIT_NPROC applies (see module docstring)."""
+def _drop_to_nobody() -> list[str]:
+    """setpriv to nobody when we are root, so RLIMIT_NPROC applies (see module docstring)."""
     if os.geteuid() != 0:
-        return {}
-    return {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []}
+        return []
+    setpriv = _find_system_tool("setpriv")
+    if setpriv is None:
+        raise SandboxError("util-linux `setpriv` not found on /usr/bin (apt-get install util-linux)")
+    return [setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"]
+
+
+def _init_binary() -> bytes:
+    """The sandbox's init: the system's dash, whose contents are copied into each sandbox."""
+    path = _find_system_tool("dash") or _find_system_tool("sh")
+    if path is None:
+        raise SandboxError("no /bin/sh (dash) to run as the sandbox's init")
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _decode_exit(returncode: int) -> tuple[int, int | None]:
@@ -297,10 +349,12 @@ class _Bwrap:
     sandbox down while bwrap is alive to reap it, so no zombie is left for the host's init to collect.
     """
 
-    def __init__(self, proc: asyncio.subprocess.Process, status_fd: int) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, status_fd: int, cgroup: JobCgroup | None) -> None:
         self.proc = proc
         self.status_fd = status_fd
+        self.cgroup = cgroup
         self.killed = False
+        self.memory_limit_hit = False
 
     def _status(self, key: str) -> int | None:
         raw = os.pread(self.status_fd, 64 * KiB, 0).decode("utf-8", "replace")
@@ -336,17 +390,23 @@ class _Bwrap:
             while await stream.read(_READ_CHUNK):
                 pass
 
-        for last_resort in (False, True):
-            if last_resort:
-                log.error("bwrap %d outlived its sandbox by %.0f s; killing it", self.proc.pid, _REAP_GRACE_S)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-            try:
-                async with asyncio.timeout(_REAP_GRACE_S):
-                    await asyncio.gather(*(discard(s) for s in streams), self.proc.wait())
-                return
-            except TimeoutError:
-                continue
+        try:
+            for last_resort in (False, True):
+                if last_resort:
+                    log.error("bwrap %d outlived its sandbox by %.0f s; killing it", self.proc.pid, _REAP_GRACE_S)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                try:
+                    async with asyncio.timeout(_REAP_GRACE_S):
+                        await asyncio.gather(*(discard(s) for s in streams), self.proc.wait())
+                    return
+                except TimeoutError:
+                    continue
+        finally:
+            if self.cgroup is not None:
+                self.memory_limit_hit = self.cgroup.oom_kills() > 0
+                # Whatever is left in the job's cgroup goes with it; this does not rely on the job at all.
+                await asyncio.shield(asyncio.to_thread(self.cgroup.remove))
 
     async def supervise(self, limits: Limits) -> tuple[_Capture, _Capture, bool]:
         """Stream both outputs under their caps and the wall-time limit; returns (stdout, stderr, timed_out)."""
@@ -366,9 +426,55 @@ class _Bwrap:
         return out, err, timed_out
 
 
-_SECCOMP_FILTER = seccomp.no_new_user_namespaces()
+_SECCOMP_FILTER = seccomp.job_filter()
+_INIT_BINARY = _init_binary()
 PROC_ENV = "GENESIS_SANDBOX_PROC"  # auto (default) | on | off
 _proc_refused = False  # set once a container runtime refused bwrap a fresh /proc (see run_sandboxed)
+
+
+class _JobCgroupTree:
+    """This process's job cgroups and their watchdog, set up on first use; or why there are none."""
+
+    def __init__(self) -> None:
+        self.tree: JobCgroups | None = None
+        self.unavailable: str | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        try:
+            self.tree = JobCgroups.detect()
+        except (CgroupUnavailable, OSError) as error:
+            self.unavailable = str(error)
+            log.warning("no cgroup per job: %s; jobs are bounded per process and by oom_score_adj", error)
+            return
+        # Its stdin is a pipe only we write to: at our exit, whatever the cause, it reads EOF and
+        # kills what is left in the job cgroups (watchdog.py).
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-m", "singularity_stack.genesis.watchdog", *map(str, self.tree.bases)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def describe(self) -> str:
+        """Which bound on a whole job is in force here, in words for /readyz and the logs."""
+        if self.tree is not None:
+            return self.tree.description
+        return (
+            f"no cgroup per job ({self.unavailable}): memory is bounded per process (rlimits) and by the "
+            "host's or the Pod's limit, with jobs first in line for the OOM killer (oom_score_adj 1000)"
+        )
+
+
+_job_cgroup_tree: _JobCgroupTree | None = None
+
+
+def job_cgroup_tree() -> _JobCgroupTree:
+    global _job_cgroup_tree
+    if _job_cgroup_tree is None:
+        _job_cgroup_tree = _JobCgroupTree()
+    return _job_cgroup_tree
+
+
+def job_bounds_in_force() -> str:
+    return job_cgroup_tree().describe()
 
 
 def _mount_proc() -> bool:
@@ -418,22 +524,28 @@ async def _run_once(
     `address_space_bytes` adds an RLIMIT_AS (not every runtime tolerates one, see languages.py).
     Raises SandboxError when bwrap could not build the sandbox; anything the job does is in the result.
     """
-    bwrap, prlimit = find_bwrap(), find_prlimit()
+    bwrap, prlimit, drop = find_bwrap(), find_prlimit(), _drop_to_nobody()
+    tree = job_cgroup_tree().tree
+    cgroup = tree.create(limits.bounds()) if tree is not None else None
     fds: list[int] = []
+    job: _Bwrap | None = None
     try:
         status_fd = os.memfd_create("bwrap-status")
         fds.append(status_fd)
         seccomp_fd = None
-        if _SECCOMP_FILTER is not None:
-            seccomp_fd = _memfd_with("seccomp", _SECCOMP_FILTER)
+        if (seccomp_filter := _SECCOMP_FILTER) is not None:
+            seccomp_fd = _memfd_with("seccomp", seccomp_filter)
             fds.append(seccomp_fd)
         file_fds: dict[str, int] = {}
         for name, content in files.items():
             file_fds[name] = _memfd_with(name, content)
             fds.append(file_fds[name])
+        init_fd = _memfd_with("init", _INIT_BINARY)
+        fds.append(init_fd)
         sandbox = _bwrap_argv(
             bwrap,
             status_fd=status_fd,
+            init_fd=init_fd,
             file_fds=file_fds,
             tools=tools or {},
             env=env or {},
@@ -441,7 +553,9 @@ async def _run_once(
             mount_proc=mount_proc,
             seccomp_fd=seccomp_fd,
         )
-        command = [*sandbox, "--", *_INIT, *_rlimit_argv(prlimit, limits, address_space_bytes), *argv]
+        launch = [*_LAUNCHER, *(cgroup.procs_files if cgroup else []), "--", *drop]
+        # The rlimits come before the init, so the sandbox's pid 1 runs under them as well.
+        command = [*launch, *sandbox, "--", *_rlimit_argv(prlimit, limits, address_space_bytes), *_INIT, *argv]
         started = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
             *command,
@@ -451,17 +565,20 @@ async def _run_once(
             env=_BWRAP_ENV,
             pass_fds=fds,
             start_new_session=True,  # its own process group, for the last-resort killpg in _Bwrap.reap
-            **_spawn_identity(),
         )
-        job = _Bwrap(proc, status_fd)
+        job = _Bwrap(proc, status_fd, cgroup)
         out, err, timed_out = await job.supervise(limits)
         elapsed_ms = (time.perf_counter() - started) * 1000
         if not job.killed and not job.finished_setup():
-            detail = bytes(err.data).decode("utf-8", "replace").strip()
+            detail = _LAUNCH_FAILURES.get(proc.returncode or 0, "")
+            detail = f"{detail}: " if detail else ""
+            detail += bytes(err.data).decode("utf-8", "replace").strip()
             raise SandboxError(f"bwrap could not set up the sandbox (exit {proc.returncode}): {detail}")
     finally:
         for fd in fds:
             os.close(fd)
+        if job is None and cgroup is not None:
+            cgroup.remove()  # never started: nothing else will
     exit_code, died_of = (None, None) if job.killed else _decode_exit(proc.returncode or 0)
     return SandboxResult(
         exit_code=exit_code,
@@ -471,6 +588,7 @@ async def _run_once(
         timed_out=timed_out,
         output_truncated=out.truncated or err.truncated,
         elapsed_ms=elapsed_ms,
+        memory_limit_hit=job.memory_limit_hit,
     )
 
 
