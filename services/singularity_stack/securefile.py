@@ -74,10 +74,10 @@ def private_dir(path: Path, *, traverse_gid: int | None = None) -> Path:
     account, reaches its data directory inside the state directory that way.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as error:
         # With O_DIRECTORY, Linux reports a symlink to a directory as ENOTDIR: lstat says which it is.
