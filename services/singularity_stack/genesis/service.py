@@ -11,7 +11,7 @@ from pydantic import AliasChoices, Field
 
 from singularity_stack import contract as c
 from singularity_stack.genesis.runner import JobOutcome, JobRunner
-from singularity_stack.genesis.sandbox import SandboxError, probe_sandbox
+from singularity_stack.genesis.sandbox import SandboxError, job_bounds_in_force, probe_sandbox
 from singularity_stack.service.runtime import Service
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
@@ -56,6 +56,9 @@ class GenesisService(Service):
         if self.sandbox_problem:
             problems["sandbox"] = self.sandbox_problem
         return problems
+
+    def details(self) -> dict[str, str]:
+        return {"job_bounds": job_bounds_in_force()}
 
     async def handle(self, delivery: Delivery[c.JobRequest]) -> None:
         request = delivery.message

@@ -126,15 +126,20 @@ class Service:
             problems["workers"] = "stopped: " + ", ".join(dead)
         return problems
 
+    def details(self) -> dict[str, str]:
+        """Facts an operator should see in /readyz, ready or not (e.g. which sandbox bounds are in force)."""
+        return {}
+
     def app(self) -> Starlette:
         async def healthz(request: Request) -> Response:
             return JSONResponse({"status": "alive", "service": self.name})
 
         async def readyz(request: Request) -> Response:
-            problems = await self.readiness()
+            problems, details = await self.readiness(), self.details()
+            extra = {"details": details} if details else {}
             if problems:
-                return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-            return JSONResponse({"status": "ready", "service": self.name})
+                return JSONResponse({"status": "not ready", "problems": problems, **extra}, status_code=503)
+            return JSONResponse({"status": "ready", "service": self.name, **extra})
 
         async def metrics(request: Request) -> Response:
             return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
