@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -325,6 +326,7 @@ def _drop_to_nobody() -> list[str]:
     return [setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"]
 
 
+@functools.cache
 def _init_binary() -> bytes:
     """The sandbox's init: the system's dash, whose contents are copied into each sandbox."""
     path = _find_system_tool("dash") or _find_system_tool("sh")
@@ -427,7 +429,6 @@ class _Bwrap:
 
 
 _SECCOMP_FILTER = seccomp.job_filter()
-_INIT_BINARY = _init_binary()
 PROC_ENV = "GENESIS_SANDBOX_PROC"  # auto (default) | on | off
 _proc_refused = False  # set once a container runtime refused bwrap a fresh /proc (see run_sandboxed)
 
@@ -526,7 +527,10 @@ async def _run_once(
     """
     bwrap, prlimit, drop = find_bwrap(), find_prlimit(), _drop_to_nobody()
     tree = job_cgroup_tree().tree
-    cgroup = tree.create(limits.bounds()) if tree is not None else None
+    try:
+        cgroup = tree.create(limits.bounds()) if tree is not None else None
+    except OSError as error:
+        raise SandboxError(f"could not create the job's cgroup: {error}") from None
     fds: list[int] = []
     job: _Bwrap | None = None
     try:
@@ -540,7 +544,7 @@ async def _run_once(
         for name, content in files.items():
             file_fds[name] = _memfd_with(name, content)
             fds.append(file_fds[name])
-        init_fd = _memfd_with("init", _INIT_BINARY)
+        init_fd = _memfd_with("init", _init_binary())
         fds.append(init_fd)
         sandbox = _bwrap_argv(
             bwrap,
