@@ -105,14 +105,33 @@ def test_the_example_stack_with_managed_postgres_becomes_ready(operator_installe
 def test_a_task_runs_through_the_live_system(operator_installed: Cluster) -> None:
     cluster = operator_installed
     token = secret_value(cluster, f"{STACK}-nexus-ui", "NEXUS_UI_TOKEN")
+    api_token = secret_value(cluster, f"{STACK}-singularity-api", "SINGULARITY_API_TOKEN")
     with (
         cluster.service_address(NAMESPACE, f"{STACK}-singularity-1", 8000) as singularity,
         cluster.service_address(NAMESPACE, f"{STACK}-nexus", 8000) as nexus,
     ):
-        singularity_api = httpx.Client(base_url=f"http://{singularity[0]}:{singularity[1]}", timeout=10)
-        nexus_api = httpx.Client(
-            base_url=f"http://{nexus[0]}:{nexus[1]}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+        # The services answer only to their Service's DNS names (and loopback): the host reaches them by
+        # ClusterIP or a port-forward, so it says which name it means.
+        singularity_api = httpx.Client(
+            base_url=f"http://{singularity[0]}:{singularity[1]}",
+            headers={
+                "Host": f"{STACK}-singularity-1.{NAMESPACE}.svc",
+                "Authorization": f"Bearer {api_token}",
+            },
+            timeout=10,
         )
+        nexus_api = httpx.Client(
+            base_url=f"http://{nexus[0]}:{nexus[1]}",
+            headers={"Host": f"{STACK}-nexus.{NAMESPACE}.svc", "Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        stranger = httpx.post(f"http://{singularity[0]}:{singularity[1]}/tasks", json={"description": "x"})
+        # A ClusterIP is no name of ours (400); through a port-forward, loopback is, but the token is missing.
+        assert stranger.status_code == (400 if cluster.routable else 401), stranger.text
+        unauthenticated = singularity_api.post(
+            "/tasks", json={"description": "x"}, headers={"Authorization": "Bearer wrong"}
+        )
+        assert unauthenticated.status_code == 401, unauthenticated.text
         created = singularity_api.post("/tasks", json={"description": "Write a program that prints a greeting"})
         assert created.status_code == 202, created.text
         task_id = created.json()["id"]

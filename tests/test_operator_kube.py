@@ -233,6 +233,12 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         creds = stacks.secret("alpha-singularity-1-db")
         with psycopg.connect(creds["DATABASE_URL"]) as conn:
             assert conn.execute("SELECT current_user").fetchone() == (prefix + "singularity_1",)
+        # the HTTP APIs' bearer tokens: generated into their own Secrets, handed to the pods by reference
+        api_tokens = {s: stacks.secret(f"alpha-{s}-api") for s in ("singularity", "centralcloud")}
+        assert len(api_tokens["singularity"]["SINGULARITY_API_TOKEN"]) >= 16
+        assert len(api_tokens["centralcloud"]["CENTRALCLOUD_API_TOKEN"]) >= 16
+        refs = {e.name: e.value_from.secret_key_ref.name for e in container.env if e.name == "SINGULARITY_API_TOKEN"}
+        assert refs == {"SINGULARITY_API_TOKEN": "alpha-singularity-api"}
 
         stacks.make_available("alpha")
         ready = stacks.wait_condition("alpha", "Ready", "True")
@@ -256,6 +262,7 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         wait_for("three instances", lambda: len([d for d in stacks.deployments("alpha") if "singularity" in d]) == 3)
         assert prefix + "singularity_3" in databases(pg_cluster, prefix)
         assert stacks.secret("alpha-singularity-1-db") == creds  # an existing password is never regenerated
+        assert {s: stacks.secret(f"alpha-{s}-api") for s in api_tokens} == api_tokens  # nor a token
         # 3 → 1: workloads go, data stays (Retain)
         stacks.patch_spec("alpha", {"singularity": {"replicas": 1}})
         wait_for("one instance", lambda: len([d for d in stacks.deployments("alpha") if "singularity" in d]) == 1)

@@ -40,6 +40,42 @@ def test_workloads_for_three_instances():
     assert ("StatefulSet", "demo-postgres") in built and ("Service", "demo-singularity-3") in built
 
 
+def test_http_apis_get_their_tokens_and_answer_only_to_their_own_names():
+    spec = api.parse_spec({"singularity": {"replicas": 2}})
+    built = by_kind_and_name(objects.workloads("demo", "team", spec))
+
+    def env_of(name: str) -> list[dict]:
+        return built[("Deployment", name)]["spec"]["template"]["spec"]["containers"][0]["env"]
+
+    def token_refs(name: str) -> dict[str, dict]:
+        return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env_of(name) if e["name"].endswith("_API_TOKEN")}
+
+    for instance in ("demo-singularity-1", "demo-singularity-2"):
+        assert token_refs(instance) == {
+            "SINGULARITY_API_TOKEN": {"name": "demo-singularity-api", "key": "SINGULARITY_API_TOKEN"}
+        }
+    assert token_refs("demo-centralcloud") == {
+        "CENTRALCLOUD_API_TOKEN": {"name": "demo-centralcloud-api", "key": "CENTRALCLOUD_API_TOKEN"}
+    }
+    assert token_refs("demo-nexus") == token_refs("demo-genesis") == {}  # no one else holds them
+    for name in ("demo-singularity-2", "demo-nexus", "demo-genesis", "demo-centralcloud"):
+        env = env_of(name)
+        names = [e["name"] for e in env]
+        # POD_IP comes first: Kubernetes expands $(POD_IP) only from variables defined before it.
+        assert names.index("POD_IP") < names.index("ALLOWED_HOSTS")
+        assert env[names.index("POD_IP")]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        hosts = env[names.index("ALLOWED_HOSTS")]["value"].split(",")
+        assert hosts == [
+            name,
+            f"{name}.team",
+            f"{name}.team.svc",
+            f"{name}.team.svc.cluster.local",
+            "$(POD_IP)",
+            "localhost",
+            "127.0.0.1",
+        ]
+
+
 def test_external_postgres_prefixes_databases_and_allows_only_its_port():
     spec = api.parse_spec(
         {"postgres": {"external": {"host": "db.example", "port": 6543, "adminSecret": {"name": "pg-admin"}}}}

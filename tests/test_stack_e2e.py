@@ -35,6 +35,10 @@ class LiveStack:
     def token(self) -> str:
         return self.state["ui"]["token"]
 
+    def api_headers(self, service: str) -> dict[str, str]:
+        """Singularity's and CentralCloud's bearer token, as `up` wrote it to the state file."""
+        return {"Authorization": f"Bearer {self.state['api_tokens'][service]}"}
+
     def nexus_api(self) -> httpx.Client:
         return httpx.Client(base_url=self.url("nexus"), headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
 
@@ -86,13 +90,20 @@ def live_stack(tmp_path_factory) -> Iterator[LiveStack]:
 
 
 def submit(stack: LiveStack, instance: str, description: str, **extra) -> str:
-    response = httpx.post(f"{stack.url(instance)}/tasks", json={"description": description, **extra}, timeout=10)
+    response = httpx.post(
+        f"{stack.url(instance)}/tasks",
+        json={"description": description, **extra},
+        headers=stack.api_headers("singularity"),
+        timeout=10,
+    )
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
 
 def task_of(stack: LiveStack, instance: str, task_id: str) -> dict:
-    return httpx.get(f"{stack.url(instance)}/tasks/{task_id}", timeout=10).json()
+    return httpx.get(
+        f"{stack.url(instance)}/tasks/{task_id}", headers=stack.api_headers("singularity"), timeout=10
+    ).json()
 
 
 def wait_task(stack: LiveStack, instance: str, task_id: str, until, timeout: float = 90) -> dict:
@@ -235,3 +246,16 @@ def test_services_killed_mid_task_are_restarted_and_the_task_completes(live_stac
             time.sleep(0.5)
     assert task["state"] == "succeeded", task["failure_reason"]
     assert len(task["steps"]) == 7  # nothing was asked twice
+
+
+def test_the_apis_need_the_tokens_up_generated(live_stack):
+    up_log = (live_stack.state_file.parent / "up.log").read_text()
+    for service in ("singularity", "centralcloud"):
+        assert live_stack.state["api_tokens"][service] in up_log  # printed, and in the state file
+    stranger = httpx.post(f"{live_stack.url('singularity_1')}/tasks", json={"description": "x"}, timeout=10)
+    assert stranger.status_code == 401, stranger.text
+    assert httpx.get(f"{live_stack.url('centralcloud')}/analytics", timeout=10).status_code == 401
+    analytics = httpx.get(
+        f"{live_stack.url('centralcloud')}/analytics", headers=live_stack.api_headers("centralcloud"), timeout=10
+    )
+    assert analytics.status_code == 200, analytics.text

@@ -18,6 +18,7 @@ POSTGRES_PORT = 5432
 APP = "singularity-stack"
 SERVICE_UID = 10001
 ROUTING_MOUNT = "/etc/singularity/routing"
+CLUSTER_DOMAIN = "cluster.local"
 
 
 # -- names and labels ---------------------------------------------------------------------------------
@@ -60,6 +61,22 @@ def admin_secret_name(stack: str) -> str:
 
 def ui_secret_name(stack: str) -> str:
     return f"{stack}-nexus-ui"
+
+
+# Bearer tokens of the HTTP APIs: the Secret that holds each (generated once) and its key, by service.
+API_TOKEN_KEYS = {"singularity": "SINGULARITY_API_TOKEN", "centralcloud": "CENTRALCLOUD_API_TOKEN"}
+
+
+def api_token_secret_name(stack: str, service: str) -> str:
+    """One token per service (all Singularity instances share theirs): analytics readers cannot create tasks."""
+    return f"{stack}-{service}-api"
+
+
+def allowed_hosts(stack: str, namespace: str, logical: str) -> str:
+    """ALLOWED_HOSTS: the Service's DNS names, the pod's own IP (kubelet's probes) and loopback."""
+    name = object_name(stack, logical)
+    names = [name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}"]
+    return ",".join([*names, "$(POD_IP)", "localhost", "127.0.0.1"])
 
 
 def database_prefix(namespace: str, stack: str) -> str:
@@ -105,15 +122,24 @@ def _resources(resources: api.Resources) -> dict[str, Any]:
     return {k: v for k, v in (("requests", resources.requests), ("limits", resources.limits)) if v}
 
 
-def _container(spec: api.StackSpec, service: api.ServiceSpec, role: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+def _container(
+    spec: api.StackSpec, service: api.ServiceSpec, role: str, env: list[dict[str, Any]], hosts: str
+) -> dict[str, Any]:
     probe = {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6}
+    address = [
+        {"name": "HOST", "value": "0.0.0.0"},
+        {"name": "PORT", "value": str(HTTP_PORT)},
+        # Before ALLOWED_HOSTS, which names it as $(POD_IP): kubelet probes the pod by its IP.
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "ALLOWED_HOSTS", "value": hosts},
+    ]
     return {
         "name": role,
         "image": spec.image_of(service),
         "imagePullPolicy": spec.image_pull_policy,
         "args": ["run", role],
         "ports": [{"name": "http", "containerPort": HTTP_PORT}],
-        "env": [{"name": "HOST", "value": "0.0.0.0"}, {"name": "PORT", "value": str(HTTP_PORT)}, *env],
+        "env": [*address, *env],
         "resources": _resources(service.resources),
         "livenessProbe": probe,
         "readinessProbe": {**probe, "httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
@@ -161,9 +187,15 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
 
     prefix = database_prefix(namespace, stack) if spec.postgres.external else ""
 
+    def container(service: api.ServiceSpec, logical: str, env: list[dict[str, Any]]) -> dict[str, Any]:
+        role = "singularity" if logical.startswith("singularity_") else logical
+        if role in API_TOKEN_KEYS:
+            env = [*env, *_secret_env(api_token_secret_name(stack, role), API_TOKEN_KEYS[role])]
+        return _container(spec, service, role, env, allowed_hosts(stack, namespace, logical))
+
     nexus_env = [*db("nexus"), *_secret_env(ui_secret_name(stack), "NEXUS_UI_TOKEN")]
     nexus_pod: dict[str, Any] = {}
-    nexus = _container(spec, spec.nexus, "nexus", nexus_env)
+    nexus = container(spec.nexus, "nexus", nexus_env)
     if spec.nexus.provider_keys_secret:
         nexus["envFrom"] = [{"secretRef": {"name": spec.nexus.provider_keys_secret, "optional": True}}]
     if spec.nexus.routing_config_map:
@@ -172,8 +204,7 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
         nexus["volumeMounts"] = [{"name": "routing", "mountPath": ROUTING_MOUNT, "readOnly": True}]
         nexus_pod["volumes"] = [{"name": "routing", "configMap": {"name": ref.name}}]
 
-    genesis = _container(
-        spec,
+    genesis = container(
         spec.genesis,
         "genesis",
         [*db("genesis"), {"name": "GENESIS_MAX_CONCURRENT_JOBS", "value": str(spec.genesis.max_concurrent_jobs)}],
@@ -189,16 +220,14 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
         {"name": "STACK_PREFIX", "value": prefix},
     ]
     deployments = [
-        _deployment(stack, namespace, "centralcloud", _container(spec, spec.centralcloud, "centralcloud", central_env)),
+        _deployment(stack, namespace, "centralcloud", container(spec.centralcloud, "centralcloud", central_env)),
         _deployment(stack, namespace, "nexus", nexus, nexus_pod),
         _deployment(stack, namespace, "genesis", genesis),
     ]
     for index in range(1, spec.singularity.replicas + 1):
         logical = instance_id(index)
         env = [*db(logical), {"name": "SINGULARITY_INSTANCE", "value": logical}]
-        deployments.append(
-            _deployment(stack, namespace, logical, _container(spec, spec.singularity, "singularity", env))
-        )
+        deployments.append(_deployment(stack, namespace, logical, container(spec.singularity, logical, env)))
     return deployments
 
 

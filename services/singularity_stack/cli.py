@@ -72,9 +72,21 @@ def cmd_migrations(args: argparse.Namespace) -> int:
 
 def _ui_token(state: Path) -> str:
     """The HITL UI token: $NEXUS_UI_TOKEN, else one generated once and kept in the state directory."""
-    if os.environ.get("NEXUS_UI_TOKEN"):
-        return os.environ["NEXUS_UI_TOKEN"]
-    path = state / "ui-token"
+    return _state_token(state, "NEXUS_UI_TOKEN", "ui-token")
+
+
+# The bearer tokens of Singularity's task API and CentralCloud's analytics API: (env var, file in the state dir).
+API_TOKENS = {
+    "singularity": ("SINGULARITY_API_TOKEN", "singularity-api-token"),
+    "centralcloud": ("CENTRALCLOUD_API_TOKEN", "centralcloud-api-token"),
+}
+
+
+def _state_token(state: Path, env_var: str, filename: str) -> str:
+    """$env_var, else a token generated once and kept in the state directory."""
+    if os.environ.get(env_var):
+        return os.environ[env_var]
+    path = state / filename
     token = (read_private(path) or "").strip()
     if len(token) < 16:  # none yet (or not one Nexus would accept): a new one
         token = secrets.token_urlsafe(24)
@@ -119,19 +131,29 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             print("[3/3] starting the services:", flush=True)
             token = _ui_token(state)
-            services = plan_services(result.credentials, state, instances=args.singularity_instances, ui_token=token)
+            api_tokens = {role: _state_token(state, *names) for role, names in API_TOKENS.items()}
+            services = plan_services(
+                result.credentials,
+                state,
+                instances=args.singularity_instances,
+                ui_token=token,
+                extra_env={role: {API_TOKENS[role][0]: value} for role, value in api_tokens.items()},
+            )
             supervisor = Supervisor(services, report=lambda line: print(line, flush=True))
             supervisor.start_all()
             nexus = next(s for s in services if s.name == "nexus")
             summary = {
                 "services": supervisor.state(),
                 "ui": {"url": nexus.url + "/", "token": token},
+                "api_tokens": api_tokens,
                 "credentials_file": str(credentials_file),
                 "logs": str(state / "logs"),
             }
             if args.state_file:
                 write_state(args.state_file, summary)
             print(f"\nHITL UI: {nexus.url}/   token: {token}")
+            for role, value in api_tokens.items():
+                print(f"{role} API token: {value}   (send 'Authorization: Bearer <token>')")
             for service in services:
                 print(f"  {service.name:<16} {service.url}")
         if cluster is None and args.no_services:
