@@ -60,10 +60,9 @@ async def test_whatever_bytes_a_job_prints_reach_the_requester_as_its_result(sq)
     service = GenesisService(GenesisSettings(database_url=creds.database_url, shared_queue_url=creds.shared_queue_url))
     await service.start()
     try:
-        for _ in range(600):
-            replies = sq.owner_query("SELECT message FROM pgmq.q_job_results_singularity_1")
-            if replies:
-                break
+        deadline = asyncio.get_running_loop().time() + 120  # three sandboxes; generous for a loaded machine
+        while not (replies := sq.owner_query("SELECT message FROM pgmq.q_job_results_singularity_1")):
+            assert asyncio.get_running_loop().time() < deadline, "no reply"
             await asyncio.sleep(0.05)
     finally:
         await service.stop()
