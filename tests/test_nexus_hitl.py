@@ -15,7 +15,9 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from singularity_stack.contract import ApprovalRequest, QuestionRequest
 from singularity_stack.nexus.hitl import Conflict, Hitl
 from singularity_stack.nexus.hitl_web import SESSION_COOKIE, SESSION_MAX_AGE, Auth
+from singularity_stack.nexus.reviewers import ReviewerFile, Reviewers
 
 TOKEN = "s3cret-token"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -105,6 +108,41 @@ async def client(hitl) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+@dataclass
+class Team:
+    """Named reviewers in a reviewers file, and the token each was given (shown once by `add`)."""
+
+    path: Path
+    tokens: dict[str, str]
+
+    def bearer(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[name]}"}
+
+
+@pytest.fixture
+def team(tmp_path: Path) -> Team:
+    file = ReviewerFile(tmp_path / "reviewers.json")
+    return Team(file.path, {name: file.add(name) for name in ("alice", "bob")})
+
+
+@contextlib.asynccontextmanager
+async def asgi_client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://nexus") as http:
+        yield http
+
+
+@pytest.fixture
+def named_app(hitl: Hitl, team: Team) -> Starlette:
+    """Nexus's UI with the team's reviewers file (so the shared token is off)."""
+    return Starlette(routes=hitl.routes(TOKEN, Reviewers(team.path)))
+
+
+@pytest.fixture
+async def named(named_app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(named_app) as http:
+        yield http
+
+
 async def rows(hitl: Hitl, query: str, *params: Any) -> list[tuple]:
     async with hitl.store.pool.connection() as conn:
         return await (await conn.execute(query, params)).fetchall()
@@ -125,8 +163,8 @@ def replies(sq, queue: str) -> list[dict]:
     return [row[0] for row in sq.owner_query(f"SELECT message FROM pgmq.q_{queue} ORDER BY msg_id")]
 
 
-async def login(client: httpx.AsyncClient, name: str = "alice") -> httpx.Response:
-    return await client.post("/login", data={"token": TOKEN, "name": name})
+async def login(client: httpx.AsyncClient, token: str = TOKEN) -> httpx.Response:
+    return await client.post("/login", data={"token": token})
 
 
 # -- auth ------------------------------------------------------------------------------------------------
@@ -158,9 +196,9 @@ async def test_the_page_redirects_to_the_login_form_until_logged_in(client):
 
 
 async def test_a_wrong_token_gets_a_401_page_with_the_reason(client):
-    response = await client.post("/login", data={"token": "guess", "name": "mallory"})
+    response = await client.post("/login", data={"token": "guess"})
     assert response.status_code == 401
-    assert "Wrong token" in response.text
+    assert "token: wrong token" in response.text
     assert SESSION_COOKIE not in response.headers.get("set-cookie", "")
 
 
@@ -177,12 +215,12 @@ async def test_login_sets_a_strict_httponly_session_cookie(client):
 
     # A cookie changed by hand (another name, or issued later, same signature) is worthless.
     name, issued, signature = client.cookies[SESSION_COOKIE].split(".")
-    assert base64.urlsafe_b64decode(name + "==") == b"alice"
+    assert base64.urlsafe_b64decode(name + "==") == b"shared-token"
     client.cookies.clear()
     for forged in (f"Ym9i.{issued}.{signature}", f"{name}.{int(issued) + 3600}.{signature}", "garbage"):
         client.cookies.set(SESSION_COOKIE, forged)
         assert (await client.get("/api/pending")).status_code == 401, forged
-    stale = Auth(TOKEN, "reviewer").session_value("alice", issued=int(time.time()) - SESSION_MAX_AGE - 60)
+    stale = Auth(TOKEN, Reviewers(None)).session_value("shared-token", issued=int(time.time()) - SESSION_MAX_AGE - 60)
     client.cookies.set(SESSION_COOKIE, stale)
     assert (await client.get("/api/pending")).status_code == 401  # signed by us, but too old
 
@@ -193,10 +231,10 @@ async def test_login_sets_a_strict_httponly_session_cookie(client):
     assert (await client.get("/api/pending")).status_code == 401
 
 
-async def test_a_bad_reviewer_name_is_refused(client):
-    response = await client.post("/login", data={"token": TOKEN, "name": "<b>eve</b>"})
+async def test_a_name_typed_at_login_is_refused_not_recorded(client):
+    response = await client.post("/login", data={"token": TOKEN, "name": "alice"})
     assert response.status_code == 400
-    assert "Your name may have letters" in response.text
+    assert "name: not a field of this form" in response.text
     assert SESSION_COOKIE not in response.headers.get("set-cookie", "")
 
 
@@ -211,6 +249,103 @@ async def test_cookie_requests_from_another_site_are_refused(client, hitl):
     assert (await state(hitl, request.request_id))[0] == "pending"
     login_elsewhere = await client.post("/login", data={"token": TOKEN}, headers={"Origin": "https://evil.example"})
     assert login_elsewhere.status_code == 403
+
+
+# -- named reviewers -------------------------------------------------------------------------------------
+
+
+async def test_two_reviewers_decide_with_their_own_tokens_and_the_audit_names_them(named_app, team, hitl, sq):
+    change, risky, asked = approval(), approval(file_path="deploy/prod.yaml"), question()
+    for request in (change, risky, asked):
+        await deliver(hitl, request)
+    async with asgi_client(named_app) as alice, asgi_client(named_app) as bob:
+        logged_in = await login(alice, team.tokens["alice"])
+        assert logged_in.status_code == 303, logged_in.text
+        assert (await alice.post(f"/api/approvals/{change.request_id}", json={"approved": True})).status_code == 200
+        # bob as a script: his token in the header, no session
+        rejected = await bob.post(
+            f"/api/approvals/{risky.request_id}", json={"approved": False, "reason": "prod"}, headers=team.bearer("bob")
+        )
+        assert rejected.status_code == 200, rejected.text
+        answered = await bob.post(
+            f"/api/questions/{asked.request_id}", json={"response": "8080"}, headers=team.bearer("bob")
+        )
+        assert answered.status_code == 200, answered.text
+    assert (await audit(hitl, change.request_id))[-1][:2] == ("approved", "alice")
+    assert (await audit(hitl, risky.request_id))[-1][:2] == ("rejected", "bob")
+    assert (await audit(hitl, asked.request_id))[-1][:2] == ("answered", "bob")
+    assert [r["decided_by"] for r in replies(sq, "approval_responses_singularity_1")] == ["alice", "bob"]
+    assert [r["answered_by"] for r in replies(sq, "question_responses_singularity_1")] == ["bob"]
+
+
+async def test_a_forged_name_never_reaches_the_audit(named, named_app, team, hitl):
+    request, asked = approval(), question()
+    await deliver(hitl, request)
+    await deliver(hitl, asked)
+    await login(named, team.tokens["bob"])
+    url = f"/api/approvals/{request.request_id}"
+    for field in ("decided_by", "reviewer", "actor"):
+        response = await named.post(url, json={"approved": True, field: "mallory"})
+        assert response.status_code == 422 and response.json()["error"].startswith(f"{field}:"), response.text
+    forged = await named.post(f"/api/questions/{asked.request_id}", json={"response": "y", "answered_by": "mallory"})
+    assert forged.status_code == 422 and forged.json()["error"].startswith("answered_by:")
+    assert await state(hitl, request.request_id) == ("pending", None)
+    # A cookie naming someone else, with bob's signature, is nobody's.
+    _, issued, signature = named.cookies[SESSION_COOKIE].split(".")
+    alice_name = base64.urlsafe_b64encode(b"alice").decode().rstrip("=")
+    async with asgi_client(named_app) as stranger:
+        stranger.cookies.set(SESSION_COOKIE, f"{alice_name}.{issued}.{signature}")
+        assert (await stranger.post(url, json={"approved": True})).status_code == 401
+    response = await named.post(url, json={"approved": True}, headers={"X-Reviewer": "mallory"})
+    assert response.status_code == 200
+    assert [a[1] for a in await audit(hitl, request.request_id)] == ["system", "bob"]
+    assert await state(hitl, request.request_id) == ("approved", "bob")
+
+
+async def test_a_removed_reviewer_is_refused_at_once(named_app, team, hitl):
+    request = approval()
+    await deliver(hitl, request)
+    async with asgi_client(named_app) as bob, asgi_client(named_app) as alice:
+        await login(bob, team.tokens["bob"])
+        await login(alice, team.tokens["alice"])
+        assert (await bob.get("/api/pending")).status_code == 200
+        ReviewerFile(team.path).remove("bob")
+        response = await bob.post(f"/api/approvals/{request.request_id}", json={"approved": True})
+        assert response.status_code == 401 and response.json()["error"].startswith("authorization:")
+        assert (await bob.get("/")).status_code == 303  # back to the login form
+        assert (await bob.get("/api/pending", headers=team.bearer("bob"))).status_code == 401
+        relogin = await login(bob, team.tokens["bob"])
+        assert relogin.status_code == 401 and "token: wrong token" in relogin.text
+        assert (await alice.get("/api/pending")).status_code == 200  # the others are unaffected
+        # Added again, bob gets a new token: the old one and the old session stay dead.
+        team.tokens["bob2"] = ReviewerFile(team.path).add("bob")
+        assert (await bob.get("/api/pending")).status_code == 401
+        assert (await bob.get("/api/pending", headers=team.bearer("bob"))).status_code == 401
+        assert (await bob.get("/api/pending", headers=team.bearer("bob2"))).status_code == 200
+    assert await state(hitl, request.request_id) == ("pending", None)
+
+
+async def test_the_shared_token_is_off_once_a_reviewer_is_named(hitl, tmp_path):
+    path = tmp_path / "reviewers.json"
+    ReviewerFile(path).ensure()  # what `up` starts with: nobody named
+    async with asgi_client(Starlette(routes=hitl.routes(TOKEN, Reviewers(path)))) as http:
+        await login(http)
+        assert (await http.get("/api/pending")).status_code == 200
+        ReviewerFile(path).add("alice")
+        assert (await http.get("/api/pending")).status_code == 401  # the shared session ended
+        assert (await http.get("/api/pending", headers=BEARER)).status_code == 401
+        refused = await login(http)
+        assert refused.status_code == 401 and "token: the shared UI token is off" in refused.text
+
+
+async def test_a_removed_reviewers_websocket_is_closed_before_the_next_push(hitl, named_app, team):
+    async with serving(named_app) as host, connect(f"ws://{host}/ws", additional_headers=team.bearer("bob")) as ws:
+        assert (await next_event(ws))["reviewer"] == "bob"
+        ReviewerFile(team.path).remove("bob")
+        await deliver(hitl, approval(description="for reviewers only"))
+        with pytest.raises(ConnectionClosed) as closed:
+            await next_event(ws)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
 
 
 # -- listing ---------------------------------------------------------------------------------------------
@@ -256,10 +391,11 @@ async def test_a_redelivered_request_is_stored_once(hitl):
 # -- decisions -------------------------------------------------------------------------------------------
 
 
-async def test_approving_publishes_the_reply_records_the_audit_and_is_final(client, hitl, sq):
+async def test_approving_publishes_the_reply_records_the_audit_and_is_final(named, team, hitl, sq):
+    client = named
     request = approval()
     await deliver(hitl, request)
-    await login(client, "alice")
+    await login(client, team.tokens["alice"])
     response = await client.post(f"/api/approvals/{request.request_id}", json={"approved": True, "reason": "LGTM"})
     assert response.status_code == 200, response.text
     assert response.json() == {"request_id": str(request.request_id), "state": "approved"}
@@ -292,14 +428,14 @@ async def test_a_rejection_needs_a_reason_and_then_sends_it(client, hitl, sq):
     assert replies(sq, "approval_responses_singularity_1") == []
     assert await state(hitl, request.request_id) == ("pending", None)
 
-    headers = BEARER | {"X-Reviewer": "carol"}
+    headers = BEARER | {"X-Reviewer": "carol"}  # a claim, not an identity: ignored
     response = await client.post(url, json={"approved": False, "reason": "touches prod config"}, headers=headers)
     assert response.json()["state"] == "rejected"
     (reply,) = replies(sq, "approval_responses_singularity_1")
-    assert (reply["approved"], reply["reason"], reply["decided_by"]) == (False, "touches prod config", "carol")
+    assert (reply["approved"], reply["reason"], reply["decided_by"]) == (False, "touches prod config", "shared-token")
     assert (await audit(hitl, request.request_id))[-1] == (
         "rejected",
-        "carol",
+        "shared-token",
         {"approved": False, "reason": "touches prod config"},
     )
 
@@ -314,10 +450,10 @@ async def test_answering_a_question_publishes_the_response(client, hitl, sq):
     assert response.json() == {"request_id": str(request.request_id), "state": "answered"}
     (reply,) = replies(sq, "question_responses_singularity_1")
     assert reply["request_id"] == str(request.request_id) and reply["recipient"] == "singularity_1"
-    assert (reply["response"], reply["answered_by"]) == ("8080, please", "reviewer")
-    assert (await audit(hitl, request.request_id))[-1] == ("answered", "reviewer", {"response": "8080, please"})
+    assert (reply["response"], reply["answered_by"]) == ("8080, please", "shared-token")
+    assert (await audit(hitl, request.request_id))[-1] == ("answered", "shared-token", {"response": "8080, please"})
     again = await client.post(f"/api/questions/{request.request_id}", json={"response": "no"}, headers=BEARER)
-    assert again.status_code == 409 and again.json()["error"] == "already decided (answered by reviewer)"
+    assert again.status_code == 409 and again.json()["error"] == "already decided (answered by shared-token)"
 
 
 async def test_bad_requests_get_a_4xx_with_the_reason(client, hitl):
@@ -460,18 +596,17 @@ async def test_a_request_is_announced_only_after_its_transaction_commits(hitl):
     assert [c["request_id"] for c in await hitl.pending()] == [str(kept.request_id)]
 
 
-async def test_every_browser_sees_additions_and_decisions_live(hitl):
+async def test_every_browser_sees_additions_and_decisions_live(hitl, named_app, team):
     earlier = question()
     await deliver(hitl, earlier)
-    app = Starlette(routes=hitl.routes(TOKEN))
-    async with serving(app) as host, httpx.AsyncClient(base_url=f"http://{host}") as http:
-        await login(http, "alice")
+    async with serving(named_app) as host, httpx.AsyncClient(base_url=f"http://{host}") as http:
+        await login(http, team.tokens["alice"])
         cookie = {"Cookie": f"{SESSION_COOKIE}={http.cookies[SESSION_COOKIE]}"}
         async with (
             connect(f"ws://{host}/ws", additional_headers=cookie) as first,
-            connect(f"ws://{host}/ws", additional_headers=BEARER) as second,
+            connect(f"ws://{host}/ws", additional_headers=team.bearer("bob")) as second,
         ):
-            for ws, reviewer in ((first, "alice"), (second, "reviewer")):
+            for ws, reviewer in ((first, "alice"), (second, "bob")):
                 snapshot = await next_event(ws)
                 assert snapshot["type"] == "snapshot" and snapshot["reviewer"] == reviewer
                 assert snapshot["approvals"] == [] and snapshot["questions"][0]["request_id"] == str(earlier.request_id)

@@ -15,9 +15,12 @@ import pytest
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
 from starlette.applications import Starlette
 from support import CHROMIUM, CHROMIUM_ARGS, Stack
-from test_nexus_hitl import TOKEN, approval, deliver, question, replies, serving
+from test_nexus_hitl import TOKEN, approval, deliver, question, replies, rows, serving
 
 from singularity_stack.nexus.hitl import Hitl
+from singularity_stack.nexus.reviewers import ReviewerFile, Reviewers
+
+REVIEWERS = ("alice", "bob", "carol", "dora", "erin")
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
@@ -31,6 +34,7 @@ class Ui:
     hitl: Hitl
     url: str
     browser: Browser
+    tokens: dict[str, str]  # each reviewer's own token
     problems: list[str] = field(default_factory=list)  # console errors and uncaught exceptions
 
     async def new_page(self) -> Page:
@@ -42,14 +46,17 @@ class Ui:
 
 
 @pytest.fixture(scope="module")
-async def ui(provision_stack) -> AsyncIterator[Ui]:
+async def ui(provision_stack, tmp_path_factory) -> AsyncIterator[Ui]:
     stack = Stack(provision_stack(1))
     hitl = Hitl(await stack.db_pool("nexus"), await stack.queue("nexus"))
+    file = ReviewerFile(tmp_path_factory.mktemp("nexus") / "reviewers.json")
+    tokens = {name: file.add(name) for name in REVIEWERS}
+    app = Starlette(routes=hitl.routes(TOKEN, Reviewers(file.path)))
     try:
-        async with serving(Starlette(routes=hitl.routes(TOKEN))) as host, async_playwright() as playwright:
+        async with serving(app) as host, async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
-                yield Ui(stack, hitl, f"http://{host}", browser)
+                yield Ui(stack, hitl, f"http://{host}", browser, tokens)
             finally:
                 await browser.close()
     finally:
@@ -66,12 +73,11 @@ def no_browser_errors(ui) -> Iterator[None]:
 
 
 async def open_page(ui: Ui, name: str) -> Page:
-    """A new browser context (its own cookies), logged in through the form, with the live feed connected."""
+    """A new browser context (its own cookies), logged in as `name` with their token, the live feed connected."""
     page = await ui.new_page()
     await page.goto(ui.url + "/")
     await expect(page).to_have_url(ui.url + "/login")
-    await page.fill("#token", TOKEN)
-    await page.fill("#name", name)
+    await page.fill("#token", ui.tokens[name])
     await page.click("button[type=submit]")
     await expect(page).to_have_url(ui.url + "/")
     await expect(page.locator("#connection")).to_have_text("live")
@@ -86,13 +92,14 @@ async def test_logging_in_through_the_form(ui):
     page = await ui.new_page()
     await page.goto(ui.url + "/")
     await expect(page).to_have_url(ui.url + "/login")
-    await page.fill("#token", "a guess")
-    await page.click("button[type=submit]")
-    await expect(page.locator(".error")).to_contain_text("Wrong token")
+    assert await page.locator("#name").count() == 0  # nobody types their name: the token says it
+    for guess, error in (("a guess", "token: wrong token"), (TOKEN, "the shared UI token is off")):
+        await page.fill("#token", guess)
+        await page.click("button[type=submit]")
+        await expect(page.locator(".error")).to_contain_text(error)
     assert [p for p in ui.problems if "401" not in p] == []  # the 401 itself is logged: expected
     ui.problems.clear()
-    await page.fill("#token", TOKEN)
-    await page.fill("#name", "dora")
+    await page.fill("#token", ui.tokens["dora"])
     await page.click("button[type=submit]")
     await expect(page).to_have_url(ui.url + "/")
     await expect(page.locator("#reviewer")).to_have_text("dora")
@@ -213,4 +220,18 @@ async def test_html_in_a_request_is_shown_as_text_and_never_runs(ui):
     await asyncio.sleep(0.3)  # an image error handler would have fired by now
     assert await page.evaluate("typeof window.__pwned") == "undefined"
     assert dialogs == []
+    await page.context.close()
+
+
+async def test_a_named_reviewer_approves_and_the_audit_names_them(ui):
+    page = await open_page(ui, "bob")
+    await expect(page.locator("#reviewer")).to_have_text("bob")
+    request = approval(file_path="src/audited.py")
+    await deliver(ui.hitl, request)
+    await card(page, request.request_id).get_by_role("button", name="Approve").click()
+    await expect(card(page, request.request_id)).to_have_count(0)
+    audit = await rows(
+        ui.hitl, "SELECT action, actor FROM hitl_audit WHERE request_id = %s ORDER BY id", request.request_id
+    )
+    assert audit == [("received", "system"), ("approved", "bob")]
     await page.context.close()

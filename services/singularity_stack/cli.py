@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+from singularity_stack.nexus.reviewers import ReviewerFile, ReviewersError
 from singularity_stack.nexus.routing_config import RoutingConfigError
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.migrations import applied_migrations
@@ -94,6 +95,22 @@ def _state_token(state: Path, env_var: str, filename: str) -> str:
     return token
 
 
+def cmd_reviewers(args: argparse.Namespace) -> int:
+    """Named HITL reviewers in a reviewers file (hashes only): add prints the new token, once."""
+    reviewers = ReviewerFile(args.file)
+    if args.action == "add":
+        token = reviewers.add(args.name)
+        print(f"reviewer {args.name!r} added to {args.file}; their token (shown only now, keep it safe):")
+        print(token)
+    elif args.action == "remove":
+        reviewers.remove(args.name)
+        print(f"reviewer {args.name!r} removed from {args.file}; their sessions end at their next request")
+    else:
+        for name in reviewers.names():
+            print(name)
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from singularity_stack.local.supervisor import Supervisor, plan_services, write_state
     from singularity_stack.postgres.cluster import LocalCluster
@@ -132,19 +149,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("[3/3] starting the services:", flush=True)
             token = _ui_token(state)
             api_tokens = {role: _state_token(state, *names) for role, names in API_TOKENS.items()}
+            reviewers_file = state / "reviewers.json"
+            ReviewerFile(reviewers_file).ensure()
+            extra_env = {role: {API_TOKENS[role][0]: value} for role, value in api_tokens.items()}
             services = plan_services(
                 result.credentials,
                 state,
                 instances=args.singularity_instances,
                 ui_token=token,
-                extra_env={role: {API_TOKENS[role][0]: value} for role, value in api_tokens.items()},
+                extra_env=extra_env | {"nexus": {"NEXUS_REVIEWERS_FILE": str(reviewers_file)}},
             )
             supervisor = Supervisor(services, report=lambda line: print(line, flush=True))
             supervisor.start_all()
             nexus = next(s for s in services if s.name == "nexus")
             summary = {
                 "services": supervisor.state(),
-                "ui": {"url": nexus.url + "/", "token": token},
+                "ui": {"url": nexus.url + "/", "token": token, "reviewers_file": str(reviewers_file)},
                 "api_tokens": api_tokens,
                 "credentials_file": str(credentials_file),
                 "logs": str(state / "logs"),
@@ -152,6 +172,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             if args.state_file:
                 write_state(args.state_file, summary)
             print(f"\nHITL UI: {nexus.url}/   token: {token}")
+            print(
+                f"  named reviewers (the shared token stops working once there is one): "
+                f"singularity-stack reviewers add NAME --file {reviewers_file}"
+            )
             for role, value in api_tokens.items():
                 print(f"{role} API token: {value}   (send 'Authorization: Bearer <token>')")
             for service in services:
@@ -233,6 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9090)
     p.set_defaults(func=cmd_operator)
 
+    p = sub.add_parser("reviewers", help="manage the HITL UI's named reviewers (tokens stored hashed)")
+    actions = p.add_subparsers(dest="action", required=True)
+    for action, text in (
+        ("add", "add NAME and print their new token (only this once)"),
+        ("remove", "remove NAME: their token and sessions stop working"),
+        ("list", "list the reviewers' names"),
+    ):
+        a = actions.add_parser(action, help=text)
+        if action != "list":
+            a.add_argument("name", metavar="NAME")
+        a.add_argument(
+            "--file",
+            type=Path,
+            default=Path(".local-stack/reviewers.json"),
+            help="the reviewers file (default: the one `up` gives Nexus, .local-stack/reviewers.json)",
+        )
+    p.set_defaults(func=cmd_reviewers)
+
     p = sub.add_parser("up", help="run the whole stack locally")
     p.add_argument("--singularity-instances", type=int, default=1, metavar="N")
     p.add_argument("--state-dir", type=Path, default=Path(".local-stack"))
@@ -248,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.func(args))
-    except (ProvisionError, UnsafeFileError, RoutingConfigError) as error:
+    except (ProvisionError, UnsafeFileError, RoutingConfigError, ReviewersError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

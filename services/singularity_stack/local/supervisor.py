@@ -103,7 +103,13 @@ SETTINGS_ENV: dict[str, frozenset[str]] = {
         }
     ),
     "nexus": frozenset(
-        {"NEXUS_UI_TOKEN", "NEXUS_ROUTING_CONFIG", "NEXUS_MAX_CONCURRENT_LLM", "HITL_EXPIRY_INTERVAL_SECONDS"}
+        {
+            "NEXUS_UI_TOKEN",
+            "NEXUS_REVIEWERS_FILE",
+            "NEXUS_ROUTING_CONFIG",
+            "NEXUS_MAX_CONCURRENT_LLM",
+            "HITL_EXPIRY_INTERVAL_SECONDS",
+        }
     ),
     "genesis": frozenset({"GENESIS_MAX_CONCURRENT_JOBS", "GENESIS_SANDBOX_PROC"}),
     "centralcloud": frozenset(

@@ -33,6 +33,8 @@ from singularity_stack.sharedqueue import SharedQueue
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
+    from singularity_stack.nexus.reviewers import Reviewers
+
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=Reply)
 
@@ -276,10 +278,9 @@ def _article(kind: str) -> str:
 
 
 class Hitl:
-    def __init__(self, pool: AsyncConnectionPool, queue: SharedQueue, *, actor_default: str = "reviewer") -> None:
+    def __init__(self, pool: AsyncConnectionPool, queue: SharedQueue) -> None:
         self.store = HitlStore(pool)
         self.queue = queue
-        self.actor_default = actor_default
         self.broadcaster = Broadcaster()
         self._watchers: set[asyncio.Task[None]] = set()
 
@@ -352,8 +353,12 @@ class Hitl:
 
     # -- decisions ---------------------------------------------------------------------------------
 
-    def _actor(self, actor: str) -> str:
-        return actor.strip() or self.actor_default
+    @staticmethod
+    def _actor(actor: str) -> str:
+        """`actor` is the authenticated identity (hitl_web), never a name the client typed."""
+        if not actor.strip():
+            raise ValueError("a decision needs the authenticated reviewer")
+        return actor.strip()
 
     async def decide(self, request_id: uuid.UUID, approved: bool, reason: str, actor: str) -> ApprovalResponse:
         reason, actor = reason.strip(), self._actor(actor)
@@ -413,9 +418,10 @@ class Hitl:
 
     # -- web ---------------------------------------------------------------------------------------
 
-    def routes(self, token: str) -> list[BaseRoute]:
-        """The reviewer UI and its API, protected by `token` (see hitl_web)."""
+    def routes(self, token: str, reviewers: Reviewers | None = None) -> list[BaseRoute]:
+        """The reviewer UI and its API, for the named `reviewers` and the shared `token` (see hitl_web)."""
         # Imported here: hitl_web builds on this module's classes.
         from singularity_stack.nexus.hitl_web import hitl_routes
+        from singularity_stack.nexus.reviewers import Reviewers
 
-        return hitl_routes(self, token)
+        return hitl_routes(self, token, reviewers if reviewers is not None else Reviewers(None))

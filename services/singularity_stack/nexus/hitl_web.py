@@ -1,11 +1,16 @@
 """The reviewers' web UI: one page, a JSON API to decide, and a WebSocket that pushes every change.
 
-Authentication is one shared token (Nexus's UI token), presented either as
-`Authorization: Bearer <token>` (scripts and WebSocket clients; the reviewer's name may be given
-in `X-Reviewer`) or as the session cookie set by the login form. The cookie holds the reviewer's
-name, when it was issued and an HMAC-SHA256 of both keyed with the token: it never reveals the
-token, cannot be forged or extended without it, lasts SESSION_MAX_AGE, and every session ends when
-the token is rotated. It is HttpOnly and SameSite=Strict, and requests that rely on it are also
+Each reviewer logs in with their own token (nexus/reviewers.py: named tokens, stored hashed), presented
+either as `Authorization: Bearer <token>` (scripts and WebSocket clients) or once to the login form,
+which sets a session cookie. The name recorded with every decision is the one the token belongs to;
+nothing the client sends names the reviewer. Nexus's shared UI token logs in as "shared-token", and
+only while no named reviewer exists: naming the first reviewer turns it off.
+
+The cookie holds the reviewer's name, when it was issued and an HMAC-SHA256 of both, keyed with the
+shared token and the reviewer's current token hash: it never reveals a token, cannot be forged or
+extended without both, and lasts SESSION_MAX_AGE. It is checked against the reviewers file at every
+request (and before every WebSocket push), so removing a reviewer, or issuing them a new token, ends
+their sessions at once. It is HttpOnly and SameSite=Strict, and requests that rely on it are also
 refused when their Origin is another site (no cross-site form posts or WebSocket hijacking).
 
 The page is static HTML/CSS/JS (static/) that renders all data with textContent, under a
@@ -22,7 +27,6 @@ import hashlib
 import hmac
 import html
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,6 +42,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from singularity_stack.nexus.hitl import RESYNC, Event, Hitl, HitlError
+from singularity_stack.nexus.reviewers import SHARED_IDENTITY, Reviewers
 from singularity_stack.service.guard import FormRoute
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
 from singularity_stack.service.text import StorableText
@@ -48,8 +53,6 @@ STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE = "nexus_hitl_session"
 SESSION_MAX_AGE = 12 * 3600
 MAX_BODY = 1 << 20  # decisions and answers are text typed by a person; a megabyte is plenty
-# Letters (any script), digits, space and . @ ' - : shown in the audit trail and to other reviewers.
-REVIEWER_NAME = re.compile(r"[\w .@'-]{1,64}")  # used with fullmatch
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_CROSS_SITE = 4403
 
@@ -83,27 +86,54 @@ class Answer(BaseModel):
 
 
 class Auth:
-    def __init__(self, token: str, actor_default: str) -> None:
+    """Who a request is: a named reviewer (their own token), or the shared token's holder."""
+
+    def __init__(self, token: str, reviewers: Reviewers) -> None:
         if not token:
             raise ValueError("the HITL UI needs a non-empty token")
         self._token = token.encode()
-        self.actor_default = actor_default
+        self.reviewers = reviewers
 
-    def token_matches(self, candidate: str) -> bool:
+    def shared_allowed(self) -> bool:
+        return not self.reviewers.any_named()
+
+    def is_shared_token(self, candidate: str) -> bool:
         return hmac.compare_digest(candidate.encode(), self._token)
 
-    def _signature(self, name: str, issued: int) -> str:
+    def identify(self, candidate: str) -> str | None:
+        """The identity a presented token proves: a reviewer's name, SHARED_IDENTITY, or None."""
+        name = self.reviewers.authenticate(candidate)
+        if name is not None:
+            return name
+        return SHARED_IDENTITY if self.is_shared_token(candidate) and self.shared_allowed() else None
+
+    def _key(self, name: str) -> bytes | None:
+        """The session key of `name` as things stand now; None if `name` may not log in."""
+        if name == SHARED_IDENTITY:
+            return self._token if self.shared_allowed() else None
+        stored = self.reviewers.stored_hash(name)
+        if stored is None:
+            return None
+        # The reviewer's current hash is part of the key: a new token or removal invalidates their
+        # cookies, and neither the reviewers file (hashes) nor the shared token alone can forge one.
+        return hmac.new(self._token, f"nexus-hitl-reviewer\0{stored}".encode(), hashlib.sha256).digest()
+
+    @staticmethod
+    def _signature(key: bytes, name: str, issued: int) -> str:
         message = f"nexus-hitl-session\0{issued}\0{name}".encode()
-        return hmac.new(self._token, message, hashlib.sha256).hexdigest()
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
 
     def session_value(self, name: str, issued: int | None = None) -> str:
         """'<base64url name>.<issued, unix seconds>.<HMAC>': the name is readable, nothing is forgeable."""
+        key = self._key(name)
+        if key is None:
+            raise ValueError(f"{name!r} may not log in")
         issued = int(time.time()) if issued is None else issued
         encoded = base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
-        return f"{encoded}.{issued}.{self._signature(name, issued)}"
+        return f"{encoded}.{issued}.{self._signature(key, name, issued)}"
 
     def session_name(self, value: str) -> str | None:
-        """The reviewer a session cookie belongs to; None if it is not ours or older than SESSION_MAX_AGE."""
+        """The reviewer a session cookie belongs to; None if it is not ours, no longer valid or too old."""
         encoded, _, rest = value.partition(".")
         issued_text, _, signature = rest.partition(".")
         try:
@@ -111,7 +141,8 @@ class Auth:
             issued = int(issued_text)
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return None
-        if not hmac.compare_digest(signature.encode(), self._signature(name, issued).encode()):
+        key = self._key(name)
+        if key is None or not hmac.compare_digest(signature.encode(), self._signature(key, name, issued).encode()):
             return None
         # Enforced here too: the cookie's Max-Age only asks the browser to forget it. A minute of
         # clock skew between Nexus replicas is tolerated.
@@ -124,9 +155,10 @@ class Auth:
         There is no token query parameter: URLs end up in access logs. Scripts send the header.
         """
         scheme, _, credential = conn.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and self.token_matches(credential.strip()):
-            claimed = conn.headers.get("x-reviewer", "").strip()
-            return (claimed if REVIEWER_NAME.fullmatch(claimed) else self.actor_default), False
+        if scheme.lower() == "bearer":
+            name = self.identify(credential.strip())
+            if name is not None:
+                return name, False
         cookie = conn.cookies.get(SESSION_COOKIE)
         name = self.session_name(cookie) if cookie else None
         return (name, True) if name is not None else None
@@ -169,9 +201,9 @@ async def _body(request: Request) -> bytes:
 
 
 class HitlWeb:
-    def __init__(self, hitl: Hitl, token: str) -> None:
+    def __init__(self, hitl: Hitl, token: str, reviewers: Reviewers) -> None:
         self.hitl = hitl
-        self.auth = Auth(token, hitl.actor_default)
+        self.auth = Auth(token, reviewers)
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -207,11 +239,19 @@ class HitlWeb:
             form = await _form(request)
         except BadRequest as bad:
             return _page("login.html", bad.status_code, bad.reason)
-        if not self.auth.token_matches(form.get("token", "")):
-            return _page("login.html", 401, "Wrong token: use the UI token Nexus was started with.")
-        name = form.get("name", "").strip() or self.auth.actor_default
-        if not REVIEWER_NAME.fullmatch(name):
-            return _page("login.html", 400, "Your name may have letters, digits, spaces and . @ ' - (up to 64).")
+        # The token alone says who logs in; a name typed beside it would be a claim, not an identity.
+        unknown = sorted(set(form) - {"token"})
+        if unknown:
+            return _page("login.html", 400, f"{unknown[0]}: not a field of this form; your token says who you are.")
+        token = form.get("token", "")
+        name = self.auth.identify(token)
+        if name is None:
+            reason = (
+                "token: the shared UI token is off while named reviewers exist; log in with your own token."
+                if self.auth.is_shared_token(token)
+                else "token: wrong token; use your reviewer token (or the UI token Nexus was started with)."
+            )
+            return _page("login.html", 401, reason)
         response = RedirectResponse("/", 303)
         response.set_cookie(
             SESSION_COOKIE,
@@ -236,7 +276,9 @@ class HitlWeb:
         async def endpoint(request: Request) -> Response:
             reviewer = self.auth.reviewer(request)
             if reviewer is None:
-                response = error_response(401, "not authenticated: send 'Authorization: Bearer <token>' or log in")
+                response = error_response(
+                    401, "authorization: not authenticated: send 'Authorization: Bearer <token>' or log in"
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 return response
             name, via_cookie = reviewer
@@ -291,7 +333,7 @@ class HitlWeb:
         # ignores an 'added' it already has and a 'removed' it never had).
         with self.hitl.broadcaster.subscribe() as inbox:
             await self._send_snapshot(websocket, reviewer[0])
-            pump = asyncio.create_task(self._pump(websocket, inbox, reviewer[0]))
+            pump = asyncio.create_task(self._pump(websocket, inbox))
             try:
                 await self._drain(websocket)
             finally:
@@ -302,12 +344,17 @@ class HitlWeb:
     async def _send_snapshot(self, websocket: WebSocket, reviewer: str) -> None:
         await websocket.send_json({"type": "snapshot", **await self.hitl.snapshot(), "reviewer": reviewer})
 
-    async def _pump(self, websocket: WebSocket, inbox: asyncio.Queue[Event], reviewer: str) -> None:
+    async def _pump(self, websocket: WebSocket, inbox: asyncio.Queue[Event]) -> None:
         try:
             while True:
                 event = await inbox.get()
+                # Asked again before every push: a reviewer removed meanwhile is sent nothing more.
+                reviewer = self.auth.reviewer(websocket)
+                if reviewer is None:
+                    await websocket.close(CLOSE_UNAUTHENTICATED, "no longer authenticated")
+                    return
                 if event is RESYNC:
-                    await self._send_snapshot(websocket, reviewer)
+                    await self._send_snapshot(websocket, reviewer[0])
                 else:
                     await websocket.send_json(event)
         except (WebSocketDisconnect, RuntimeError, OSError) as error:
@@ -319,5 +366,5 @@ class HitlWeb:
             pass
 
 
-def hitl_routes(hitl: Hitl, token: str) -> list[BaseRoute]:
-    return HitlWeb(hitl, token).routes()
+def hitl_routes(hitl: Hitl, token: str, reviewers: Reviewers) -> list[BaseRoute]:
+    return HitlWeb(hitl, token, reviewers).routes()

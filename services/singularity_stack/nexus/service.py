@@ -11,6 +11,7 @@ from starlette.routing import BaseRoute
 
 from singularity_stack import contract as c
 from singularity_stack.nexus.hitl import Hitl
+from singularity_stack.nexus.reviewers import Reviewers
 from singularity_stack.nexus.router import Completion, LlmRouter, RoutingError
 from singularity_stack.nexus.routing_config import load_routing_config
 from singularity_stack.service.runtime import Job, Service, every
@@ -22,6 +23,8 @@ log = logging.getLogger(__name__)
 
 class NexusSettings(ServiceSettings):
     ui_token: str = Field(min_length=16, validation_alias=AliasChoices("NEXUS_UI_TOKEN", "ui_token"))
+    # {"<name>": "sha256:<hex>"} (nexus/reviewers.py); reread when it changes. Unset: the shared token only.
+    reviewers_file: Path | None = Field(None, validation_alias=AliasChoices("NEXUS_REVIEWERS_FILE", "reviewers_file"))
     routing_config: Path | None = Field(None, validation_alias=AliasChoices("NEXUS_ROUTING_CONFIG", "routing_config"))
     max_concurrent_llm: int = Field(8, ge=1, validation_alias=AliasChoices("NEXUS_MAX_CONCURRENT_LLM"))
     expiry_interval_seconds: float = Field(30.0, validation_alias=AliasChoices("HITL_EXPIRY_INTERVAL_SECONDS"))
@@ -35,6 +38,7 @@ class NexusService(Service):
         super().__init__(settings)
         self.router = LlmRouter(load_routing_config(settings.routing_config))
         self.hitl = Hitl(self.db, self.queue)
+        self.reviewers = Reviewers(settings.reviewers_file)  # a bad file stops Nexus here, with the reason
 
     async def route(self, delivery: Delivery[c.LlmRequest]) -> None:
         request = delivery.message
@@ -110,4 +114,4 @@ class NexusService(Service):
         return [lambda stop: every(self.settings.expiry_interval_seconds, stop, self.hitl.expire_overdue, "expiry")]
 
     def routes(self) -> list[BaseRoute]:
-        return self.hitl.routes(self.settings.ui_token)
+        return self.hitl.routes(self.settings.ui_token, self.reviewers)
