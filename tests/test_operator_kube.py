@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -239,6 +240,12 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         assert len(api_tokens["centralcloud"]["CENTRALCLOUD_API_TOKEN"]) >= 16
         refs = {e.name: e.value_from.secret_key_ref.name for e in container.env if e.name == "SINGULARITY_API_TOKEN"}
         assert refs == {"SINGULARITY_API_TOKEN": "alpha-singularity-api"}
+        # the named reviewers' Secret: created empty for Nexus to mount; what the admin puts in it stays theirs
+        assert stacks.secret("alpha-nexus-reviewers") == {"reviewers.json": "{}\n"}
+        admins = json.dumps({"alice": "sha256:" + "0" * 64})
+        stacks.core.patch_namespaced_secret(
+            "alpha-nexus-reviewers", stacks.namespace, {"stringData": {"reviewers.json": admins}}
+        )
 
         stacks.make_available("alpha")
         ready = stacks.wait_condition("alpha", "Ready", "True")
@@ -263,6 +270,7 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         assert prefix + "singularity_3" in databases(pg_cluster, prefix)
         assert stacks.secret("alpha-singularity-1-db") == creds  # an existing password is never regenerated
         assert {s: stacks.secret(f"alpha-{s}-api") for s in api_tokens} == api_tokens  # nor a token
+        assert stacks.secret("alpha-nexus-reviewers") == {"reviewers.json": admins}  # nor the reviewers
         # 3 → 1: workloads go, data stays (Retain)
         stacks.patch_spec("alpha", {"singularity": {"replicas": 1}})
         wait_for("one instance", lambda: len([d for d in stacks.deployments("alpha") if "singularity" in d]) == 1)

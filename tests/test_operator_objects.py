@@ -129,7 +129,40 @@ def test_routing_config_and_provider_keys_reach_nexus():
     container = nexus["containers"][0]
     assert container["envFrom"] == [{"secretRef": {"name": "llm-keys", "optional": True}}]
     assert {"name": "NEXUS_ROUTING_CONFIG", "value": "/etc/singularity/routing/routing.yaml"} in container["env"]
-    assert nexus["volumes"] == [{"name": "routing", "configMap": {"name": "routes"}}]
+    assert {"name": "routing", "configMap": {"name": "routes"}} in nexus["volumes"]
+    assert {"name": "routing", "mountPath": "/etc/singularity/routing", "readOnly": True} in container["volumeMounts"]
+    assert len(nexus["volumes"]) == 2  # and the reviewers' Secret, as without a routing config
+
+
+def test_nexus_reads_its_named_reviewers_from_a_secret_volume():
+    for spec in (
+        api.parse_spec({}),
+        api.parse_spec({"nexus": {"routingConfigMap": {"name": "routes", "key": "r.yaml"}}}),
+    ):
+        pod = by_kind_and_name(objects.service_deployments("demo", "ns", spec))[("Deployment", "demo-nexus")]["spec"][
+            "template"
+        ]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["NEXUS_REVIEWERS_FILE"] == {
+            "name": "NEXUS_REVIEWERS_FILE",
+            "value": "/etc/singularity/reviewers/reviewers.json",
+        }
+        # The whole Secret, not a subPath (kubelet updates only whole volumes), optional (Nexus starts
+        # before the admin names anyone) and readable by the pod's group alone (fsGroup).
+        assert {
+            "name": "reviewers",
+            "secret": {"secretName": "demo-nexus-reviewers", "optional": True, "defaultMode": 0o440},
+        } in pod["volumes"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "reviewers"]
+        assert mount == {"name": "reviewers", "mountPath": "/etc/singularity/reviewers", "readOnly": True}
+        assert pod["securityContext"]["fsGroup"] == objects.SERVICE_UID
+    for name in ("demo-genesis", "demo-centralcloud", "demo-singularity-1"):
+        other = by_kind_and_name(objects.service_deployments("demo", "ns", api.parse_spec({})))[("Deployment", name)]
+        assert "NEXUS_REVIEWERS_FILE" not in {
+            e["name"] for e in other["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
+        assert "volumes" not in other["spec"]["template"]["spec"]
 
 
 def test_covers_ignores_server_defaults_but_not_differences():

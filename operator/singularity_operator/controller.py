@@ -151,6 +151,9 @@ class StackController:
     def apply_workloads(self, stack: str, namespace: str, spec: api.StackSpec) -> None:
         ui = objects.ui_secret_name(stack)
         self._ensure_secret(stack, namespace, ui, "nexus", {"NEXUS_UI_TOKEN": secrets.token_urlsafe(24)})
+        # Created empty and never written again: the reviewers in it are the admin's (kubectl).
+        reviewers = objects.reviewers_secret_name(stack)
+        self._ensure_secret(stack, namespace, reviewers, "nexus", {objects.REVIEWERS_KEY: "{}\n"})
         for service, key in objects.API_TOKEN_KEYS.items():
             name = objects.api_token_secret_name(stack, service)
             self._ensure_secret(stack, namespace, name, service, {key: secrets.token_urlsafe(24)})

@@ -18,6 +18,8 @@ POSTGRES_PORT = 5432
 APP = "singularity-stack"
 SERVICE_UID = 10001
 ROUTING_MOUNT = "/etc/singularity/routing"
+REVIEWERS_MOUNT = "/etc/singularity/reviewers"
+REVIEWERS_KEY = "reviewers.json"
 CLUSTER_DOMAIN = "cluster.local"
 
 
@@ -61,6 +63,11 @@ def admin_secret_name(stack: str) -> str:
 
 def ui_secret_name(stack: str) -> str:
     return f"{stack}-nexus-ui"
+
+
+def reviewers_secret_name(stack: str) -> str:
+    """The HITL UI's named reviewers (REVIEWERS_KEY: {name: token hash}); the admin fills it with kubectl."""
+    return f"{stack}-nexus-reviewers"
 
 
 # Bearer tokens of the HTTP APIs: the Secret that holds each (generated once) and its key, by service.
@@ -194,15 +201,23 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
         return _container(spec, service, role, env, allowed_hosts(stack, namespace, logical))
 
     nexus_env = [*db("nexus"), *_secret_env(ui_secret_name(stack), "NEXUS_UI_TOKEN")]
-    nexus_pod: dict[str, Any] = {}
+    nexus_env.append({"name": "NEXUS_REVIEWERS_FILE", "value": f"{REVIEWERS_MOUNT}/{REVIEWERS_KEY}"})
     nexus = container(spec.nexus, "nexus", nexus_env)
+    # The whole Secret as a directory, not a subPath: kubelet then updates the file in place when the
+    # admin changes the Secret, and Nexus rereads it. Optional: Nexus starts before it exists.
+    reviewers_volume = {
+        "name": "reviewers",
+        "secret": {"secretName": reviewers_secret_name(stack), "optional": True, "defaultMode": 0o440},
+    }
+    nexus["volumeMounts"] = [{"name": "reviewers", "mountPath": REVIEWERS_MOUNT, "readOnly": True}]
+    nexus_pod: dict[str, Any] = {"volumes": [reviewers_volume]}
     if spec.nexus.provider_keys_secret:
         nexus["envFrom"] = [{"secretRef": {"name": spec.nexus.provider_keys_secret, "optional": True}}]
     if spec.nexus.routing_config_map:
         ref = spec.nexus.routing_config_map
         nexus["env"].append({"name": "NEXUS_ROUTING_CONFIG", "value": f"{ROUTING_MOUNT}/{ref.key}"})
-        nexus["volumeMounts"] = [{"name": "routing", "mountPath": ROUTING_MOUNT, "readOnly": True}]
-        nexus_pod["volumes"] = [{"name": "routing", "configMap": {"name": ref.name}}]
+        nexus["volumeMounts"].append({"name": "routing", "mountPath": ROUTING_MOUNT, "readOnly": True})
+        nexus_pod["volumes"].append({"name": "routing", "configMap": {"name": ref.name}})
 
     genesis = container(
         spec.genesis,
