@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from support import CHROMIUM, CHROMIUM_ARGS
 
@@ -259,3 +260,33 @@ def test_the_apis_need_the_tokens_up_generated(live_stack):
         f"{live_stack.url('centralcloud')}/analytics", headers=live_stack.api_headers("centralcloud"), timeout=10
     )
     assert analytics.status_code == 200, analytics.text
+
+
+def test_a_reviewer_named_while_up_runs_decides_under_their_own_name(live_stack):
+    """Last in this module: while a reviewer is named, the shared token the other tests use is off."""
+    submit(live_stack, "singularity_1", "Write a program that prints a greeting", agent_id="e2e-named")
+    card = pending_card(live_stack, "approval", "e2e-named")
+    reviewers_file = live_stack.state["ui"]["reviewers_file"]
+    command = [sys.executable, "-m", "singularity_stack.cli", "reviewers"]
+    added = subprocess.run([*command, "add", "grace", "--file", reviewers_file], capture_output=True, text=True)
+    assert added.returncode == 0, added.stderr
+    grace = {"Authorization": f"Bearer {added.stdout.strip().splitlines()[-1]}"}
+    try:
+        with live_stack.nexus_api() as api:
+            assert api.get("/api/pending").status_code == 401  # the shared token is off now
+            decided = api.post(f"/api/approvals/{card['request_id']}", json={"approved": True}, headers=grace)
+            assert decided.status_code == 200, decided.text
+        nexus_db = json.loads(Path(live_stack.state["credentials_file"]).read_text())["nexus"]["database_url"]
+        with psycopg.connect(nexus_db) as conn:
+            audit = conn.execute(
+                "SELECT action, actor FROM hitl_audit WHERE request_id = %s ORDER BY id", (card["request_id"],)
+            ).fetchall()
+        assert audit == [("received", "system"), ("approved", "grace")]
+    finally:
+        removed = subprocess.run(
+            [*command, "remove", "grace", "--file", reviewers_file], capture_output=True, text=True
+        )
+        assert removed.returncode == 0, removed.stderr
+    with live_stack.nexus_api() as api:
+        assert api.get("/api/pending", headers=grace).status_code == 401
+        assert api.get("/api/pending").status_code == 200  # nobody named: the shared token works again
