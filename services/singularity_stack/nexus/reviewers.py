@@ -134,9 +134,9 @@ class Reviewers:
     (an optional Kubernetes Secret not created): no named reviewers."""
 
     path: Path | None
-    _entries: dict[str, str] = field(default_factory=dict)
-    _seen: tuple[int, int, int, int] | None = None
-    _broken: bool = False
+    _entries: dict[str, str] = field(default_factory=dict, init=False)
+    _seen: tuple[int, int, int, int] | None = field(default=None, init=False)
+    _broken: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self._refresh(strict=True)  # a bad file at start is an error: Nexus does not start with it
