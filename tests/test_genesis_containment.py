@@ -196,6 +196,40 @@ async def test_kernel_surfaces_a_job_has_no_use_for_are_refused(proc_mode: str) 
     assert results == dict.fromkeys(results, "EPERM") and len(results) == 9, results
 
 
+SOCKETS_AND_MAPPINGS = r"""
+import errno, mmap, socket
+for name in ("AF_VSOCK", "AF_PACKET", "AF_ALG", "AF_BLUETOOTH"):
+    try:
+        socket.socket(getattr(socket, name), socket.SOCK_STREAM if name != "AF_PACKET" else socket.SOCK_RAW)
+        print(name, "WORKED")
+    except OSError as error:
+        print(name, errno.errorcode[error.errno])
+for name in ("AF_UNIX", "AF_INET", "AF_INET6"):
+    socket.socket(getattr(socket, name), socket.SOCK_STREAM).close()
+    print(name, "works")
+try:  # the kernel counts a MAP_GROWSDOWN mapping as stack: RLIMIT_DATA would not see it
+    mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x100)
+    print("MAP_GROWSDOWN WORKED")
+except OSError as error:
+    print("MAP_GROWSDOWN", errno.errorcode[error.errno])
+"""
+
+
+async def test_only_isolated_socket_families_and_counted_mappings(proc_mode: str) -> None:
+    """AF_VSOCK has no network namespace: a job could reach the hypervisor's port space through it."""
+    outcome = await JobRunner(1).run(SOCKETS_AND_MAPPINGS, "python")
+    assert outcome.stdout.splitlines() == [
+        "AF_VSOCK EAFNOSUPPORT",
+        "AF_PACKET EAFNOSUPPORT",
+        "AF_ALG EAFNOSUPPORT",
+        "AF_BLUETOOTH EAFNOSUPPORT",
+        "AF_UNIX works",
+        "AF_INET works",
+        "AF_INET6 works",
+        "MAP_GROWSDOWN EPERM",
+    ], outcome
+
+
 # -- memory, processes and CPU are bounded for the job as a whole -------------------------------------
 
 HOLDER = (
@@ -289,6 +323,100 @@ async def test_memory_in_files_and_shared_memory_counts_against_the_job() -> Non
     outcome = await JobRunner(1, limits).run(code, "python")
     assert outcome.status is JobStatus.MEMORY_LIMIT, outcome
     assert "held all" not in outcome.stdout
+
+
+LOOPBACK_TCP_HOARD = r"""
+import os, socket, time
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(1024)
+for _ in range(3):
+    if os.fork() == 0:
+        held = []
+        for _ in range(60):  # fill every connection's buffers and never read them
+            client = socket.create_connection(server.getsockname())
+            peer, _ = server.accept()
+            client.setblocking(False)
+            try:
+                while client.send(b"x" * 262144):
+                    pass
+            except OSError:
+                pass
+            held.append((client, peer))
+        time.sleep(4)
+        os._exit(0)
+os.wait(); os.wait(); os.wait()
+print("done", flush=True)
+"""
+
+
+def host_tcp_memory() -> int:
+    """Bytes of socket buffers TCP holds on the whole host (/proc/net/sockstat counts pages)."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            fields = line.split()
+            return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE")
+    raise AssertionError("no TCP line in /proc/net/sockstat")
+
+
+async def test_socket_buffers_count_against_the_job() -> None:
+    """cgroup v1 leaves TCP buffers out of a job's memory unless they have a limit of their own."""
+    require_job_cgroups()
+    before, peak = host_tcp_memory(), 0
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, host_tcp_memory() - before)
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.get_running_loop().create_task(sample())
+    try:
+        outcome = await JobRunner(1, Limits(wall_time_s=20, job_memory_bytes=64 * MiB)).run(
+            LOOPBACK_TCP_HOARD, "python"
+        )
+    finally:
+        sampler.cancel()
+    assert outcome.status in (JobStatus.OK, JobStatus.MEMORY_LIMIT), outcome
+    assert peak < 64 * MiB, f"the job's sockets held {peak // MiB} MiB of the host's TCP memory"
+
+
+FORGED_SETUP_FAILURE = r"""
+import sys, time
+sys.stderr.write("bwrap: Can't mount proc on /newroot/proc: Operation not permitted\n")
+sys.stderr.flush()
+time.sleep(30)
+"""
+
+
+async def test_a_sandbox_killed_under_the_job_is_the_jobs_result_not_a_setup_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The OOM killer may pick bwrap itself in the job's cgroup. That must come back as the job's result:
+    never as a "sandbox failure" carrying the job's words, which once also switched /proc off for good."""
+    require_root()
+    monkeypatch.setattr(sandbox, "_proc_refused", False)
+    monkeypatch.delenv(sandbox.PROC_ENV, raising=False)
+    job = asyncio.get_running_loop().create_task(
+        JobRunner(1, Limits(wall_time_s=20)).run(FORGED_SETUP_FAILURE, "python")
+    )
+
+    def run_phase_monitors() -> list[int]:
+        """bwrap of the job's run (not of its syntax check or lint): its command ends with the program."""
+        return [pid for pid, p in job_processes().items() if p.cmdline.rstrip().endswith("python3 -u main.py")]
+
+    deadline = time.monotonic() + 30
+    while not (monitors := [pid for pid in run_phase_monitors() if "bwrap" in job_processes()[pid].cmdline]):
+        assert time.monotonic() < deadline, "the job never started"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    try:
+        os.kill(monitors[0], signal.SIGKILL)  # what the OOM killer does when it picks bwrap
+    finally:
+        outcome = await job
+    assert outcome.status is JobStatus.TIMEOUT and outcome.exit_code is None, outcome  # killed, as by a limit
+    assert sandbox._proc_refused is False
+    assert job_processes() == {}
 
 
 async def test_the_bound_in_force_is_stated(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,6 +32,7 @@ MODE_ENV = "GENESIS_SANDBOX_CGROUP"  # auto (default): use cgroups where writabl
 _V1_CONTROLLERS = ("memory", "pids", "cpu")  # cpu is optional: bandwidth, not a safety bound
 _REQUIRED = ("memory", "pids")
 _CPU_PERIOD_US = 100_000
+_TCP_SHARE = 8  # v1: the part of a job's memory its TCP buffers may hold (v2 counts them in memory.max)
 _KILL_ROUNDS = 200  # passes over cgroup.procs; a fork bomb is bounded by pids.max, so few are needed
 
 
@@ -256,9 +257,13 @@ class JobCgroups:
                 _write(directory / "cpu.max", f"{quota} {_CPU_PERIOD_US}")
             return
         if (directory / "memory.limit_in_bytes").exists():
-            _write(directory / "memory.limit_in_bytes", str(bounds.memory_bytes))
+            # v1 counts TCP socket buffers apart, and only once they have a limit of their own: an eighth of
+            # the job's bound goes to them, the rest to everything else, so the two together are the bound.
+            tcp = bounds.memory_bytes // _TCP_SHARE
+            _write(directory / "memory.limit_in_bytes", str(bounds.memory_bytes - tcp))
             with contextlib.suppress(FileNotFoundError):  # memory + swap, so swapping out is no way around it
-                _write(directory / "memory.memsw.limit_in_bytes", str(bounds.memory_bytes))
+                _write(directory / "memory.memsw.limit_in_bytes", str(bounds.memory_bytes - tcp))
+            _write(directory / "memory.kmem.tcp.limit_in_bytes", str(tcp))
         if (directory / "pids.max").exists():
             _write(directory / "pids.max", str(bounds.max_processes))
         if (directory / "cpu.cfs_quota_us").exists():

@@ -19,11 +19,14 @@ nobody without CAP_SYS_PTRACE may then ptrace it or open its /proc/1/mem. It run
 rlimits too: nothing in the sandbox runs outside the limits.
 
 Limits, for the job as a whole: a cgroup per job (cgroups.py) bounds memory (every page: heaps,
-shared memory, memfds, tmpfs contents), tasks and CPU bandwidth, where the host has a writable cgroup
-tree. Per process, everywhere: CPU time, data size, processes, file size and open files are rlimits
-set by util-linux `prlimit`. Every job gets oom_score_adj 1000, so if memory runs out the kernel
-kills a job before anything else (that is the memory bound where no cgroup is available: the host's
-or the Pod's limit). Wall time and the output caps are enforced here, by killing the job.
+shared memory, memfds, tmpfs contents, socket buffers), tasks and CPU bandwidth, where the host has a
+writable cgroup tree. Per process, everywhere: CPU time, data size, processes, file size and open
+files are rlimits set by util-linux `prlimit`. Every process of the sandbox starts with
+oom_score_adj 1000, so if memory runs out the kernel kills a job before anything else (that is the
+memory bound where no cgroup is available: the host's or the Pod's limit). A job may lower its own
+value only as far as Genesis's floor (0, unless Genesis holds CAP_SYS_RESOURCE, which makes 1000 the
+floor); the init and bwrap keep 1000, so a host-wide OOM still ends the job. Wall time and the output
+caps are enforced here, by killing the job.
 
 A job's processes cannot outlive it: the cgroup is emptied when the job ends, pid 1's death takes
 the namespace down, bwrap's `--die-with-parent` ends the sandbox if Genesis dies, and the watchdog
@@ -74,8 +77,8 @@ _REAP_GRACE_S = 5.0  # after SIGKILL the namespace is torn down by the kernel; t
 # status (128+N for signal N). Being init, it also reaps the job's orphans. bwrap's own init would
 # do that too, but bwrap exits without waiting for it, leaving a zombie for the host's init.
 _INIT = (INIT_PATH, "-c", '"$@" & wait $!', "sh")
-# Runs as Genesis, before bwrap: marks everything that follows first in line for the OOM killer (as
-# root, so the job cannot lower it again), moves itself into the job's cgroups (each file named before
+# Runs as Genesis, before bwrap: marks everything that follows first in line for the OOM killer, moves
+# itself into the job's cgroups (each file named before
 # "--"), then execs the rest. Nothing of the job exists yet, so nothing can start outside the cgroup.
 _LAUNCHER = (
     "/bin/sh",
@@ -573,7 +576,10 @@ async def _run_once(
         job = _Bwrap(proc, status_fd, cgroup)
         out, err, timed_out = await job.supervise(limits)
         elapsed_ms = (time.perf_counter() - started) * 1000
-        if not job.killed and not job.finished_setup():
+        # bwrap killed by a signal we did not send is the job's doing (the OOM killer picked it in the job's
+        # cgroup), never a setup failure: whatever the job printed must not pass for bwrap's own words.
+        monitor_killed = not job.killed and proc.returncode is not None and proc.returncode < 0
+        if not job.killed and not monitor_killed and not job.finished_setup():
             detail = _LAUNCH_FAILURES.get(proc.returncode or 0, "")
             detail = f"{detail}: " if detail else ""
             detail += bytes(err.data).decode("utf-8", "replace").strip()
@@ -583,7 +589,10 @@ async def _run_once(
             os.close(fd)
         if job is None and cgroup is not None:
             cgroup.remove()  # never started: nothing else will
-    exit_code, died_of = (None, None) if job.killed else _decode_exit(proc.returncode or 0)
+    if job.killed or monitor_killed:
+        exit_code, died_of = None, (-(proc.returncode or 0) if monitor_killed else None)
+    else:
+        exit_code, died_of = _decode_exit(proc.returncode or 0)
     return SandboxResult(
         exit_code=exit_code,
         signal=died_of,

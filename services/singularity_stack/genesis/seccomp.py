@@ -11,6 +11,9 @@ every process of the job, the sandbox's own pid 1 included. It refuses:
   the runtimes needs them: the BEAM's JIT falls back to a single mapping; a job cgroup counts them too);
 - mounts, namespaces and the machine: ``mount`` and the new mount API, ``setns``, ``pivot_root``, module
   loading, ``kexec_*``, ``reboot``, ``swapon/off``, ``acct``, ``open_by_handle_at``;
+- sockets of any family but unix, IPv4, IPv6 and netlink (EAFNOSUPPORT): a network namespace does not
+  isolate them all (AF_VSOCK reaches the hypervisor's port space);
+- ``mmap`` with MAP_GROWSDOWN, which the kernel counts as stack, not data, so RLIMIT_DATA misses it;
 - new user namespaces: ``unshare`` and ``clone`` with CLONE_NEWUSER. bwrap's ``--disable-userns`` needs a
   /proc of the job's own, which container runtimes refuse (see sandbox.py), so this is what holds in a
   Pod. ``clone3`` (whose flags live in memory a filter cannot read) fails with ENOSYS, on which glibc
@@ -72,6 +75,10 @@ DENIED: dict[str, tuple[int, int]] = {
 }
 # Checked on their flags (unshare, clone) or refused with ENOSYS (clone3).
 NAMESPACE_CALLS: dict[str, tuple[int, int]] = {"unshare": (272, 97), "clone": (56, 220), "clone3": (435, 435)}
+# Checked on an argument: the address family (socket, socketpair), the mapping's flags (mmap).
+CHECKED_CALLS: dict[str, tuple[int, int]] = {"socket": (41, 198), "socketpair": (53, 199), "mmap": (9, 222)}
+SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+MAP_GROWSDOWN = 0x100
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,7 @@ _RET_K = 0x06
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
 # struct seccomp_data: int nr; u32 arch; u64 instruction_pointer; u64 args[6] (little endian here)
-_NR, _ARCH, _ARG0_LOW = 0, 4, 16
+_NR, _ARCH, _ARG0_LOW, _ARG3_LOW = 0, 4, 16, 40
 _X32_SYSCALL_BIT = 0x40000000
 
 
@@ -127,7 +134,8 @@ def job_filter(machine: str | None = None) -> bytes | None:
     abi = _ABIS.get(machine or platform.machine())
     if abi is None:
         return None
-    number = {name: numbers[abi.column] for name, numbers in {**DENIED, **NAMESPACE_CALLS}.items()}
+    calls = {**DENIED, **NAMESPACE_CALLS, **CHECKED_CALLS}
+    number = {name: numbers[abi.column] for name, numbers in calls.items()}
     p = _Program()
     p.op(_LD_W_ABS, _ARCH)
     p.op(_JEQ_K, abi.audit_arch, jf="enosys")
@@ -137,12 +145,25 @@ def job_filter(machine: str | None = None) -> bytes | None:
     p.op(_JEQ_K, number["clone3"], jt="enosys")
     p.op(_JEQ_K, number["unshare"], jt="flags")
     p.op(_JEQ_K, number["clone"], jt="flags")
+    p.op(_JEQ_K, number["socket"], jt="family")
+    p.op(_JEQ_K, number["socketpair"], jt="family")
+    p.op(_JEQ_K, number["mmap"], jt="mapping")
     for name in DENIED:
         p.op(_JEQ_K, number[name], jt="eperm")
     p.op(_RET_K, _RET_ALLOW)
     p.label("flags")
     p.op(_LD_W_ABS, _ARG0_LOW)  # unshare's and clone's flags: CLONE_NEWUSER is in the low 32 bits
     p.op(_JSET_K, CLONE_NEWUSER, jt="eperm")
+    p.op(_RET_K, _RET_ALLOW)
+    p.label("family")
+    p.op(_LD_W_ABS, _ARG0_LOW)
+    for family in SOCKET_FAMILIES.values():
+        p.op(_JEQ_K, family, jt="allow")
+    p.op(_RET_K, _RET_ERRNO | errno.EAFNOSUPPORT)
+    p.label("mapping")
+    p.op(_LD_W_ABS, _ARG3_LOW)
+    p.op(_JSET_K, MAP_GROWSDOWN, jt="eperm")
+    p.label("allow")
     p.op(_RET_K, _RET_ALLOW)
     p.label("eperm")
     p.op(_RET_K, _RET_ERRNO | errno.EPERM)
