@@ -90,3 +90,22 @@ def test_deadline_expiry():
     past = datetime.now(UTC) - timedelta(seconds=1)
     assert c.build("llm_requests", llm_request(deadline=past.isoformat())).expired()
     assert not c.build("llm_requests", llm_request()).expired()
+
+
+def test_the_contracts_languages_are_the_only_list_of_them():
+    """Genesis runs, Singularity accepts and names files for exactly the contract's languages."""
+    from sandbox_support import TOOLS
+
+    from singularity_stack.genesis.languages import LANGUAGES, UnsupportedLanguage, get_language
+    from singularity_stack.singularity.service import NewTask
+
+    assert set(LANGUAGES) == set(c.Language) == set(c.SOURCE_NAMES) == set(TOOLS)
+    assert all(lang.name is key and lang.source_name == key.source_name for key, lang in LANGUAGES.items())
+    assert [lang.source_name for lang in c.Language] == ["main.py", "main.js", "main.sh", "main.exs"]
+    assert get_language(" Node ").name is c.Language.JAVASCRIPT
+    assert get_language("python").name is c.Language.PYTHON
+    with pytest.raises(UnsupportedLanguage, match="'cobol'; supported: bash, elixir, javascript, python"):
+        get_language("cobol")
+    assert NewTask(description="x").language is c.Language.PYTHON
+    assert NewTask.model_validate({"description": "x", "language": "elixir"}).language is c.Language.ELIXIR
+    assert NewTask.model_json_schema()["$defs"]["Language"]["enum"] == [m.value for m in c.Language]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import enum
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -108,10 +110,27 @@ class QuestionRequest(Request):
 
 
 class Language(enum.StrEnum):
+    """The languages a task can be written in and Genesis runs: the one list of them in the project."""
+
     PYTHON = "python"
     JAVASCRIPT = "javascript"
     BASH = "bash"
     ELIXIR = "elixir"
+
+    @property
+    def source_name(self) -> str:
+        """The program's file name: what Singularity proposes and Genesis runs (main.py, main.js, …)."""
+        return SOURCE_NAMES[self]
+
+
+SOURCE_NAMES: Mapping[Language, str] = MappingProxyType(
+    {
+        Language.PYTHON: "main.py",
+        Language.JAVASCRIPT: "main.js",
+        Language.BASH: "main.sh",
+        Language.ELIXIR: "main.exs",
+    }
+)
 
 
 class JobRequest(Request):
@@ -215,7 +234,7 @@ class DeadLetter(BaseModel):
     source_msg_id: int
     attempts: int
     # forged_sender: a request whose sender PostgreSQL does not vouch for as its `reply_to`.
-    reason: Literal["invalid", "forged_sender", "failed", "expired", "attempts_exhausted"]
+    reason: Literal["invalid", "forged_sender", "permanent", "failed", "expired", "attempts_exhausted"]
     error: str
     message: Any
     headers: dict[str, Any] | None = None

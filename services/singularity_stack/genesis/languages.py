@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from singularity_stack import contract as c
 from singularity_stack.genesis.sandbox import TOOLS_DIR, Limits, MiB
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,10 @@ class Linter:
 
 
 @dataclass(frozen=True)
-class Language:
-    """Commands and limits of one language. `run_argv` gets the limits so it can size runtime heaps."""
+class Toolchain:
+    """Commands and limits of one of the contract's languages. `run_argv` gets the limits to size runtime heaps."""
 
-    name: str
-    source_name: str
+    name: c.Language
     syntax_argv: tuple[str, ...]
     run_argv: Callable[[Limits], tuple[str, ...]]
     # Lower-case fragments of stderr that mean "ran out of memory" in this runtime (checked on failure).
@@ -68,6 +68,11 @@ class Language:
     limit_address_space: bool
     linter: Linter | None = None
     env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def source_name(self) -> str:
+        """The file the program is written to, /box/<source_name>: the contract's name for it."""
+        return self.name.source_name
 
     def address_space_bytes(self, limits: Limits) -> int | None:
         """RLIMIT_AS for this language, or None when the runtime cannot live with one (module docstring)."""
@@ -177,9 +182,8 @@ def _node_run(limits: Limits) -> tuple[str, ...]:
     return ("node", f"--max-old-space-size={heap_mb}", "main.js")
 
 
-PYTHON = Language(
-    name="python",
-    source_name="main.py",
+PYTHON = Toolchain(
+    name=c.Language.PYTHON,
     syntax_argv=("python3", "-c", _PYTHON_SYNTAX_CHECK, "main.py"),
     run_argv=lambda _limits: ("python3", "-u", "main.py"),  # unbuffered: output survives a timeout kill
     memory_markers=("memoryerror", "cannot allocate memory"),
@@ -188,9 +192,8 @@ PYTHON = Language(
     env={"PYTHONDONTWRITEBYTECODE": "1"},
 )
 
-JAVASCRIPT = Language(
-    name="javascript",
-    source_name="main.js",
+JAVASCRIPT = Toolchain(
+    name=c.Language.JAVASCRIPT,
     syntax_argv=("node", "--check", "main.js"),
     run_argv=_node_run,
     memory_markers=(
@@ -202,9 +205,8 @@ JAVASCRIPT = Language(
     limit_address_space=False,
 )
 
-BASH = Language(
-    name="bash",
-    source_name="main.sh",
+BASH = Toolchain(
+    name=c.Language.BASH,
     syntax_argv=("bash", "-n", "main.sh"),
     run_argv=lambda _limits: ("bash", "main.sh"),
     memory_markers=("cannot allocate",),  # "bash: xmalloc: cannot allocate …", "…: Cannot allocate memory"
@@ -212,9 +214,8 @@ BASH = Language(
     linter=SHELLCHECK,
 )
 
-ELIXIR = Language(
-    name="elixir",
-    source_name="main.exs",
+ELIXIR = Toolchain(
+    name=c.Language.ELIXIR,
     syntax_argv=("elixir", "-e", _ELIXIR_SYNTAX_CHECK),
     run_argv=lambda _limits: ("elixir", "main.exs"),
     memory_markers=("cannot allocate", "eheap_alloc", "erts_mmap", "out of memory"),
@@ -227,14 +228,25 @@ ELIXIR = Language(
     },
 )
 
-LANGUAGES: dict[str, Language] = {lang.name: lang for lang in (PYTHON, JAVASCRIPT, BASH, ELIXIR)}
-_ALIASES = {"py": "python", "python3": "python", "js": "javascript", "node": "javascript", "sh": "bash"}
+# Keyed by the contract's enum, which is the list of languages (tests/test_contract.py checks all are here).
+LANGUAGES: dict[c.Language, Toolchain] = {lang.name: lang for lang in (PYTHON, JAVASCRIPT, BASH, ELIXIR)}
+_ALIASES: dict[str, c.Language] = {
+    "py": c.Language.PYTHON,
+    "python3": c.Language.PYTHON,
+    "js": c.Language.JAVASCRIPT,
+    "node": c.Language.JAVASCRIPT,
+    "sh": c.Language.BASH,
+}
 
 
-def get_language(name: str) -> Language:
+def get_language(name: str) -> Toolchain:
     """The language called `name` (case-insensitive; a few common aliases accepted)."""
     key = name.strip().lower()
     try:
-        return LANGUAGES[_ALIASES.get(key, key)]
-    except KeyError:
+        return LANGUAGES[_ALIASES.get(key) or c.Language(key)]
+    except (ValueError, KeyError):
         raise UnsupportedLanguage(name) from None
+
+
+# runner.py's name for a Toolchain, until its owner switches; `Language` is the contract's enum.
+Language = Toolchain

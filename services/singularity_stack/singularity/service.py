@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import uuid
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
@@ -61,7 +61,7 @@ class NewTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
     description: StorableText = Field(min_length=1, max_length=20_000)
     files: dict[StorableText, StorableText] = Field(default_factory=dict, max_length=50)
-    language: Literal["python", "javascript", "bash", "elixir"] = "python"
+    language: c.Language = c.Language.PYTHON
     agent_id: StorableText = Field("default-agent", min_length=1, max_length=200)
 
 
@@ -125,7 +125,7 @@ class SingularityService(Service):
         except BadRequest as bad:
             return bad.response()
         task_id = uuid.uuid4()
-        await self.store.create_task(task_id, body.agent_id, body.description, body.language, body.files)
+        await self.store.create_task(task_id, body.agent_id, body.description, body.language.value, body.files)
         await self.start_task(task_id)
         return json_response({"id": task_id, "state": "pending", "instance": self.context.instance}, 202)
 
