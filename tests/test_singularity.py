@@ -13,10 +13,14 @@ from typing import Any
 
 import httpx
 import pytest
+from yoyo import get_backend, read_migrations
 
 from singularity_stack import contract as c
+from singularity_stack.provision.migrations import MIGRATIONS_ROOT, applied_migrations, apply_migrations
 from singularity_stack.sharedqueue import Consumer, Delivery
+from singularity_stack.singularity import service as service_module
 from singularity_stack.singularity.service import SingularityService, SingularitySettings
+from singularity_stack.singularity.workflow import TaskRun
 
 API_TOKEN = "singularity-test-api-token"
 CODE_ANSWER = "Here it is:\n```python\nprint('hello from the stand-in')\n```\n"
@@ -137,15 +141,16 @@ async def test_a_task_runs_through_every_sparc_phase(world):
     )
     task = await wait_for_state(client, task_id)
     assert task["state"] == "succeeded", task["failure_reason"]
-    assert [(s["phase"], s["kind"]) for s in task["steps"]] == [
-        ("specification", "llm"),
-        ("pseudocode", "llm"),
-        ("architecture", "llm"),
-        ("refinement", "llm"),
-        ("refinement", "job"),
-        ("completion", "llm"),
-        ("completion", "approval"),
+    assert [(s["phase"], s["name"], s["kind"]) for s in task["steps"]] == [
+        ("specification", "specification", "llm"),
+        ("pseudocode", "pseudocode", "llm"),
+        ("architecture", "architecture", "llm"),
+        ("refinement", "code", "llm"),
+        ("refinement", "validate-round-1", "job"),
+        ("completion", "review", "llm"),
+        ("completion", "approval", "approval"),
     ]
+    assert [s["seq"] for s in task["steps"]] == list(range(1, 8))
     assert [r.task_type for r in stand_ins.seen["llm"]] == [
         "planning",
         "pseudocode",
@@ -204,8 +209,8 @@ async def test_failing_code_gets_a_fix_round(world):
     _, client = await start()
     task = await wait_for_state(client, await submit(client, "Write a program that prints a haiku"))
     assert task["state"] == "succeeded"
-    kinds = [(s["phase"], s["kind"]) for s in task["steps"] if s["phase"] == "refinement"]
-    assert kinds == [("refinement", "llm"), ("refinement", "job"), ("refinement", "llm"), ("refinement", "job")]
+    names = [(s["name"], s["kind"]) for s in task["steps"] if s["phase"] == "refinement"]
+    assert names == [("code", "llm"), ("validate-round-1", "job"), ("fix-round-1", "llm"), ("validate-round-2", "job")]
     assert stand_ins.seen["llm"][4].task_type == "coder"
     assert "SyntaxError" in stand_ins.seen["llm"][4].messages[-1].content
 
@@ -232,6 +237,138 @@ async def test_a_restart_mid_task_resumes_without_repeating_steps(world):
     assert len(stand_ins.seen["llm"]) == 5  # nothing asked twice
     assert task["result"]["approved_by"] == "dave"
     assert len({r.request_id for r in stand_ins.seen["approval"]}) == 1  # re-sent under the same id
+
+
+def echoing(request: c.LlmRequest) -> c.LlmResult:
+    """An LLM whose every answer says which request it answers: a reply replayed into the wrong step shows."""
+    answer = f"[{request.task_type}]\n```python\nprint('{request.task_type}')\n```\n"
+    return c.LlmResult(**c.reply_fields(request), result=answer, model="stand-in", cost_usd=0.001)
+
+
+async def until(condition: Callable[[], object], timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
+
+
+class WithConstraints(TaskRun):
+    """A newer version of the workflow: it asks for constraints before the pseudocode, a step that
+    tasks started by the older version never had, in front of steps they already have replies for."""
+
+    async def llm(self, phase: str, name: str, task_type: str, prompt: str) -> c.LlmResult:
+        if name == "pseudocode":
+            constraints = await super().llm("specification", "constraints", "planning", f"Constraints of:\n{prompt}")
+            prompt = f"{prompt}\nConstraints:\n{constraints.result}"
+        return await super().llm(phase, name, task_type, prompt)
+
+
+async def test_a_newer_workflow_resumes_a_task_started_by_an_older_one(world, monkeypatch):
+    stand_ins, start = world
+    stand_ins.llm = echoing
+    held: list[c.JobRequest] = []
+    answer_jobs = stand_ins.job
+    stand_ins.job = lambda r: held.append(r)  # Genesis has not answered yet
+    first, client = await start()
+    task_id = await submit(client, "Write a program that prints the first ten primes")
+    await until(lambda: held)
+    await first.stop()  # four LLM steps answered, the job open
+
+    monkeypatch.setattr(service_module, "TaskRun", WithConstraints)  # the upgrade
+    stand_ins.job = answer_jobs
+    _, client = await start()
+    task = await wait_for_state(client, task_id)
+
+    assert task["state"] == "succeeded", task["failure_reason"]
+    assert [(s["phase"], s["name"]) for s in task["steps"]] == [
+        ("specification", "specification"),
+        ("pseudocode", "pseudocode"),
+        ("architecture", "architecture"),
+        ("refinement", "code"),
+        ("refinement", "validate-round-1"),
+        ("specification", "constraints"),  # recorded last: steps show in the order they were sent
+        ("completion", "review"),
+        ("completion", "approval"),
+    ]
+    # Only the new step and those after the open job were asked; the new one got the specification.
+    assert [r.task_type for r in stand_ins.seen["llm"]] == [
+        "planning",
+        "pseudocode",
+        "architect",
+        "code_generation",
+        "planning",
+        "qa",
+    ]
+    assert stand_ins.seen["llm"][4].messages[-1].content.startswith("Constraints of:\nPseudocode for this")
+    assert "[planning]" in stand_ins.seen["llm"][4].messages[-1].content
+    assert len({r.request_id for r in stand_ins.seen["job"]}) == 1  # the open job re-sent under its id
+    assert task["result"]["code"] == "print('code_generation')\n"  # from the code step's reply
+    assert task["result"]["review"].startswith("[qa]")
+    replies = {s["name"]: s["reply"]["result"] for s in task["steps"] if s["kind"] == "llm"}
+    assert replies["constraints"].startswith("[planning]") and replies["pseudocode"].startswith("[pseudocode]")
+
+
+def roll_back_step_names(database_url: str) -> None:
+    """Take a database back to before migration 0004, as a task started by the older version left it."""
+    backend = get_backend(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        migrations = read_migrations(str(MIGRATIONS_ROOT / "singularity"))
+        with backend.lock():
+            backend.rollback_migrations(migrations.filter(lambda m: m.id == "0004.step-names"))
+    finally:
+        backend.connection.close()
+
+
+async def test_steps_recorded_before_step_names_existed_resume_after_the_migration(world, sq):
+    stand_ins, start = world
+    stand_ins.llm = echoing
+    verdicts = iter([c.JobStatus.SYNTAX_ERROR])
+    held: list[c.JobRequest] = []
+
+    def genesis(request: c.JobRequest) -> c.JobResult | None:
+        status = next(verdicts, None)
+        if status is None:
+            held.append(request)  # the second validation stays open
+            return None
+        return c.JobResult(**c.reply_fields(request), status=status, error="SyntaxError: invalid syntax")
+
+    stand_ins.job = genesis
+    first, client = await start()
+    task_id = await submit(client, "Make it better?")  # vague: a question first
+    await until(lambda: held)
+    await first.stop()
+    database_url = sq.db_url("singularity_1")
+    roll_back_step_names(database_url)  # its steps now have only phase, kind and seq, as before names
+    assert "0004.step-names" not in applied_migrations(database_url)
+    assert apply_migrations("singularity", database_url) == ["0004.step-names"]  # the upgrade names them
+
+    stand_ins.job = lambda r: c.JobResult(**c.reply_fields(r), status=c.JobStatus.OK, output="ok\n")
+    _, client = await start()
+    task = await wait_for_state(client, task_id)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    assert [s["name"] for s in task["steps"]] == [
+        "clarify",
+        "specification",
+        "pseudocode",
+        "architecture",
+        "code",
+        "validate-round-1",
+        "fix-round-1",
+        "validate-round-2",
+        "review",
+        "approval",
+    ]
+    assert len(stand_ins.seen["question"]) == 1
+    assert [r.task_type for r in stand_ins.seen["llm"]] == [
+        "planning",
+        "pseudocode",
+        "architect",
+        "code_generation",
+        "coder",
+        "qa",
+    ]  # nothing asked twice
+    assert len({r.request_id for r in stand_ins.seen["job"]}) == 2
+    assert task["result"]["code"] == "print('coder')\n"  # the fix's code, replayed from its step
 
 
 @pytest.mark.parametrize(

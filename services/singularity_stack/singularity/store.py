@@ -19,8 +19,9 @@ from singularity_stack import contract as c
 @dataclass(frozen=True)
 class Step:
     task_id: uuid.UUID
-    seq: int
+    seq: int  # the order steps were recorded in, for display; replay finds a step by (phase, name)
     phase: str
+    name: str
     kind: str
     request_id: uuid.UUID
     state: str
@@ -86,12 +87,12 @@ class TaskStore:
 
     # -- steps -----------------------------------------------------------------------------------
 
-    async def step(self, task_id: uuid.UUID, seq: int) -> Step | None:
+    async def step(self, task_id: uuid.UUID, phase: str, name: str) -> Step | None:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT task_id, seq, phase, kind, request_id, state, request, reply, error, deadline "
-                "FROM steps WHERE task_id = %s AND seq = %s",
-                (task_id, seq),
+                "SELECT task_id, seq, phase, name, kind, request_id, state, request, reply, error, deadline "
+                "FROM steps WHERE task_id = %s AND phase = %s AND name = %s",
+                (task_id, phase, name),
             )
             row = await cur.fetchone()
             return Step(*row) if row else None
@@ -100,20 +101,22 @@ class TaskStore:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
-                "SELECT seq, phase, kind, request_id, state, model, cost_usd, error, started_at, finished_at, "
+                "SELECT seq, phase, name, kind, request_id, state, model, cost_usd, error, started_at, finished_at, "
                 "reply FROM steps WHERE task_id = %s ORDER BY seq",
                 (task_id,),
             )
             return await cur.fetchall()
 
-    async def add_step(self, task_id: uuid.UUID, seq: int, phase: str, kind: str, request: c.Request) -> None:
+    async def add_step(self, task_id: uuid.UUID, phase: str, name: str, kind: str, request: c.Request) -> None:
+        """Record a step after the task's last one (one workflow runs a task at a time)."""
         await self._execute(
-            "INSERT INTO steps (task_id, seq, phase, kind, request_id, request, deadline) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            "INSERT INTO steps (task_id, seq, phase, name, kind, request_id, request, deadline) "
+            "VALUES (%s, (SELECT coalesce(max(seq), 0) + 1 FROM steps WHERE task_id = %s), %s, %s, %s, %s, %s, %s)",
             (
                 task_id,
-                seq,
+                task_id,
                 phase,
+                name,
                 kind,
                 request.request_id,
                 Jsonb(json.loads(request.model_dump_json())),

@@ -1,9 +1,13 @@
 """A coding task as a SPARC workflow (specification, pseudocode, architecture, refinement, completion).
 
-Every request a task sends becomes a numbered step in the database *before* it is published, and
-its reply is stored on that step when it arrives. A task interrupted by a restart is simply run
-again from the top: steps that have replies are replayed from the database, a step still waiting
-re-publishes its request under the same request_id (the receiver deduplicates) and waits on.
+Every request a task sends becomes a step in the database *before* it is published, and its reply
+is stored on that step when it arrives. A step is found by its stable identity, (phase, name) such
+as ("refinement", "validate-round-2"), never by its position: a task interrupted by a restart is
+simply run again from the top, possibly by a newer version of this workflow with steps added,
+removed or reordered, and each step that has a reply replays it from the database, a step still
+waiting re-publishes its request under the same request_id (the receiver deduplicates) and waits
+on, and a step the task never had is sent. Migration 0004 names the steps of tasks begun before
+names existed exactly as the names below; renaming a step here means a migration too.
 A reply that does not arrive by the step's deadline fails the step, and the task, clearly.
 """
 
@@ -75,22 +79,22 @@ class TaskRun:
         self.description: str = task["description"]
         self.language: str = task["language"]
         self.files: dict[str, str] = task["files"]
-        self.seq = 0
+        self.asked: set[tuple[str, str]] = set()  # identities used in this run, each at most once
 
     # -- steps -----------------------------------------------------------------------------------
 
-    async def _step(
-        self, phase: str, kind: str, timeout: float, build: Callable[[dict[str, Any]], c.Request]
-    ) -> c.Reply:
-        """Send a request (or find it already sent) and wait for its reply until the deadline."""
-        self.seq += 1
+    async def _step(self, phase: str, name: str, kind: str, timeout: float, build: Build) -> c.Reply:
+        """Send the request of step (phase, name), or find it already sent, and wait for its reply."""
+        self._claim(phase, name)
         store = self.ctx.store
-        step = await store.step(self.task_id, self.seq)
+        step = await store.step(self.task_id, phase, name)
         if step is None:
             deadline = datetime.now(UTC) + timedelta(seconds=timeout)
             common = {"reply_to": self.ctx.instance, "agent_id": self.agent_id, "deadline": deadline}
             request = build(common)
-            await store.add_step(self.task_id, self.seq, phase, kind, request)  # recorded before it is sent
+            await store.add_step(self.task_id, phase, name, kind, request)  # recorded before it is sent
+        elif step.kind != kind:
+            raise StepFailed(f"{phase}: step {name!r} was recorded as a {step.kind} request, not {kind}")
         elif step.state == "done":
             return REPLY_MODEL[kind].model_validate(step.reply)
         elif step.state in ("failed", "expired"):
@@ -101,7 +105,7 @@ class TaskRun:
         future = self.ctx.waiter.expect(request.request_id)
         await self.ctx.queue.publish(request)
         if step is not None:  # resumed: the reply may have been stored before we started listening
-            again = await store.step(self.task_id, self.seq)
+            again = await store.step(self.task_id, phase, name)
             if again is not None and again.state == "done":
                 self.ctx.waiter.forget(request.request_id)
                 return REPLY_MODEL[kind].model_validate(again.reply)
@@ -117,6 +121,12 @@ class TaskRun:
             raise StepFailed(f"{phase}: the LLM request failed: {reply.error}")
         return reply
 
+    def _claim(self, phase: str, name: str) -> None:
+        """A name asked twice in one run would replay the first step's reply into the second."""
+        if (phase, name) in self.asked:
+            raise StepFailed(f"{phase}: the workflow asks step {name!r} twice")
+        self.asked.add((phase, name))
+
     async def _respect_limits(self) -> None:
         """The agent's daily LLM budget (fail) and requests-per-minute limit (wait)."""
         limits = self.ctx.limits
@@ -131,12 +141,12 @@ class TaskRun:
                 return
             await asyncio.sleep(1.0)
 
-    async def _ask(self, phase: str, kind: str, timeout: float, build: Build, reply_type: type[R]) -> R:
-        reply = await self._step(phase, kind, timeout, build)
+    async def _ask(self, phase: str, name: str, kind: str, timeout: float, build: Build, reply_type: type[R]) -> R:
+        reply = await self._step(phase, name, kind, timeout, build)
         assert isinstance(reply, reply_type)
         return reply
 
-    async def llm(self, phase: str, task_type: str, prompt: str) -> c.LlmResult:
+    async def llm(self, phase: str, name: str, task_type: str, prompt: str) -> c.LlmResult:
         await self._respect_limits()
         messages = [
             {"role": "system", "content": f"You are a careful software engineer. Language: {self.language}."},
@@ -144,33 +154,37 @@ class TaskRun:
         ]
         return await self._ask(
             phase,
+            name,
             "llm",
             self.ctx.limits.llm_timeout,
             lambda common: c.LlmRequest(**common, task_type=task_type, messages=messages),
             c.LlmResult,
         )
 
-    async def job(self, phase: str, code: str) -> c.JobResult:
+    async def job(self, phase: str, name: str, code: str) -> c.JobResult:
         return await self._ask(
             phase,
+            name,
             "job",
             self.ctx.limits.job_timeout,
             lambda common: c.JobRequest(**common, code=code, language=self.language),
             c.JobResult,
         )
 
-    async def approval(self, phase: str, file_path: str, diff: str) -> c.ApprovalResponse:
+    async def approval(self, phase: str, name: str, file_path: str, diff: str) -> c.ApprovalResponse:
         return await self._ask(
             phase,
+            name,
             "approval",
             self.ctx.limits.human_timeout,
             lambda common: c.ApprovalRequest(**common, file_path=file_path, diff=diff, description=self.description),
             c.ApprovalResponse,
         )
 
-    async def question(self, phase: str, question: str, context: str) -> c.QuestionResponse:
+    async def question(self, phase: str, name: str, question: str, context: str) -> c.QuestionResponse:
         return await self._ask(
             phase,
+            name,
             "question",
             self.ctx.limits.human_timeout,
             lambda common: c.QuestionRequest(**common, question=question, context=context),
@@ -183,7 +197,7 @@ class TaskRun:
     def target_path(self) -> str:
         if self.files:
             return next(iter(self.files))
-        return {"python": "main.py", "javascript": "main.js", "bash": "main.sh", "elixir": "main.exs"}[self.language]
+        return c.Language(self.language).source_name
 
     async def run(self) -> None:
         try:
@@ -202,23 +216,29 @@ class TaskRun:
         if vague:
             answer = await self.question(
                 "specification",
+                "clarify",
                 f"Could you say more about what this task should do? ({vague})",
                 f"Task: {self.description}",
             )
             brief = f"{self.description}\nClarification from a human: {answer.response}"
 
-        spec = await self.llm("specification", "planning", f"Write a short specification for: {brief}{files}")
-        pseudo = await self.llm("pseudocode", "pseudocode", f"Pseudocode for this specification:\n{spec.result}")
-        design = await self.llm("architecture", "architect", f"Architecture for:\n{pseudo.result}")
+        spec = await self.llm(
+            "specification", "specification", "planning", f"Write a short specification for: {brief}{files}"
+        )
+        pseudo = await self.llm(
+            "pseudocode", "pseudocode", "pseudocode", f"Pseudocode for this specification:\n{spec.result}"
+        )
+        design = await self.llm("architecture", "architecture", "architect", f"Architecture for:\n{pseudo.result}")
         answer = await self.llm(
             "refinement",
+            "code",
             "code_generation",
             f"Write the complete {self.language} program for {self.target_path}.\n"
             f"Task: {brief}\nDesign:\n{design.result}{files}\nAnswer with one fenced code block.",
         )
         code = self._code_of(answer)
         for attempt in range(self.ctx.limits.max_fix_attempts + 1):
-            verdict = await self.job("refinement", code)
+            verdict = await self.job("refinement", f"validate-round-{attempt + 1}", code)
             if verdict.status in ACCEPTED_JOB_STATUSES:
                 break
             if attempt == self.ctx.limits.max_fix_attempts:
@@ -227,15 +247,16 @@ class TaskRun:
                 )
             fix = await self.llm(
                 "refinement",
+                f"fix-round-{attempt + 1}",
                 "coder",
                 f"This {self.language} code fails with {verdict.status}:\n{verdict.error}\n\nCode:\n{code}\n"
                 "Answer with the corrected program in one fenced code block.",
             )
             code = self._code_of(fix)
 
-        review = await self.llm("completion", "qa", f"Review this {self.language} code:\n{code}")
+        review = await self.llm("completion", "review", "qa", f"Review this {self.language} code:\n{code}")
         diff = unified_diff(self.target_path, self.files.get(self.target_path, ""), code)
-        decision = await self.approval("completion", self.target_path, diff)
+        decision = await self.approval("completion", "approval", self.target_path, diff)
         if not decision.approved:
             who = decision.decided_by or "a reviewer"
             raise StepFailed(f"completion: rejected by {who}: {decision.reason}")
