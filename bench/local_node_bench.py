@@ -5,24 +5,20 @@ teardown times.
     sudo .venv/bin/python bench/local_node_bench.py [--instances 1 5]
 
 Builds the images first (scripts/build-images.sh, from its layer cache after the first run), starts the
-local node (e2e/kube/localnode.py), installs the chart (the operator runs as a Pod), then for each N
+local node (singularity_stack_testing.kube.localnode), installs the chart (the operator runs as a Pod), then for each N
 applies the example stack with managed PostgreSQL and N instances, waits, and deletes it (policy Delete).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "e2e")]  # e2e/ is not installed
-
-from e2e_support import TIMINGS, wait_until  # noqa: E402
-from providers import install_chart, local_cluster  # noqa: E402
-from test_stack_on_cluster import NAMESPACE, OTHER_PODS, example, stack_pods, wait_ready  # noqa: E402
+from singularity_stack_testing.cluster import TIMINGS, wait_until
+from singularity_stack_testing.providers import install_chart, local_cluster
+from singularity_stack_testing.stacks import NAMESPACE, OTHER_PODS, example, stack_pods, wait_ready
 
 
 def main() -> None:

@@ -12,17 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import time
-from pathlib import Path
 
 from kubernetes import client, config
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # e2e/ is not installed
-
-from e2e.kube.apiserver import ControlPlane
 from singularity_operator import crd
-from singularity_stack.postgres.cluster import throwaway_cluster
+from singularity_stack_testing.kube.apiserver import ControlPlane
+from singularity_stack_testing.postgres import throwaway_cluster
 
 GROUP, VERSION, PLURAL = "singularity.dev", "v1alpha1", "singularitystacks"
 

@@ -20,12 +20,12 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from singularity_stack import contract as c
-from singularity_stack.postgres.cluster import throwaway_cluster
 from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, NotifyListener, SharedQueue
 from singularity_stack.sharedqueue.client import SEND_BATCH_SQL
 from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.topology import NOTIFY_THROTTLE_MS, StackLayout
+from singularity_stack_testing.postgres import throwaway_cluster
 
 QUEUE = "llm_requests"
 

@@ -21,11 +21,12 @@ import time
 import urllib.request
 
 from singularity_stack import contract as c
-from singularity_stack.postgres.cluster import free_port, throwaway_cluster
+from singularity_stack.postgres.cluster import free_port
 from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
 from singularity_stack.sharedqueue import Consumer, Delivery, NotifyListener, SharedQueue
 from singularity_stack.singularity.waiter import ReplyWaiter
 from singularity_stack.topology import StackLayout, reply_queue
+from singularity_stack_testing.postgres import throwaway_cluster
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -4,8 +4,8 @@
     .venv/bin/python -m pytest e2e --cluster-provider=kind    # kind (Docker, kind and kubectl on PATH)
 
 The provider is chosen with `--cluster-provider` or $SINGULARITY_E2E_PROVIDER (default `local`, the
-single-node cluster of e2e/kube/localnode.py). Where a provider cannot run the suite skips, saying why;
-with SINGULARITY_REQUIRE_KUBE=1 (CI) it fails instead. On failure it prints what a person needs: pod
+single-node cluster of singularity_stack_testing.kube.localnode). Where a provider cannot run the suite
+skips, saying why; with SINGULARITY_REQUIRE_KUBE=1 (CI) it fails instead. On failure it prints what a person needs: pod
 states, events, and the logs of the operator, the services and the node's components.
 """
 
@@ -15,8 +15,15 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from e2e_support import TIMINGS, Cluster
-from providers import PROVIDERS, ProviderUnavailable, install_chart, kind_cluster, local_cluster
+
+from singularity_stack_testing.cluster import TIMINGS, Cluster
+from singularity_stack_testing.providers import (
+    PROVIDERS,
+    ProviderUnavailable,
+    install_chart,
+    kind_cluster,
+    local_cluster,
+)
 
 REQUIRE_ENV = "SINGULARITY_REQUIRE_KUBE"
 

@@ -1,5 +1,6 @@
 """The local node's own promises: a node whose test process is killed outright leaves debris that the next
-node removes before it starts. (Its clean teardown is checked after every e2e session: see providers.py.)
+node removes before it starts. (Its clean teardown is checked after every e2e session: see
+singularity_stack_testing.providers.)
 
 Runs before the stack suite (file order), while no other node is up; only with the local provider.
 """
@@ -13,14 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from e2e_support import ROOT, wait_until
 
-from e2e.kube import hostnet, hoststate, localnode
+from singularity_stack_testing.cluster import wait_until
+from singularity_stack_testing.kube import hostnet, hoststate, localnode
 
 CHILD = """
-import sys, time
-sys.path.insert(0, sys.argv[1])
-from e2e.kube.localnode import LocalNode
+import time
+from singularity_stack_testing.kube.localnode import LocalNode
 node = LocalNode().start()
 print(node.workdir, flush=True)
 time.sleep(600)
@@ -40,7 +40,7 @@ def local_provider(request: pytest.FixtureRequest) -> None:
 
 @pytest.mark.timeout(300)
 def test_a_node_killed_outright_is_reclaimed_by_the_next(local_provider: None) -> None:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(ROOT)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     workdir = Path(child.stdout.readline().strip())
     assert workdir.is_dir(), "the node did not start"

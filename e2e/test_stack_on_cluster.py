@@ -7,59 +7,26 @@ mid-reconcile → delete (Retain); then a second stack is deleted with the Delet
 from __future__ import annotations
 
 import base64
-import copy
 import time
-from typing import Any
 
 import httpx
 import psycopg
 import pytest
-import yaml
-from e2e_support import EXAMPLE, IMAGE, OPERATOR_NAMESPACE, TIMINGS, Cluster, wait_until
-from providers import operator_pods
 
-STACK = "example"
-NAMESPACE = "default"
-READY_TIMEOUT = 600
+from singularity_stack_testing.cluster import IMAGE, OPERATOR_NAMESPACE, TIMINGS, Cluster, wait_until
+from singularity_stack_testing.providers import operator_pods
+from singularity_stack_testing.stacks import (
+    NAMESPACE,
+    OTHER_PODS,
+    STACK,
+    example,
+    stack_pods,
+    stack_status,
+    wait_ready,
+)
+
 # The first test also waits for the images to build and the cluster to start.
 pytestmark = pytest.mark.timeout(1800)
-
-
-def example(name: str = STACK, replicas: int = 1, deletion_policy: str = "Retain") -> dict[str, Any]:
-    stack = copy.deepcopy(yaml.safe_load(EXAMPLE.read_text()))
-    stack["metadata"] = {"name": name, "namespace": NAMESPACE}
-    stack["spec"]["singularity"]["replicas"] = replicas
-    stack["spec"]["deletionPolicy"] = deletion_policy
-    return stack
-
-
-def stack_status(cluster: Cluster, name: str) -> dict[str, Any]:
-    stack = cluster.json("get", "singularitystack", name, "-n", NAMESPACE)
-    return {**stack.get("status", {}), "generation": stack["metadata"]["generation"]}
-
-
-def ready(cluster: Cluster, name: str) -> bool:
-    """Ready=True for the stack's current generation."""
-    status = stack_status(cluster, name)
-    conditions = status.get("conditions", [])
-    return status.get("observedGeneration") == status["generation"] and any(
-        c["type"] == "Ready" and c["status"] == "True" for c in conditions
-    )
-
-
-def stack_pods(cluster: Cluster, name: str) -> list[dict[str, Any]]:
-    selector = f"app.kubernetes.io/instance={name}"
-    return cluster.json("get", "pods", "-n", NAMESPACE, "-l", selector)["items"]
-
-
-def all_running(cluster: Cluster, name: str, expected: int) -> bool:
-    pods = [pod for pod in stack_pods(cluster, name) if not pod["metadata"].get("deletionTimestamp")]
-    return len(pods) == expected and all(pod["status"].get("phase") == "Running" for pod in pods)
-
-
-def wait_ready(cluster: Cluster, name: str, pods: int) -> None:
-    wait_until(f"{name} to be Ready", lambda: ready(cluster, name), READY_TIMEOUT)
-    wait_until(f"{pods} Pods of {name} Running", lambda: all_running(cluster, name, pods), READY_TIMEOUT)
 
 
 def secret_value(cluster: Cluster, name: str, key: str) -> str:
@@ -77,10 +44,6 @@ def databases(cluster: Cluster, name: str) -> set[str]:
 def singularity_deployments(cluster: Cluster, name: str) -> list[str]:
     items = cluster.json("get", "deployments", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]
     return sorted(d["metadata"]["name"] for d in items if "-singularity-" in d["metadata"]["name"])
-
-
-# Pods of a stack beside its Singularity instances: PostgreSQL, Nexus, Genesis, CentralCloud.
-OTHER_PODS = 4
 
 
 def test_the_operator_runs_as_a_pod_from_the_project_image(operator_installed: Cluster) -> None:

@@ -13,6 +13,9 @@ scripts/build-kubernetes.sh
 export SINGULARITY_REQUIRE_KUBE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# The layers (services independent, the operator on the shared foundation only, no test support in
+# production code): the contracts in pyproject.toml's [tool.importlinter].
+.venv/bin/lint-imports --no-cache
 if [[ $# -gt 0 ]]; then
   exec .venv/bin/python -m pytest "$@"
 fi

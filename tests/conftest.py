@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from support import Stack
 
-from singularity_stack.postgres.cluster import LocalCluster, throwaway_cluster
+from singularity_stack.postgres.cluster import LocalCluster
 from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
 from singularity_stack.topology import StackLayout
+from singularity_stack_testing.postgres import throwaway_cluster
 
 # A real Kubernetes API server for the operator tests (tests/kube_fixture.py).
 pytest_plugins = ["kube_fixture", "sandbox_support"]

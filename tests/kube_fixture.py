@@ -1,4 +1,4 @@
-"""Pytest fixtures for a real, throwaway Kubernetes API server (see e2e/kube/apiserver.py).
+"""Pytest fixtures for a real, throwaway Kubernetes API server (see singularity_stack_testing/kube/apiserver.py).
 
     kube_binaries  session: the cached kube-apiserver/kube-controller-manager and Debian's etcd
     kube           session: a running ControlPlane (etcd + kube-apiserver); call
@@ -15,21 +15,13 @@ When the binaries are missing the tests are skipped with a loud reason naming sc
 from __future__ import annotations
 
 import os
-import sys
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-# e2e/ is not an installed package. `python -m pytest` from the checkout finds it through the working directory;
-# plain `pytest` would not, so put the checkout on the path (appended: it must not shadow the stdlib `operator`).
-_CHECKOUT = str(Path(__file__).resolve().parents[1])
-if _CHECKOUT not in sys.path:
-    sys.path.append(_CHECKOUT)
-
-from e2e.kube.apiserver import Binaries, BinariesMissing, ControlPlane, find_binaries  # noqa: E402
+from singularity_stack_testing.kube.apiserver import Binaries, BinariesMissing, ControlPlane, find_binaries
 
 REQUIRE_ENV = "SINGULARITY_REQUIRE_KUBE"
 

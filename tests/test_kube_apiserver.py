@@ -1,4 +1,5 @@
-"""The throwaway control plane (e2e/kube) is a real Kubernetes API server: what a kopf operator relies on works.
+"""The throwaway control plane (singularity_stack_testing.kube) is a real Kubernetes API server: what a kopf
+operator relies on works.
 
 Needs the binaries from scripts/build-kubernetes.sh (skipped loudly without them; see tests/kube_fixture.py).
 """

@@ -1,5 +1,5 @@
-"""The pure parts of the e2e suite's local node (e2e/kube): DNS records, iptables clean-up, containerd's
-configuration, the CNI network and the pause image. The node as a whole runs in the e2e suite."""
+"""The pure parts of the e2e suite's local node (singularity_stack_testing.kube): DNS records, iptables
+clean-up, containerd's configuration, the CNI network and the pause image. The node as a whole runs in the e2e suite."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import tarfile
 import tomllib
 from pathlib import Path
 
-from e2e.kube import containerd, hostnet
-from e2e.kube.clustersync import dns_records, hosts_file, local_volume
+from singularity_stack_testing.kube import containerd, hostnet
+from singularity_stack_testing.kube.clustersync import dns_records, hosts_file, local_volume
 
 SERVICES = [
     {"metadata": {"name": "api", "namespace": "team"}, "spec": {"clusterIP": "198.19.0.10"}},

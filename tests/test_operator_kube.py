@@ -26,8 +26,9 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 
-from e2e.kube.apiserver import SERVICE_ACCOUNT_ISSUER, ControlPlane
-from singularity_stack.postgres.cluster import LocalCluster, free_port, throwaway_cluster
+from singularity_stack.postgres.cluster import LocalCluster, free_port
+from singularity_stack_testing.kube.apiserver import SERVICE_ACCOUNT_ISSUER, ControlPlane
+from singularity_stack_testing.postgres import throwaway_cluster
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "singularity-stack"
 GROUP, VERSION, PLURAL = "singularity.dev", "v1alpha1", "singularitystacks"

@@ -9,8 +9,9 @@ import psycopg
 import pytest
 
 from singularity_stack.postgres import installation as inst
-from singularity_stack.postgres.cluster import LocalCluster, throwaway_cluster
+from singularity_stack.postgres.cluster import LocalCluster
 from singularity_stack.postgres.pgmq_install import ensure_pgmq, installed_pgmq, with_pgmq_extension
+from singularity_stack_testing.postgres import throwaway_cluster
 
 
 def installations() -> list[inst.PostgresInstallation]:

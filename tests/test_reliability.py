@@ -16,11 +16,12 @@ import pytest
 from support import Stack
 
 from singularity_stack import contract as c
-from singularity_stack.postgres.cluster import LocalCluster, throwaway_cluster
+from singularity_stack.postgres.cluster import LocalCluster
 from singularity_stack.provision.provisioner import Provisioner
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, RetryPolicy
 from singularity_stack.sharedqueue.consumer import Outcome
 from singularity_stack.topology import StackLayout
+from singularity_stack_testing.postgres import throwaway_cluster
 
 EFFECTS = "CREATE TABLE IF NOT EXISTS effects (request_id uuid PRIMARY KEY, handled_by text NOT NULL)"
 

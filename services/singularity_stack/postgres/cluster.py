@@ -12,7 +12,6 @@ import random
 import secrets
 import socket
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -22,8 +21,6 @@ from singularity_stack.postgres.installation import PostgresInstallation, find_i
 from singularity_stack.securefile import write_private
 
 SUPERUSER = "postgres"
-# Settings for a throwaway cluster: durability traded for speed.
-FAST_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 
 
 class ClusterError(RuntimeError):
@@ -248,9 +245,3 @@ class LocalCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def throwaway_cluster(installation: PostgresInstallation | None = None) -> LocalCluster:
-    """A cluster in a fresh temporary directory, tuned for speed (fsync off). The caller removes the directory."""
-    datadir = Path(tempfile.mkdtemp(prefix="singularity-pg-"))
-    return LocalCluster(datadir, installation=installation, settings=FAST_SETTINGS)

@@ -8,15 +8,15 @@ Docker and no registry. One instance per machine at a time (it owns a fixed node
         ...  # kubectl --kubeconfig node.kubeconfig ...
 
 - Control plane: etcd, kube-apiserver (bound to the node IP, so Pods reach it through the `kubernetes`
-  Service), kube-controller-manager, kube-scheduler (e2e/kube/apiserver.py).
+  Service), kube-controller-manager, kube-scheduler (kube/apiserver.py).
 - Node: containerd 1.6 + runc with the cgroupfs driver, kubelet with its own serving and client certificates
   (webhook authentication and authorization), kube-proxy in iptables mode; the CNI bridge plugin with
   host-local IPAM; dnsmasq for cluster DNS; local PersistentVolumes behind a default StorageClass
-  (e2e/kube/clustersync.py). The pause image is compiled from the Kubernetes source and imported.
+  (kube/clustersync.py). The pause image is compiled from the Kubernetes source and imported.
 - Addresses stay on this machine: the node IP on a dummy interface (a documentation range), Pods in
   198.18.0.0/16 and Services in 198.19.0.0/16 (reserved for testing).
 - stop() leaves nothing behind: processes, mounts, network namespaces, veths and the bridge, iptables
-  chains, cgroups, sysctls, the run directory (e2e/kube/hostnet.py; leftovers() checks).
+  chains, cgroups, sysctls, the run directory (kube/hostnet.py; leftovers() checks).
 
 It needs root with CAP_SYS_ADMIN and CAP_NET_ADMIN; :func:`unavailable_reason` says why it cannot run here.
 """

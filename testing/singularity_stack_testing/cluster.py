@@ -1,4 +1,4 @@
-"""Helpers for the end-to-end suite: running tools, talking to the cluster, waiting."""
+"""A cluster under test as the e2e suite and the benchmarks see it: running tools, talking to it, waiting."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from singularity_stack.postgres.cluster import free_port
+from singularity_stack_testing import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "singularity-stack:0.1.0"
 POSTGRES_IMAGE = "singularity-stack-postgres:0.1.0"
 OPERATOR_NAMESPACE = "singularity-system"

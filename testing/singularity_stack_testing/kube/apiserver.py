@@ -33,13 +33,14 @@ from typing import Any, Self
 import yaml
 
 from singularity_stack.postgres.cluster import free_port
+from singularity_stack_testing import ROOT
 
 from . import pki
 from .processes import ProcessGroup
 
 KUBE_VERSION = "1.20.2"
 DEFAULT_CACHE = Path("/var/cache/singularity-stack") / f"kubernetes-{KUBE_VERSION}"
-BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build-kubernetes.sh"
+BUILD_SCRIPT = ROOT / "scripts" / "build-kubernetes.sh"
 
 SERVICE_CLUSTER_IP_RANGE = "198.19.0.0/16"
 # The in-cluster `kubernetes` Service gets the range's first address; the serving certificate names it.
@@ -124,7 +125,7 @@ class ControlPlane:
     API resources only every 30 s, so owner references across kinds of CRDs created after it started take up to
     that long to be honoured: create CRDs first when that matters.
 
-    For a cluster with nodes (e2e/kube/localnode.py), ``address`` is the node IP the server binds and advertises
+    For a cluster with nodes (kube/localnode.py), ``address`` is the node IP the server binds and advertises
     (Pods reach it through the ``kubernetes`` Service) and ``service_account_tokens=True`` turns on the
     ServiceAccount admission plugin, so Pods get their tokens as on a real cluster. Kubelets authenticate with
     client certificates from :meth:`issue_client_certificate` and are authorised by the Node authorizer.

@@ -1,6 +1,6 @@
 """Cluster providers for the e2e suite, and installing the chart on whichever cluster they give.
 
-- ``local``: the single-node cluster built on this machine (e2e/kube/localnode.py); images are built with
+- ``local``: the single-node cluster built on this machine (kube/localnode.py); images are built with
   buildah (scripts/build-images.sh) and imported into its containerd. Needs root, no Docker.
 - ``kind``: a kind cluster; images are built with `docker build` and loaded with `kind load`. Needs Docker.
 
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import helm_python as helm
 import yaml
-from e2e_support import CHART, IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, ROOT, Cluster, run
 
-from e2e.kube import localnode
+from singularity_stack_testing import ROOT
+from singularity_stack_testing.cluster import CHART, IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, Cluster, run
+from singularity_stack_testing.kube import localnode
 
 PROVIDERS = ("local", "kind")
 IMAGE_ARCHIVES = (f"{IMAGE.replace(':', '_')}.tar", f"{POSTGRES_IMAGE.replace(':', '_')}.tar")
