@@ -258,9 +258,9 @@ ARCHITECTURE_PROMPT = (
     ("task_type", "tier"), [(task, tier) for tier, tasks in TIERS.items() for task in tasks], ids=lambda v: str(v)
 )
 def test_known_task_types_keep_their_tier_whatever_the_prompt(task_type, tier):
-    assert cx.classify(task_type, user("hi")) is tier
-    assert cx.classify(task_type, user(ARCHITECTURE_PROMPT)) is tier
-    assert cx.classify(task_type.upper().replace("_", "-"), user("hi")) is tier
+    assert cx.classify_complexity(task_type, user("hi")) is tier
+    assert cx.classify_complexity(task_type, user(ARCHITECTURE_PROMPT)) is tier
+    assert cx.classify_complexity(task_type.upper().replace("_", "-"), user("hi")) is tier
 
 
 @pytest.mark.parametrize(
@@ -273,7 +273,7 @@ def test_known_task_types_keep_their_tier_whatever_the_prompt(task_type, tier):
     ],
 )
 def test_unknown_task_types_are_scored_from_the_prompt(prompt, expected):
-    assert cx.classify("brand_new_task", user(prompt)) is expected
+    assert cx.classify_complexity("brand_new_task", user(prompt)) is expected
 
 
 def test_design_words_push_up_and_short_prompts_push_down():
@@ -289,17 +289,17 @@ def test_design_words_push_up_and_short_prompts_push_down():
 def test_long_prompts_push_up():
     words = " ".join(["lorem"] * 500)
     assert cx.score(words) > cx.score(" ".join(["lorem"] * 50))
-    assert cx.classify("unknown", user(words)) is Complexity.MEDIUM
+    assert cx.classify_complexity("unknown", user(words)) is Complexity.MEDIUM
 
 
 def test_classifier_reads_user_messages_and_accepts_chat_messages():
     system = {"role": "system", "content": ARCHITECTURE_PROMPT}
-    assert cx.classify("unknown", [system, {"role": "user", "content": "hi"}]) is Complexity.SIMPLE
-    assert cx.classify("unknown", [system]) is Complexity.COMPLEX  # no user message: the rest counts
+    assert cx.classify_complexity("unknown", [system, {"role": "user", "content": "hi"}]) is Complexity.SIMPLE
+    assert cx.classify_complexity("unknown", [system]) is Complexity.COMPLEX  # no user message: the rest counts
     as_models = [ChatMessage(role="user", content=ARCHITECTURE_PROMPT)]
-    assert cx.classify("unknown", as_models) is cx.classify("unknown", user(ARCHITECTURE_PROMPT))
+    assert cx.classify_complexity("unknown", as_models) is cx.classify_complexity("unknown", user(ARCHITECTURE_PROMPT))
     parts = [{"role": "user", "content": [{"type": "text", "text": ARCHITECTURE_PROMPT}]}]
-    assert cx.classify("unknown", parts) is Complexity.COMPLEX
+    assert cx.classify_complexity("unknown", parts) is Complexity.COMPLEX
 
 
 # -- offline model -------------------------------------------------------------------------------------

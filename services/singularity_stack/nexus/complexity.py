@@ -14,6 +14,9 @@ from typing import Any
 
 from singularity_stack.contract import ChatMessage, Complexity
 
+# A conversation as the router and the offline model get it: dicts or the contract's messages.
+Messages = Sequence[Mapping[str, Any] | ChatMessage]
+
 
 def normalize_task_type(task_type: str) -> str:
     """'Code-Generation ' -> 'code_generation': agents spell task types loosely; routes and tiers use one form."""
@@ -85,7 +88,7 @@ MEDIUM_THRESHOLD = 1
 _WORD = re.compile(r"[a-z][a-z0-9_+-]*")
 
 
-def classify(task_type: str, messages: Sequence[Mapping[str, Any] | ChatMessage]) -> Complexity:
+def classify_complexity(task_type: str, messages: Messages) -> Complexity:
     """The complexity of a request: its task type's tier when known, else the heuristic score."""
     tier = TASK_TIERS.get(normalize_task_type(task_type))
     if tier is not None:

@@ -32,8 +32,7 @@ import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import ModelResponse
 
-from singularity_stack.contract import ChatMessage
-from singularity_stack.nexus.complexity import message_role, message_text, normalize_task_type
+from singularity_stack.nexus.complexity import Messages, message_role, message_text, normalize_task_type
 
 OFFLINE_PROVIDER = "offline"
 OFFLINE_MODEL = f"{OFFLINE_PROVIDER}/deterministic"
@@ -43,8 +42,6 @@ CODE_TASK_TYPES = frozenset({"code_generation", "coder", "refactoring"})
 DEFAULT_TASK_TYPE = "chat"  # when a caller does not pass metadata={"task_type": ...}
 DIGEST_LENGTH = 12
 EXCERPT_LENGTH = 80
-
-Messages = Sequence[Mapping[str, Any] | ChatMessage]
 
 
 class OfflineModelError(CustomLLMError):

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 # litellm fetches its price map from the internet at import unless told otherwise; Nexus must start offline.
@@ -23,7 +23,7 @@ from litellm import Router
 from pydantic import BaseModel, ConfigDict, Field
 
 from singularity_stack.contract import ChatMessage, Complexity
-from singularity_stack.nexus.complexity import classify
+from singularity_stack.nexus.complexity import Messages, classify_complexity
 from singularity_stack.nexus.offline_model import register_offline_provider
 from singularity_stack.nexus.routing_config import (
     ENV_REFERENCE_PREFIX,
@@ -35,7 +35,6 @@ from singularity_stack.nexus.routing_config import (
 log = logging.getLogger(__name__)
 
 ComplexitySource = Literal["request", "classifier"]
-Messages = Sequence[Mapping[str, Any] | ChatMessage]
 # The response header litellm's Router sets to the model group that answered; read when the id is missing.
 MODEL_GROUP_HEADER = "x-litellm-model-group"
 # Each deployment's id is this prefix + its model_name, so a response's model_id says which model answered.
@@ -110,7 +109,7 @@ class LlmRouter:
         Raises NoModelAvailableError when no model of the route is available, RoutingError when all failed.
         """
         source: ComplexitySource = "classifier" if complexity is None else "request"
-        used = classify(task_type, messages) if complexity is None else Complexity(complexity)
+        used = classify_complexity(task_type, messages) if complexity is None else Complexity(complexity)
         models = self.route(task_type, used)
         if not models:
             configured = ", ".join(self.config.chain(task_type, used))
