@@ -203,3 +203,25 @@ def test_a_second_control_plane_runs_alongside(kube, make_kube):
     assert workdir is not None
     assert not workdir.exists()
     assert kube.running
+
+
+def test_the_audit_log_shows_each_write_and_no_read(make_kube):
+    """What a bench or test counts an operator's API writes with, from outside the operator."""
+    plane = make_kube(audit_writes=True)
+    with new_client_from_config(config_file=str(plane.kubeconfig)) as client:
+        core = CoreV1Api(client)
+        before = len(plane.api_writes(plane.admin_user))
+        core.create_namespace({"metadata": {"name": "audited"}})
+        core.create_namespaced_config_map("audited", {"metadata": {"name": "c"}, "data": {"a": "1"}})
+        core.read_namespaced_config_map("c", "audited")
+        core.list_namespaced_config_map("audited")
+        core.patch_namespaced_config_map("c", "audited", {"data": {"a": "2"}})
+        core.delete_namespaced_config_map("c", "audited")
+        writes = plane.api_writes(plane.admin_user)[before:]
+    assert [(w["verb"], w["objectRef"]["resource"]) for w in writes] == [
+        ("create", "namespaces"),
+        ("create", "configmaps"),
+        ("patch", "configmaps"),
+        ("delete", "configmaps"),
+    ]
+    assert not plane.api_writes(plane.test_user)

@@ -30,7 +30,6 @@ def _secret_matches(live: dict[str, Any], desired: dict[str, Any]) -> bool:
 class Kube:
     def __init__(self, api_client: ApiClient) -> None:
         self.client = DynamicClient(api_client)
-        self.writes = 0  # API writes made through this object: a metric, and the idle-reconcile test's witness
 
     def _resource(self, api_version: str, kind: str) -> Any:
         return self.client.resources.get(api_version=api_version, kind=kind)
@@ -52,7 +51,6 @@ class Kube:
         live = self.get(desired["apiVersion"], desired["kind"], meta["name"], meta["namespace"])
         if live is None:
             resource.create(body=desired, namespace=meta["namespace"])
-            self.writes += 1
             return "created"
         if create_only:
             return None
@@ -62,7 +60,6 @@ class Kube:
         resource.patch(
             body=desired, name=meta["name"], namespace=meta["namespace"], content_type="application/merge-patch+json"
         )
-        self.writes += 1
         return "updated"
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str) -> bool:
@@ -70,14 +67,12 @@ class Kube:
             self._resource(api_version, kind).delete(name=name, namespace=namespace)
         except NotFoundError:
             return False
-        self.writes += 1
         return True
 
     def patch_status(self, api_version: str, kind: str, name: str, namespace: str, status: dict[str, Any]) -> None:
         self._resource(api_version, kind).status.patch(
             body={"status": status}, name=name, namespace=namespace, content_type="application/merge-patch+json"
         )
-        self.writes += 1
 
 
 def _comparable(desired: dict[str, Any]) -> dict[str, Any]:

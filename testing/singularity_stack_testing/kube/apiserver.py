@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import json
 import os
 import secrets
 import shutil
@@ -55,6 +56,16 @@ PROXY_USER = "system:kube-proxy"
 ETCD = "etcd"
 APISERVER = "kube-apiserver"
 CONTROLLER_MANAGER = "kube-controller-manager"
+# Audit only writes, once each (when the response is complete), without request or response bodies.
+AUDIT_WRITES_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived", "ResponseStarted"],
+    "rules": [
+        {"level": "Metadata", "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+        {"level": "None"},
+    ],
+}
 
 START_TIMEOUT = 90.0
 
@@ -129,6 +140,9 @@ class ControlPlane:
     (Pods reach it through the ``kubernetes`` Service) and ``service_account_tokens=True`` turns on the
     ServiceAccount admission plugin, so Pods get their tokens as on a real cluster. Kubelets authenticate with
     client certificates from :meth:`issue_client_certificate` and are authorised by the Node authorizer.
+
+    ``audit_writes=True`` has the server keep an audit log of every write request (create, update, patch,
+    delete): :meth:`api_writes` reads it, so a test or bench sees from outside what a client wrote.
     """
 
     # The kubeconfig's contexts are named after these users.
@@ -145,6 +159,7 @@ class ControlPlane:
         keep_workdir: bool = False,
         address: str = "127.0.0.1",
         service_account_tokens: bool = False,
+        audit_writes: bool = False,
     ) -> None:
         self.binaries = binaries or find_binaries()
         self.controllers = tuple(controllers)
@@ -152,6 +167,7 @@ class ControlPlane:
         self.keep_workdir = keep_workdir
         self.address = address
         self.service_account_tokens = service_account_tokens
+        self.audit_writes = audit_writes
         self._workdir_parent = workdir_parent
         self.workdir: Path | None = None
         self.admin_token = secrets.token_urlsafe(24)
@@ -237,6 +253,15 @@ class ControlPlane:
         self._server = None
         if self.workdir is not None and not self.keep_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def api_writes(self, user: str | None = None) -> list[dict[str, Any]]:
+        """The write requests the server has answered so far, oldest first (audit events at Metadata level:
+        verb, user, objectRef, responseStatus, ...); only ``user``'s if given. Needs ``audit_writes=True``."""
+        if not self.audit_writes:
+            raise ControlPlaneError("api_writes() needs ControlPlane(audit_writes=True)")
+        log = self._path("audit.log")
+        events = [json.loads(line) for line in log.read_text().splitlines() if line] if log.exists() else []
+        return [event for event in events if user is None or event["user"]["username"] == user]
 
     def log_tail(self, component: str, lines: int = 40) -> str:
         return self._started().log_tail(component, lines)
@@ -383,6 +408,13 @@ class ControlPlane:
             "--allow-privileged=true",
             "--profiling=false",
         ]
+        if self.audit_writes:
+            self._path("audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_WRITES_POLICY))
+            argv += [
+                f"--audit-policy-file={self._path('audit-policy.yaml')}",
+                f"--audit-log-path={self._path('audit.log')}",
+                "--audit-log-mode=blocking",  # an event is in the file before the response goes out
+            ]
         self._started().launch(APISERVER, argv)
         self._wait_until("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200)
         self.startup_seconds[APISERVER] = time.monotonic() - started
