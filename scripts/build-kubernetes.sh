@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build Kubernetes 1.20.2 (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy) from
 # Debian bookworm's own `kubernetes` source package, in one `make WHAT=...`, once per machine: the API-server
-# tier of the operator tests (e2e/kube/apiserver.py) uses the first two, the local single-node cluster of the
-# e2e suite (e2e/kube/localnode.py) all five. The binaries (about 430 MB) are cached outside the checkout:
+# tier of the operator tests (testing/singularity_stack_testing/kube/apiserver.py) uses the first two, the
+# local single-node cluster of the e2e suite (kube/localnode.py beside it) all five. The binaries (about
+# 430 MB) are cached outside the checkout:
 #
 #   ${SINGULARITY_KUBE_CACHE:-/var/cache/singularity-stack/kubernetes-1.20.2}/bin/
 #
