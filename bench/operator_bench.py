@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shutil
 import time
 
@@ -41,8 +40,6 @@ def main() -> None:
     postgres = throwaway_cluster().start()
     plane = ControlPlane(audit_writes=True).start()
     try:
-        os.environ["KUBECONFIG"] = str(plane.kubeconfig)
-        os.environ["HEALTH_INTERVAL_SECONDS"] = "2"
         api_client = config.new_client_from_config(config_file=str(plane.kubeconfig))
         client.ApiextensionsV1Api(api_client).create_custom_resource_definition(crd.build_crd())
         time.sleep(2)
@@ -54,9 +51,16 @@ def main() -> None:
 
         from kopf.testing import KopfRunner
 
+        from singularity_operator import handlers
+        from singularity_operator.config import OperatorConfig
+
+        operator = handlers.register(
+            OperatorConfig(kubeconfig=plane.kubeconfig, health_interval_seconds=2, metrics_port=0)
+        )
+
         print(f"kube-apiserver 1.20.2 (no kubelet), PostgreSQL {postgres.installation.version}, operator in-process")
         lines: list[str] = []
-        with KopfRunner(["run", "--standalone", "--all-namespaces", "-m", "singularity_operator.handlers"]):
+        with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=operator):
             for n in args.instances:
                 namespace = f"bench-{n}"
                 core.create_namespace({"metadata": {"name": namespace}})

@@ -85,19 +85,19 @@ def operator(cluster) -> Iterator[Callable[[], contextlib.AbstractContextManager
     """Start the operator (KopfRunner) on demand; several starts in one test simulate restarts."""
     from kopf.testing import KopfRunner
 
+    from singularity_operator import handlers
+    from singularity_operator.config import OperatorConfig
+
     plane, api_client = cluster
     # As the chart's ServiceAccount, so that every API call the operator makes is checked against its RBAC.
-    os.environ["KUBECONFIG"] = str(operator_kubeconfig(plane, api_client))
-    os.environ["HEALTH_INTERVAL_SECONDS"] = "2"
-    os.environ["OPERATOR_METRICS_PORT"] = str(METRICS_PORT)
-    import singularity_operator.handlers as handlers
+    config = OperatorConfig(
+        kubeconfig=operator_kubeconfig(plane, api_client), health_interval_seconds=2, metrics_port=METRICS_PORT
+    )
 
     @contextlib.contextmanager
     def running() -> Iterator[KopfRunner]:
-        handlers._kube = None
-        args = ["run", "--standalone", "--all-namespaces", "-m", "singularity_operator.handlers"]
-        args.append(f"--liveness=http://127.0.0.1:{LIVENESS_PORT}/healthz")
-        with KopfRunner(args, timeout=60) as runner:
+        args = ["run", "--standalone", "--all-namespaces", f"--liveness=http://127.0.0.1:{LIVENESS_PORT}/healthz"]
+        with KopfRunner(args, timeout=60, registry=handlers.register(config)) as runner:
             yield runner
         assert runner.exception is None, runner.output
 
@@ -433,7 +433,6 @@ def test_the_operator_command_runs_as_the_chart_starts_it(cluster, scope: list[s
     cli = Path(sys.executable).with_name("singularity-stack")
     argv = [str(cli), "operator", f"--liveness-port={liveness}", f"--metrics-port={metrics}", *scope]
     env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig(plane, api_client)), "HEALTH_INTERVAL_SECONDS": "2"}
-    env.pop("OPERATOR_METRICS_PORT", None)  # the in-process operator of the other tests holds that port
     log = (tmp_path / "operator.log").open("w")
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -46,11 +46,11 @@ class RetryLater(Exception):
 
 
 Adopt = Callable[[dict[str, Any]], None]
-Event = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+EventRecorder = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
 
 
 @dataclass
-class Outcome:
+class ReconcileOutcome:
     verdicts: list[cond.Verdict]
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -62,7 +62,7 @@ def _decode(secret: dict[str, Any] | None, key: str) -> str | None:
 
 
 class StackController:
-    def __init__(self, kube: Kube, *, adopt: Adopt, event: Event) -> None:
+    def __init__(self, kube: Kube, *, adopt: Adopt, event: EventRecorder) -> None:
         self.kube = kube
         self.adopt = adopt
         self.event = event
@@ -198,7 +198,7 @@ class StackController:
 
     # -- the whole pass -------------------------------------------------------------------------------
 
-    def reconcile(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> Outcome:
+    def reconcile(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> ReconcileOutcome:
         started = time.monotonic()
         try:
             outcome = self._reconcile(stack, namespace, spec_body)
@@ -210,14 +210,14 @@ class StackController:
         finally:
             DURATION.observe(time.monotonic() - started)
 
-    def _reconcile(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> Outcome:
+    def _reconcile(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> ReconcileOutcome:
         try:
             spec = api.parse_spec(spec_body)
         except ValidationError as error:
             reason = describe_validation_error(error)
             ERRORS.labels("InvalidSpec").inc()
             self.event("Warning", "InvalidSpec", reason)
-            return Outcome([cond.Verdict(t, False, "InvalidSpec", reason) for t in cond.PARTS])
+            return ReconcileOutcome([cond.Verdict(t, False, "InvalidSpec", reason) for t in cond.PARTS])
         if spec.postgres.managed:
             # PostgreSQL itself first: provisioning needs it running.
             for manifest in objects.managed_postgres(stack, namespace, spec.postgres.managed):
@@ -246,10 +246,10 @@ class StackController:
             cond.Verdict(cond.MIGRATIONS, True, "Applied", applied),
             self.services_verdict(stack, namespace, spec),
         ]
-        return Outcome(verdicts, status)
+        return ReconcileOutcome(verdicts, status)
 
-    def _not_ready(self, reason: str, message: str, delay: float | None = None) -> Outcome:
-        outcome = Outcome(
+    def _not_ready(self, reason: str, message: str, delay: float | None = None) -> ReconcileOutcome:
+        outcome = ReconcileOutcome(
             [
                 cond.Verdict(cond.DATABASES, False, reason, message),
                 cond.Verdict(cond.QUEUE, None, reason, "waiting for the databases"),

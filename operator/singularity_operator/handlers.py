@@ -1,104 +1,140 @@
 """kopf handlers: decorators and plumbing only; the logic is in controller.py.
 
 Create, update and resume run the same idempotent reconcile; a timer re-runs it for health and
-drift (it writes nothing when nothing changed); deletion goes through a finalizer.
+drift (it writes nothing when nothing changed); deletion goes through a finalizer. Nothing is
+registered at import: `register(config)` builds the registry the operator runs with.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
+from kubernetes import config as kubeconfig
 from prometheus_client import start_http_server
 
 from singularity_operator import api
 from singularity_operator import conditions as cond
-from singularity_operator.controller import API_VERSION, Outcome, StackController
+from singularity_operator.config import OperatorConfig
+from singularity_operator.controller import API_VERSION, ReconcileOutcome, StackController
 from singularity_operator.kube import Kube
 
-HEALTH_INTERVAL = float(os.environ.get("HEALTH_INTERVAL_SECONDS", "30"))
-METRICS_PORT = int(os.environ.get("OPERATOR_METRICS_PORT", "0"))
-_kube: Kube | None = None
-_metrics_started = False
+_metrics_ports: set[int] = set()  # a metrics server runs once per process, even when kopf restarts in it
 
 
-def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        if os.environ.get("KUBECONFIG"):
-            config.load_kube_config(config_file=os.environ["KUBECONFIG"])
-        else:
-            config.load_incluster_config()
-        _kube = Kube(client.ApiClient())
-    return _kube
+def client_configuration(config: OperatorConfig) -> client.Configuration:
+    """How to reach the API server: the kubeconfig file when one is set, else the Pod's ServiceAccount."""
+    configuration = client.Configuration()
+    if config.kubeconfig is not None:
+        kubeconfig.load_kube_config(config_file=str(config.kubeconfig), client_configuration=configuration)
+    else:
+        kubeconfig.load_incluster_config(client_configuration=configuration)
+    return configuration
 
 
-@kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """$KUBECONFIG when set (development, tests), else the Pod's service account."""
-    if os.environ.get("KUBECONFIG"):
-        return kopf.login_with_kubeconfig(**kwargs)
-    return kopf.login_with_service_account(**kwargs)
+def _connection_info(configuration: client.Configuration, settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """kopf's credentials from the client's configuration (as kopf's own login_via_client reads them)."""
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        trust_env=settings.networking.trust_env,
+    )
 
 
-@kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.finalizer = f"{api.GROUP}/cleanup"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
-    settings.posting.level = logging.INFO
-    settings.watching.server_timeout = 60
-    global _metrics_started
-    if METRICS_PORT and not _metrics_started:  # once per process, even when kopf restarts in it
-        start_http_server(METRICS_PORT)
-        _metrics_started = True
+class StackHandlers:
+    """The handlers of one operator run, all reading the one `OperatorConfig` they were given."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self.config = config
+        self._kube: Kube | None = None
+
+    def kube(self) -> Kube:
+        if self._kube is None:
+            self._kube = Kube(client.ApiClient(client_configuration(self.config)))
+        return self._kube
+
+    def login(self, settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+        """The configured kubeconfig (development, tests), else the Pod's service account."""
+        if self.config.kubeconfig is not None:
+            return _connection_info(client_configuration(self.config), settings)
+        return kopf.login_with_service_account(settings=settings, **kwargs)
+
+    def configure(self, settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = f"{api.GROUP}/cleanup"
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
+        settings.posting.level = logging.INFO
+        settings.watching.server_timeout = 60
+        port = self.config.metrics_port
+        if port and port not in _metrics_ports:
+            start_http_server(port)
+            _metrics_ports.add(port)
+
+    def _controller(self, body: kopf.Body) -> StackController:
+        def event(kind: str, reason: str, message: str) -> None:
+            kopf.event(body, type=kind, reason=reason, message=message[:1000])
+
+        return StackController(self.kube(), adopt=lambda obj: kopf.adopt(obj, owner=body), event=event)
+
+    def _write_status(self, body: kopf.Body, outcome: ReconcileOutcome) -> None:
+        """Patch status through /status, and only when it differs (an idle reconcile writes nothing)."""
+        current = dict(body.get("status") or {})
+        generation = body.meta.get("generation")
+        conditions = cond.merge(current.get("conditions", []), cond.with_summary(outcome.verdicts), generation)
+        wanted = {
+            "observedGeneration": generation,
+            "conditions": conditions,
+            **{k: v for k, v in outcome.status.items() if k != "retryAfter"},
+        }
+        if any(current.get(k) != v for k, v in wanted.items()):
+            self.kube().patch_status(API_VERSION, api.KIND, body.meta["name"], body.meta["namespace"], wanted)
+
+    def _reconcile(self, body: kopf.Body) -> ReconcileOutcome:
+        outcome = self._controller(body).reconcile(body.meta["name"], body.meta["namespace"], dict(body.spec))
+        self._write_status(body, outcome)
+        return outcome
+
+    def reconcile(self, body: kopf.Body, **_: Any) -> None:
+        outcome = self._reconcile(body)
+        delay = outcome.status.get("retryAfter")
+        if delay:
+            raise kopf.TemporaryError(outcome.verdicts[0].message, delay=delay)
+
+    def check_health_and_drift(self, body: kopf.Body, **_: Any) -> None:
+        self._reconcile(body)
+
+    def delete(self, body: kopf.Body, **_: Any) -> None:
+        self._controller(body).cleanup(body.meta["name"], body.meta["namespace"], dict(body.spec))
 
 
-def _controller(body: kopf.Body) -> StackController:
-    def event(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message[:1000])
-
-    return StackController(kube(), adopt=lambda obj: kopf.adopt(obj, owner=body), event=event)
-
-
-def _write_status(body: kopf.Body, outcome: Outcome) -> None:
-    """Patch status through /status, and only when it differs (an idle reconcile writes nothing)."""
-    current = dict(body.get("status") or {})
-    generation = body.meta.get("generation")
-    conditions = cond.merge(current.get("conditions", []), cond.with_summary(outcome.verdicts), generation)
-    wanted = {
-        "observedGeneration": generation,
-        "conditions": conditions,
-        **{k: v for k, v in outcome.status.items() if k != "retryAfter"},
-    }
-    if any(current.get(k) != v for k, v in wanted.items()):
-        kube().patch_status(API_VERSION, api.KIND, body.meta["name"], body.meta["namespace"], wanted)
-
-
-def _reconcile(body: kopf.Body) -> Outcome:
-    outcome = _controller(body).reconcile(body.meta["name"], body.meta["namespace"], dict(body.spec))
-    _write_status(body, outcome)
-    return outcome
-
-
-@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL)
-def reconcile(body: kopf.Body, **_: Any) -> None:
-    outcome = _reconcile(body)
-    delay = outcome.status.get("retryAfter")
-    if delay:
-        raise kopf.TemporaryError(outcome.verdicts[0].message, delay=delay)
-
-
-@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=HEALTH_INTERVAL, initial_delay=HEALTH_INTERVAL)
-def check_health_and_drift(body: kopf.Body, **_: Any) -> None:
-    _reconcile(body)
-
-
-@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL)
-def delete(body: kopf.Body, **_: Any) -> None:
-    _controller(body).cleanup(body.meta["name"], body.meta["namespace"], dict(body.spec))
+def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
+    """A registry with every handler, configured by `config`. The ids are the ones the handlers always
+    had: they name kopf's progress annotations on existing stacks."""
+    registry = registry if registry is not None else kopf.OperatorRegistry()
+    handlers = StackHandlers(config)
+    resource = (api.GROUP, api.VERSION, api.PLURAL)
+    kopf.on.login(registry=registry, id="login")(handlers.login)
+    kopf.on.startup(registry=registry, id="configure")(handlers.configure)
+    kopf.on.resume(*resource, registry=registry, id="reconcile")(handlers.reconcile)
+    kopf.on.create(*resource, registry=registry, id="reconcile")(handlers.reconcile)
+    kopf.on.update(*resource, registry=registry, id="reconcile")(handlers.reconcile)
+    interval = config.health_interval_seconds
+    kopf.timer(*resource, registry=registry, id="check_health_and_drift", interval=interval, initial_delay=interval)(
+        handlers.check_health_and_drift
+    )
+    kopf.on.delete(*resource, registry=registry, id="delete")(handlers.delete)
+    return registry

@@ -207,14 +207,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
+    from singularity_operator.config import OperatorConfig, OperatorConfigError
     from singularity_operator.main import run_operator
 
     namespaces = [] if args.all_namespaces else args.namespace
     if not namespaces and not args.all_namespaces:
         print("error: give --namespace NS (repeatable) or --all-namespaces", file=sys.stderr)
         return 2
-    level = os.environ.get("LOG_LEVEL", "INFO")
-    run_operator(namespaces, liveness_port=args.liveness_port, metrics_port=args.metrics_port, log_level=level)
+    try:  # the operator's settings, loaded once, here (singularity_operator/config.py lists them)
+        config = OperatorConfig.load(liveness_port=args.liveness_port, metrics_port=args.metrics_port)
+    except OperatorConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    run_operator(config, namespaces)
     return 0
 
 
@@ -253,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("operator", help="run the Kubernetes operator for SingularityStack resources")
     p.add_argument("--namespace", action="append", default=[], help="watch this namespace (repeatable)")
     p.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
-    p.add_argument("--liveness-port", type=int, default=8080)
-    p.add_argument("--metrics-port", type=int, default=9090)
+    p.add_argument("--liveness-port", type=int, help="default: $OPERATOR_LIVENESS_PORT, else 8080")
+    p.add_argument("--metrics-port", type=int, help="default: $OPERATOR_METRICS_PORT, else 9090 (0: none)")
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("reviewers", help="manage the HITL UI's named reviewers (tokens stored hashed)")
