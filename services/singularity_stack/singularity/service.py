@@ -21,7 +21,7 @@ from singularity_stack.service.text import StorableText
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
 from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
-from singularity_stack.singularity.workflow import Context, Limits, TaskRun
+from singularity_stack.singularity.workflow import Context, TaskLimits, TaskRun
 from singularity_stack.topology import reply_queue
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ class SingularitySettings(ServiceSettings):
             self.instance_id = match.group(1)
         return self
 
-    def limits(self) -> Limits:
-        return Limits(
+    def limits(self) -> TaskLimits:
+        return TaskLimits(
             llm_timeout=self.llm_timeout_seconds,
             job_timeout=self.job_timeout_seconds,
             human_timeout=self.human_timeout_seconds,

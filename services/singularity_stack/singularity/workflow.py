@@ -51,7 +51,9 @@ class StepFailed(Exception):
 
 
 @dataclass(frozen=True)
-class Limits:
+class TaskLimits:
+    """Deadlines and budgets of a task's requests (Genesis's sandbox.Limits bound a job's processes)."""
+
     llm_timeout: float = 120.0
     job_timeout: float = 120.0
     human_timeout: float = 24 * 3600.0
@@ -68,7 +70,7 @@ class Context:
     store: TaskStore
     queue: SharedQueue
     waiter: ReplyWaiter
-    limits: Limits
+    limits: TaskLimits
 
 
 class TaskRun:
