@@ -308,6 +308,25 @@ async def test_a_newer_workflow_resumes_a_task_started_by_an_older_one(world, mo
     assert replies["constraints"].startswith("[planning]") and replies["pseudocode"].startswith("[pseudocode]")
 
 
+class NamesTheDesignLikeThePseudocode(TaskRun):
+    """A buggy newer workflow: two steps share a name, so the second would replay the first's reply."""
+
+    async def llm(self, phase: str, name: str, task_type: str, prompt: str) -> c.LlmResult:
+        if name == "architecture":
+            phase, name = "pseudocode", "pseudocode"
+        return await super().llm(phase, name, task_type, prompt)
+
+
+async def test_a_step_name_used_twice_fails_the_task_instead_of_replaying(world, monkeypatch):
+    stand_ins, start = world
+    monkeypatch.setattr(service_module, "TaskRun", NamesTheDesignLikeThePseudocode)
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Write a program that prints a friendly greeting"))
+    assert task["state"] == "failed"
+    assert task["failure_reason"] == "pseudocode: the workflow asks step 'pseudocode' twice"
+    assert [r.task_type for r in stand_ins.seen["llm"]] == ["planning", "pseudocode"]
+
+
 def roll_back_step_names(database_url: str) -> None:
     """Take a database back to before migration 0004, as a task started by the older version left it."""
     backend = get_backend(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
