@@ -23,7 +23,8 @@ import urllib.request
 from singularity_stack import contract as c
 from singularity_stack.postgres.cluster import free_port
 from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
-from singularity_stack.sharedqueue import Consumer, Delivery, NotifyListener, SharedQueue
+from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, NotifyListener, SharedQueue
+from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.singularity.waiter import ReplyWaiter
 from singularity_stack.topology import StackLayout, reply_queue
 from singularity_stack_testing.postgres import throwaway_cluster
@@ -65,10 +66,16 @@ async def llm_round_trips(stack: ProvisionResult, total: int, concurrency: int) 
     waiter = ReplyWaiter()
     listener = NotifyListener(url, [queue])
 
-    async def deliver(delivery: Delivery[c.LlmResult]) -> None:
-        waiter.resolve(delivery.message)
+    pool = connection_pool(stack.credentials["singularity_1"].database_url, max_size=2)
+    await pool.open(wait=True)
 
-    consumer = Consumer(client, queue, c.LlmResult, deliver, batch_size=100, wakeup=listener.event(queue))
+    async def deliver(delivery: Delivery[c.LlmResult]) -> None:
+        reply = delivery.message
+        delivery.after_commit(lambda: waiter.resolve(reply))  # as Singularity does
+
+    consumer = Consumer(
+        client, queue, c.LlmResult, deliver, store=IdempotencyStore(pool), batch_size=100, wakeup=listener.event(queue)
+    )
     stop = asyncio.Event()
     tasks = [asyncio.create_task(listener.run()), asyncio.create_task(consumer.run(stop))]
     await listener.connected.wait()
@@ -99,6 +106,7 @@ async def llm_round_trips(stack: ProvisionResult, total: int, concurrency: int) 
     await tasks[1]
     tasks[0].cancel()
     await client.close()
+    await pool.close()
     latencies.sort()
     print(
         f"  LLM round trip, {concurrency} in flight: {total / elapsed:,.0f} requests/s   "

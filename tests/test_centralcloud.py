@@ -120,15 +120,15 @@ async def test_analytics_learn_from_archives_and_are_served(sq, central):
     async def archive(delivery: Delivery) -> None:
         pass
 
-    for client_, queue, model in (
-        (nexus, "llm_requests", c.LlmRequest),
-        (nexus, "approval_requests", c.ApprovalRequest),
-        (genesis, "job_requests", c.JobRequest),
-        (singularity, "llm_results_singularity_1", c.LlmResult),
-        (singularity, "approval_responses_singularity_1", c.ApprovalResponse),
-        (singularity, "job_results_singularity_1", c.JobResult),
+    for client_, role, queue, model in (
+        (nexus, "nexus", "llm_requests", c.LlmRequest),
+        (nexus, "nexus", "approval_requests", c.ApprovalRequest),
+        (genesis, "genesis", "job_requests", c.JobRequest),
+        (singularity, "singularity_1", "llm_results_singularity_1", c.LlmResult),
+        (singularity, "singularity_1", "approval_responses_singularity_1", c.ApprovalResponse),
+        (singularity, "singularity_1", "job_results_singularity_1", c.JobResult),
     ):
-        await settle(Consumer(client_, queue, model, archive))
+        await settle(Consumer(client_, queue, model, archive, store=await sq.store(role)))
 
     report = await service.learn()
     llm = {(r["task_type"], r["model"]): r for r in report["llm"]}

@@ -60,7 +60,6 @@ async def ui(provision_stack, tmp_path_factory) -> AsyncIterator[Ui]:
             finally:
                 await browser.close()
     finally:
-        await hitl.close()
         await stack.close()
 
 

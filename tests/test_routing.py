@@ -27,7 +27,13 @@ async def test_replies_are_never_lost_or_stolen_under_concurrent_traffic(open_st
 
     nexus_listener = NotifyListener(three.url("nexus"), ["llm_requests"])
     router = Consumer(
-        nexus, "llm_requests", c.LlmRequest, answer, batch_size=20, wakeup=nexus_listener.event("llm_requests")
+        nexus,
+        "llm_requests",
+        c.LlmRequest,
+        answer,
+        store=await three.store("nexus"),
+        batch_size=20,
+        wakeup=nexus_listener.event("llm_requests"),
     )
     tasks = [asyncio.create_task(nexus_listener.run()), asyncio.create_task(router.run(stop))]
 
@@ -46,7 +52,7 @@ async def test_replies_are_never_lost_or_stolen_under_concurrent_traffic(open_st
             queue,
             c.LlmResult,
             collect,
-            idempotency=IdempotencyStore(await three.db_pool(instance, 4)),
+            store=IdempotencyStore(await three.db_pool(instance, 4)),
             wakeup=listener.event(queue),
         )
         tasks += [asyncio.create_task(listener.run()), asyncio.create_task(consumer.run(stop))]

@@ -26,6 +26,7 @@ from singularity_stack.nexus.hitl import Hitl, RequestIdTaken
 from singularity_stack.nexus.service import NexusService, NexusSettings
 from singularity_stack.provision.provisioner import Provisioner, with_database
 from singularity_stack.provision.queues import SENDER_TRIGGER
+from singularity_stack.sharedqueue import Permanent
 from singularity_stack.topology import REPLY_SENDER
 
 REQUEST_QUEUES = ["llm_requests", "approval_requests", "question_requests", "job_requests"]
@@ -119,6 +120,10 @@ async def genesis_running(stack: Stack) -> AsyncIterator[GenesisService]:
         yield service
     finally:
         await service.stop()
+
+
+def ignore(callback: object) -> None:
+    """An after-commit hook that drops what it is given: these tests look at the database only."""
 
 
 def reply_queues(instance: str) -> list[str]:
@@ -308,21 +313,19 @@ async def test_a_queue_without_the_trigger_vouches_for_no_one(admin_dsn, open_st
 
 
 async def test_hitl_refuses_a_request_id_held_for_another_instance(open_stack):
-    """Reviewers address requests by id: a second instance's request under a held id fails (and is
-    dead-lettered by the consumer after its retries) rather than being taken for a duplicate."""
+    """Reviewers address requests by id: a second instance's request under a held id can never be held,
+    so it is refused as Permanent (dead-lettered at once by the consumer), not taken for a duplicate."""
     stack = open_stack(2)
     hitl = Hitl(await stack.db_pool("nexus"), await stack.queue("nexus"))
     request = approval_request()
-    try:
+    async with hitl.store.pool.connection() as conn, conn.transaction():
+        await hitl.receive(conn, request, "singularity_1", ignore)
+    with pytest.raises(RequestIdTaken, match="already held for singularity_1, not singularity_2") as refused:
         async with hitl.store.pool.connection() as conn, conn.transaction():
-            await hitl.receive(conn, request, "singularity_1")
-        with pytest.raises(RequestIdTaken, match="already held for singularity_1, not singularity_2"):
-            async with hitl.store.pool.connection() as conn, conn.transaction():
-                await hitl.receive(conn, request.model_copy(update={"reply_to": "singularity_2"}), "singularity_2")
-        async with hitl.store.pool.connection() as conn, conn.transaction():
-            await hitl.receive(conn, request, "singularity_1")  # its own redelivery: quietly nothing new
-    finally:
-        await hitl.close()
+            await hitl.receive(conn, request.model_copy(update={"reply_to": "singularity_2"}), "singularity_2", ignore)
+    assert isinstance(refused.value, Permanent)
+    async with hitl.store.pool.connection() as conn, conn.transaction():
+        await hitl.receive(conn, request, "singularity_1", ignore)  # its own redelivery: quietly nothing new
     assert service_rows(stack, "nexus", "SELECT instance, request_id FROM hitl_requests") == [
         ("singularity_1", request.request_id)
     ]

@@ -4,16 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 import pytest
+from support import send_raw
 
 from singularity_stack import contract as c
-from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, NotifyListener, RetryPolicy
-from singularity_stack.sharedqueue.consumer import Outcome
+from singularity_stack.sharedqueue import (
+    Consumer,
+    Delivery,
+    IdempotencyStore,
+    NotifyListener,
+    Permanent,
+    RetryAfter,
+    RetryPolicy,
+    Unavailable,
+)
 
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05)
+
+
+@pytest.fixture
+async def store(sq) -> IdempotencyStore:
+    """Every consumer here is Nexus's: its claims, and the test handlers' effects, live in Nexus's database."""
+    service_rows(sq, "CREATE TABLE IF NOT EXISTS effects (request_id uuid PRIMARY KEY, note text)")
+    return await sq.store("nexus")
+
+
+def service_rows(sq, query: str) -> list[tuple]:
+    with psycopg.connect(sq.db_url("nexus"), autocommit=True) as conn:
+        cur = conn.execute(query)
+        return cur.fetchall() if cur.description else []
 
 
 def llm_request(**overrides) -> c.LlmRequest:
@@ -35,7 +59,7 @@ async def settle(consumer: Consumer, sq, timeout: float = 20.0) -> None:
             await asyncio.sleep(0.02)
 
 
-async def test_publish_consume_archive(sq):
+async def test_publish_consume_archive(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     request = llm_request()
@@ -45,7 +69,7 @@ async def test_publish_consume_archive(sq):
     async def handle(delivery: Delivery[c.LlmRequest]) -> None:
         seen.append(delivery)
 
-    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle)
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store)
     assert await consumer.run_once() == 1
     assert [(d.message, d.msg_id, d.attempt) for d in seen] == [(request, msg_id, 1)]
     assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests") == [(0,)]
@@ -71,27 +95,23 @@ async def test_replies_go_to_the_recipients_own_queue(sq):
     assert rows == [(str(request.request_id),)]
 
 
-async def test_publishing_invalid_data_names_the_field_and_sends_nothing(sq):
-    singularity = await sq.queue("singularity_1")
+async def test_invalid_data_names_the_field_before_anything_is_sent(sq):
     with pytest.raises(c.InvalidMessage, match="messages: List should have at least 1 item"):
-        await singularity.publish_data(
-            "llm_requests", {"reply_to": "singularity_1", "agent_id": "a", "task_type": "coder", "messages": []}
-        )
-    assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests") == [(0,)]
+        c.build("llm_requests", {"reply_to": "singularity_1", "agent_id": "a", "task_type": "coder", "messages": []})
 
 
-async def test_invalid_consumed_message_is_dead_lettered_and_the_consumer_goes_on(sq):
+async def test_invalid_consumed_message_is_dead_lettered_and_the_consumer_goes_on(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
-    await singularity.send_raw("llm_requests", {"agent_id": "a", "task_type": "coder"})  # no messages, no reply_to
-    await singularity.send_raw("llm_requests", "not even an object")
+    send_raw(sq, "singularity_1", "llm_requests", {"agent_id": "a", "task_type": "coder"})  # no messages, no reply_to
+    send_raw(sq, "singularity_1", "llm_requests", "not even an object")
     good = await singularity.publish(llm_request())
     handled: list[int] = []
 
     async def handle(delivery: Delivery[c.LlmRequest]) -> None:
         handled.append(delivery.msg_id)
 
-    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle)
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store)
     await settle(consumer, sq)
     assert handled == [good]
     letters = [c.DeadLetter.model_validate(r[0]) for r in sq.owner_query("SELECT message FROM pgmq.q_llm_requests_dlq")]
@@ -100,10 +120,9 @@ async def test_invalid_consumed_message_is_dead_lettered_and_the_consumer_goes_o
     assert "messages: Field required" in letters[0].error
     assert letters[0].message == {"agent_id": "a", "task_type": "coder"}  # the original, untouched
     assert letters[1].message == "not even an object"
-    assert consumer.stats.counts[Outcome.DEAD] == 2
 
 
-async def test_failures_are_retried_with_backoff_then_succeed(sq):
+async def test_failures_are_retried_with_backoff_then_succeed(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     await singularity.publish(llm_request())
@@ -114,18 +133,16 @@ async def test_failures_are_retried_with_backoff_then_succeed(sq):
         if delivery.attempt < 3:
             raise ConnectionResetError("provider hiccup")
 
-    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, flaky, policy=RetryPolicy(3, 0.05, 0.2))
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, flaky, store=store, policy=RetryPolicy(3, 0.05, 0.2))
     await consumer.run_once()
     # back-off: the message is invisible right after the failure
     assert await consumer.run_once() == 0
     await settle(consumer, sq)
     assert attempts == [1, 2, 3]
-    assert consumer.stats.counts[Outcome.RETRY] == 2
-    assert consumer.stats.counts[Outcome.HANDLED] == 1
     assert sq.owner_query("SELECT read_ct FROM pgmq.a_llm_requests") == [(3,)]
 
 
-async def test_poison_message_ends_in_the_dead_letter_queue_with_its_reason(sq):
+async def test_poison_message_ends_in_the_dead_letter_queue_with_its_reason(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     request = llm_request()
@@ -134,7 +151,7 @@ async def test_poison_message_ends_in_the_dead_letter_queue_with_its_reason(sq):
     async def poisoned(delivery: Delivery[c.LlmRequest]) -> None:
         raise ValueError("model refused the prompt")
 
-    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, poisoned, policy=FAST_RETRY)
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, poisoned, store=store, policy=FAST_RETRY)
     await settle(consumer, sq)
     [(body,)] = sq.owner_query("SELECT message FROM pgmq.q_llm_requests_dlq")
     letter = c.DeadLetter.model_validate(body)
@@ -144,7 +161,7 @@ async def test_poison_message_ends_in_the_dead_letter_queue_with_its_reason(sq):
     assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests") == [(0,)]
 
 
-async def test_expired_request_is_dead_lettered_not_handled(sq):
+async def test_expired_request_is_dead_lettered_not_handled(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     await singularity.publish(llm_request(deadline=datetime.now(UTC) - timedelta(seconds=1)))
@@ -152,37 +169,33 @@ async def test_expired_request_is_dead_lettered_not_handled(sq):
     async def handle(delivery: Delivery[c.LlmRequest]) -> None:
         raise AssertionError("an expired request must not be handled")
 
-    await settle(Consumer(nexus, "llm_requests", c.LlmRequest, handle), sq)
+    await settle(Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store), sq)
     [(reason,)] = sq.owner_query("SELECT message->>'reason' FROM pgmq.q_llm_requests_dlq")
     assert reason == "expired"
 
 
-async def test_redelivered_request_id_is_processed_once(sq):
+async def test_redelivered_request_id_is_processed_once(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
-    pool = await sq.db_pool("nexus")
     request = llm_request()
     await singularity.publish(request)
     await singularity.publish(request)  # e.g. a publish retried after a lost acknowledgement
     handled: list[uuid.UUID] = []
 
     async def handle(delivery: Delivery[c.LlmRequest]) -> None:
-        assert delivery.db is not None  # the handler's writes share the claim's transaction
         handled.append(delivery.message.request_id)
 
-    store = IdempotencyStore(pool)
-    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, idempotency=store)
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store)
     await settle(consumer, sq)
     assert handled == [request.request_id]
-    assert consumer.stats.counts[Outcome.DUPLICATE] == 1
-    assert await store.processed("llm_requests", request.request_id, "singularity_1")
+    claims = service_rows(sq, "SELECT queue, sender, request_id FROM processed_messages")
+    assert claims == [("llm_requests", "singularity_1", request.request_id)]
     assert sq.owner_query("SELECT count(*) FROM pgmq.a_llm_requests") == [(2,)]
 
 
-async def test_a_failed_handler_leaves_no_claim_so_the_retry_runs(sq):
+async def test_a_failed_handler_leaves_no_claim_so_the_retry_runs(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
-    store = IdempotencyStore(await sq.db_pool("nexus"))
     request = llm_request()
     await singularity.publish(request)
     calls = 0
@@ -190,20 +203,18 @@ async def test_a_failed_handler_leaves_no_claim_so_the_retry_runs(sq):
     async def fails_once(delivery: Delivery[c.LlmRequest]) -> None:
         nonlocal calls
         calls += 1
-        assert delivery.db is not None
-        await delivery.db.execute("CREATE TABLE IF NOT EXISTS effects (request_id uuid PRIMARY KEY)")
         await delivery.db.execute("INSERT INTO effects VALUES (%s)", (delivery.message.request_id,))
         if calls == 1:
             raise RuntimeError("crash after the write")
 
-    await settle(Consumer(nexus, "llm_requests", c.LlmRequest, fails_once, idempotency=store, policy=FAST_RETRY), sq)
+    await settle(Consumer(nexus, "llm_requests", c.LlmRequest, fails_once, store=store, policy=FAST_RETRY), sq)
     assert calls == 2
     async with store.pool.connection() as conn:
         rows = await (await conn.execute("SELECT request_id FROM effects")).fetchall()
     assert rows == [(request.request_id,)]
 
 
-async def test_notify_wakes_the_consumer_without_polling(sq):
+async def test_notify_wakes_the_consumer_without_polling(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     listener = NotifyListener(sq.url("nexus"), ["llm_requests"])
@@ -214,7 +225,13 @@ async def test_notify_wakes_the_consumer_without_polling(sq):
         got.set()
 
     consumer = Consumer(
-        nexus, "llm_requests", c.LlmRequest, handle, poll_interval=3600, wakeup=listener.event("llm_requests")
+        nexus,
+        "llm_requests",
+        c.LlmRequest,
+        handle,
+        store=store,
+        poll_interval=3600,
+        wakeup=listener.event("llm_requests"),
     )
     stop = asyncio.Event()
     await asyncio.wait_for(listener.connected.wait(), 10)
@@ -227,7 +244,7 @@ async def test_notify_wakes_the_consumer_without_polling(sq):
     listening.cancel()
 
 
-async def test_graceful_stop_finishes_the_message_in_hand(sq):
+async def test_graceful_stop_finishes_the_message_in_hand(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     await singularity.publish(llm_request())
@@ -238,7 +255,7 @@ async def test_graceful_stop_finishes_the_message_in_hand(sq):
         await release.wait()
 
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(nexus, "llm_requests", c.LlmRequest, slow).run(stop))
+    task = asyncio.create_task(Consumer(nexus, "llm_requests", c.LlmRequest, slow, store=store).run(stop))
     await asyncio.wait_for(started.wait(), 10)
     stop.set()
     release.set()
@@ -246,7 +263,7 @@ async def test_graceful_stop_finishes_the_message_in_hand(sq):
     assert sq.owner_query("SELECT count(*) FROM pgmq.a_llm_requests") == [(1,)]
 
 
-async def test_cancelled_consumer_makes_in_flight_messages_visible_at_once(sq):
+async def test_cancelled_consumer_makes_in_flight_messages_visible_at_once(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     msg_id = await singularity.publish(llm_request())
@@ -256,7 +273,7 @@ async def test_cancelled_consumer_makes_in_flight_messages_visible_at_once(sq):
         started.set()
         await asyncio.sleep(3600)
 
-    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, stuck, visibility_timeout=3600)
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, stuck, store=store, visibility_timeout=3600)
     task = asyncio.create_task(consumer.run(asyncio.Event()))
     await asyncio.wait_for(started.wait(), 10)
     task.cancel()
@@ -277,7 +294,7 @@ async def test_metrics_show_depth_and_age(sq):
     assert "llm_results_singularity_1_dlq" in metrics
 
 
-async def test_concurrency_bounds_handlers_in_flight_within_a_batch(sq):
+async def test_concurrency_bounds_handlers_in_flight_within_a_batch(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
     await singularity.publish_batch([llm_request() for _ in range(6)])
@@ -290,17 +307,17 @@ async def test_concurrency_bounds_handlers_in_flight_within_a_batch(sq):
         await asyncio.sleep(0.05)
         in_flight -= 1
 
-    parallel = Consumer(nexus, "llm_requests", c.LlmRequest, slow, batch_size=6, concurrency=3)
+    parallel = Consumer(nexus, "llm_requests", c.LlmRequest, slow, store=store, batch_size=6, concurrency=3)
     assert await parallel.run_once() == 6
     assert peak == 3
     await singularity.publish_batch([llm_request() for _ in range(4)])
     peak = 0
-    in_order = Consumer(nexus, "llm_requests", c.LlmRequest, slow, batch_size=4)
+    in_order = Consumer(nexus, "llm_requests", c.LlmRequest, slow, store=store, batch_size=4)
     assert await in_order.run_once() == 4
     assert peak == 1
 
 
-async def test_messages_inside_the_notify_throttle_window_are_not_left_waiting(sq):
+async def test_messages_inside_the_notify_throttle_window_are_not_left_waiting(sq, store):
     """pgmq skips notifications for inserts within the throttle window after one; the consumer's
     extra read after the window must pick them up (its fallback poll here is an hour)."""
     singularity = await sq.queue("singularity_1")
@@ -314,7 +331,13 @@ async def test_messages_inside_the_notify_throttle_window_are_not_left_waiting(s
         await asyncio.sleep(0.02)  # slower than the window: the extra read must still happen
 
     consumer = Consumer(
-        nexus, "llm_requests", c.LlmRequest, handle, poll_interval=3600, wakeup=listener.event("llm_requests")
+        nexus,
+        "llm_requests",
+        c.LlmRequest,
+        handle,
+        store=store,
+        poll_interval=3600,
+        wakeup=listener.event("llm_requests"),
     )
     stop = asyncio.Event()
     await asyncio.wait_for(listener.connected.wait(), 10)
@@ -331,3 +354,157 @@ async def test_messages_inside_the_notify_throttle_window_are_not_left_waiting(s
     stop.set()
     await asyncio.wait_for(consuming, 10)
     listening.cancel()
+
+
+# -- the handler contract -------------------------------------------------------------------------
+
+
+async def effect(delivery: Delivery[c.LlmRequest], note: str = "") -> None:
+    await delivery.db.execute("INSERT INTO effects VALUES (%s, %s)", (delivery.message.request_id, note))
+
+
+async def test_permanent_dead_letters_at_once_with_the_handlers_reason(sq, store):
+    await (await sq.queue("singularity_1")).publish(llm_request())
+    nexus = await sq.queue("nexus")
+
+    async def refuse(delivery: Delivery[c.LlmRequest]) -> None:
+        await effect(delivery)
+        raise Permanent("task_type coder is not served here")
+
+    await settle(Consumer(nexus, "llm_requests", c.LlmRequest, refuse, store=store), sq)
+    [(letter,)] = sq.owner_query("SELECT message FROM pgmq.q_llm_requests_dlq")
+    assert (letter["reason"], letter["attempts"], letter["error"]) == (
+        "permanent",
+        1,
+        "task_type coder is not served here",
+    )
+    assert service_rows(sq, "SELECT count(*) FROM effects") == [(0,)]  # its effects rolled back
+    assert service_rows(sq, "SELECT count(*) FROM processed_messages") == [(0,)]
+
+
+async def test_retry_after_hides_the_message_for_that_long_then_it_runs(sq, store):
+    await (await sq.queue("singularity_1")).publish(llm_request())
+    nexus = await sq.queue("nexus")
+    attempts: list[int] = []
+
+    async def later(delivery: Delivery[c.LlmRequest]) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.attempt == 1:
+            raise RetryAfter(30, "provider rate limit")
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, later, store=store)
+    await consumer.run_once()
+    [(hidden_for,)] = sq.owner_query("SELECT extract(epoch FROM vt - now()) FROM pgmq.q_llm_requests")
+    assert 25 < hidden_for <= 30  # its own delay, not the policy's one-second back-off
+    sq.owner_query("UPDATE pgmq.q_llm_requests SET vt = now() RETURNING 1")  # let time pass
+    await settle(consumer, sq)
+    assert attempts == [1, 2]
+    assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests_dlq") == [(0,)]
+
+
+async def test_a_batch_is_one_transaction_and_a_failing_message_rolls_back_alone(sq, store):
+    singularity = await sq.queue("singularity_1")
+    sent = [llm_request(agent_id=f"a{n}") for n in range(5)]
+    await singularity.publish_batch(sent)
+    nexus = await sq.queue("nexus")
+
+    transactions: set[str] = set()
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        await effect(delivery, delivery.message.agent_id)
+        row = await (await delivery.db.execute("SELECT pg_current_xact_id()::text")).fetchone()  # the top level's
+        transactions.add(row[0])
+        if delivery.message.agent_id == "a2":
+            raise RuntimeError("the third one fails after its write")
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store, batch_size=5, policy=FAST_RETRY)
+    assert await consumer.run_once() == 5
+    assert service_rows(sq, "SELECT note FROM effects ORDER BY note") == [("a0",), ("a1",), ("a3",), ("a4",)]
+    assert len(transactions) == 1  # one transaction for the batch, a savepoint per message
+    claims = service_rows(sq, "SELECT request_id FROM processed_messages")
+    assert {r for (r,) in claims} == {m.request_id for m in sent} - {sent[2].request_id}
+    assert sq.owner_query("SELECT message->>'agent_id' FROM pgmq.q_llm_requests") == [("a2",)]  # retried later
+
+
+async def test_after_commit_runs_once_committed_and_never_after_a_rollback(sq, store):
+    singularity = await sq.queue("singularity_1")
+    await singularity.publish_batch([llm_request(agent_id="ok"), llm_request(agent_id="fails")])
+    nexus = await sq.queue("nexus")
+    seen_by_callback: list[tuple[str, list[tuple]]] = []
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        await effect(delivery, delivery.message.agent_id)
+        name = delivery.message.agent_id
+        # From another connection: the effect is visible only once the transaction committed.
+        delivery.after_commit(lambda: seen_by_callback.append((name, service_rows(sq, "SELECT note FROM effects"))))
+        if name == "fails":
+            raise RuntimeError("after registering its callback")
+
+    for concurrency in (1, 2):
+        seen_by_callback.clear()
+        consumer = Consumer(
+            nexus, "llm_requests", c.LlmRequest, handle, store=store, batch_size=2, concurrency=concurrency
+        )
+        assert await consumer.run_once() == 2
+        assert seen_by_callback == [("ok", [("ok",)])], concurrency
+        service_rows(sq, "DELETE FROM effects RETURNING 1")
+        service_rows(sq, "DELETE FROM processed_messages RETURNING 1")
+        sq.owner_query("UPDATE pgmq.q_llm_requests SET vt = now() RETURNING 1")
+        await singularity.publish(llm_request(agent_id="ok"))
+
+
+async def test_infrastructure_trouble_hands_the_batch_back_and_counts_against_nothing(sq, store):
+    msg_id = await (await sq.queue("singularity_1")).publish(llm_request())
+    nexus = await sq.queue("nexus")
+
+    async def shared_queue_down(delivery: Delivery[c.LlmRequest]) -> None:
+        await effect(delivery)
+        raise Unavailable("shared queue: connection refused")
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, shared_queue_down, store=store, policy=FAST_RETRY)
+    for _ in range(FAST_RETRY.max_attempts):
+        with pytest.raises(Unavailable):
+            await consumer.run_once()
+    assert sq.owner_query("SELECT msg_id, vt <= now() FROM pgmq.q_llm_requests") == [(msg_id, True)]  # back at once
+    assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests_dlq") == [(0,)]
+    assert service_rows(sq, "SELECT count(*) FROM processed_messages") == [(0,)]
+
+
+# A consumer in its own process that dies in its after-commit callback: after the commit, before the callback.
+DIES_BEFORE_ITS_CALLBACK = """
+import asyncio, os, sys
+from psycopg_pool import AsyncConnectionPool
+from singularity_stack import contract as c
+from singularity_stack.sharedqueue import Consumer, IdempotencyStore, SharedQueue
+
+async def main(queue_url, db_url):
+    pool = AsyncConnectionPool(db_url, open=False)
+    await pool.open()
+    async def handle(delivery):
+        await delivery.db.execute("INSERT INTO effects VALUES (%s, 'stored')", (delivery.message.request_id,))
+        delivery.after_commit(lambda: os._exit(9))  # killed right after the commit
+    async with SharedQueue(queue_url) as client:
+        await Consumer(client, "llm_requests", c.LlmRequest, handle, store=IdempotencyStore(pool)).run_once()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_process_killed_between_commit_and_callback_loses_nothing(sq, store):
+    """The callback never ran; what it stood for is in the database, and the redelivery is a duplicate."""
+    request = llm_request()
+    await (await sq.queue("singularity_1")).publish(request)
+    dead = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DIES_BEFORE_ITS_CALLBACK, sq.url("nexus"), sq.db_url("nexus")
+    )
+    assert await asyncio.wait_for(dead.wait(), 60) == 9
+    assert service_rows(sq, "SELECT request_id, note FROM effects") == [(request.request_id, "stored")]
+    sq.owner_query("UPDATE pgmq.q_llm_requests SET vt = now() RETURNING 1")  # its visibility timeout, passed
+    handled: list[int] = []
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        handled.append(delivery.msg_id)
+
+    await settle(Consumer(await sq.queue("nexus"), "llm_requests", c.LlmRequest, handle, store=store), sq)
+    assert handled == []  # a duplicate: archived, not handled again
+    assert sq.owner_query("SELECT read_ct FROM pgmq.a_llm_requests") == [(2,)]

@@ -17,13 +17,20 @@ from yoyo import get_backend, read_migrations
 
 from singularity_stack import contract as c
 from singularity_stack.provision.migrations import MIGRATIONS_ROOT, applied_migrations, apply_migrations
-from singularity_stack.sharedqueue import Consumer, Delivery
+from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
 from singularity_stack.singularity import service as service_module
 from singularity_stack.singularity.service import SingularityService, SingularitySettings
 from singularity_stack.singularity.workflow import TaskRun
 
 API_TOKEN = "singularity-test-api-token"
 CODE_ANSWER = "Here it is:\n```python\nprint('hello from the stand-in')\n```\n"
+
+
+class AnswersEveryDelivery(IdempotencyStore):
+    """A store that never finds a duplicate: the stand-ins script their answers per delivery."""
+
+    async def claim(self, conn, queue, keys):
+        return set(keys)
 
 
 class StandIns:
@@ -58,15 +65,25 @@ class StandIns:
 
             return handle
 
+        # Stand-ins answer every delivery, re-sent ones included, as they did before the Consumer needed a
+        # store: a request they leave open on purpose must be answerable when it is re-sent after a restart.
+        nexus_store = AnswersEveryDelivery(await self.stack.db_pool("nexus"))
+        genesis_store = AnswersEveryDelivery(await self.stack.db_pool("genesis"))
         consumers = [
             Consumer(
-                nexus, "llm_requests", c.LlmRequest, answering(nexus, "llm", lambda: self.llm), poll_interval=0.05
+                nexus,
+                "llm_requests",
+                c.LlmRequest,
+                answering(nexus, "llm", lambda: self.llm),
+                store=nexus_store,
+                poll_interval=0.05,
             ),
             Consumer(
                 nexus,
                 "approval_requests",
                 c.ApprovalRequest,
                 answering(nexus, "approval", lambda: self.approval),
+                store=nexus_store,
                 poll_interval=0.05,
             ),
             Consumer(
@@ -74,10 +91,16 @@ class StandIns:
                 "question_requests",
                 c.QuestionRequest,
                 answering(nexus, "question", lambda: self.question),
+                store=nexus_store,
                 poll_interval=0.05,
             ),
             Consumer(
-                genesis, "job_requests", c.JobRequest, answering(genesis, "job", lambda: self.job), poll_interval=0.05
+                genesis,
+                "job_requests",
+                c.JobRequest,
+                answering(genesis, "job", lambda: self.job),
+                store=genesis_store,
+                poll_interval=0.05,
             ),
         ]
         self.tasks = [asyncio.create_task(consumer.run(self.stop)) for consumer in consumers]

@@ -6,12 +6,12 @@ import logging
 from typing import Any
 
 from prometheus_client import Counter
-from psycopg.types.json import Jsonb
 from pydantic import AliasChoices, Field
 
 from singularity_stack import contract as c
 from singularity_stack.genesis.runner import JobOutcome, JobRunner
 from singularity_stack.genesis.sandbox import SandboxError, job_bounds_in_force, probe_sandbox
+from singularity_stack.genesis.store import record_execution
 from singularity_stack.service.runtime import Service
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
@@ -76,23 +76,7 @@ class GenesisService(Service):
                 status=c.JobStatus.ERROR,
                 error=f"sandbox failure: {error}",
             )
-        assert delivery.db is not None
-        await delivery.db.execute(
-            "INSERT INTO executions (request_id, instance, agent_id, language, status, exit_code, lint_count, "
-            "timings_ms, stdout_bytes, stderr_bytes) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                request.request_id,
-                delivery.sender,
-                request.agent_id,
-                request.language.value,
-                result.status.value,
-                result.exit_code,
-                len(result.lint),
-                Jsonb(result.timings_ms),
-                len(result.output.encode()),
-                len((result.error or "").encode()),
-            ),
-        )
+        await record_execution(delivery.db, request, result)
         await self.queue.publish(result)
         JOBS.labels(request.language.value, result.status.value).inc()
 
@@ -106,6 +90,6 @@ class GenesisService(Service):
                 batch_size=self.settings.max_concurrent_jobs,
                 concurrency=self.settings.max_concurrent_jobs,
                 visibility_timeout=120,  # well beyond a job's wall-time limit
-                idempotency=IdempotencyStore(self.db),
+                store=IdempotencyStore(self.db),
             )
         ]

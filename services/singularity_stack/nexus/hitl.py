@@ -28,7 +28,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from singularity_stack.contract import ApprovalRequest, ApprovalResponse, QuestionRequest, QuestionResponse, Reply
-from singularity_stack.sharedqueue import SharedQueue
+from singularity_stack.sharedqueue import Permanent, SharedQueue
+from singularity_stack.sharedqueue.consumer import AfterCommit
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -71,9 +72,9 @@ class InvalidDecision(HitlError):
     status_code = 422
 
 
-class RequestIdTaken(Exception):
-    """An arriving request reuses the id of one held for another instance: the consumer retries, then
-    dead-letters it with this reason (not a web error)."""
+class RequestIdTaken(Permanent):
+    """An arriving request reuses the id of one held for another instance: it can never be held, so the
+    consumer dead-letters it at once with this reason (not a web error)."""
 
 
 # -- fan-out to browsers ----------------------------------------------------------------------------
@@ -262,13 +263,6 @@ class HitlStore:
             )
             return [row[0] for row in await cur.fetchall()]
 
-    async def transaction_status(self, xid: str) -> str | None:
-        """'in progress', 'committed' or 'aborted' (None: too old to know)."""
-        async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,))
-            row = await cur.fetchone()
-            return row[0] if row else None
-
 
 def _article(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
@@ -282,61 +276,26 @@ class Hitl:
         self.store = HitlStore(pool)
         self.queue = queue
         self.broadcaster = Broadcaster()
-        self._watchers: set[asyncio.Task[None]] = set()
 
     # -- arrivals ----------------------------------------------------------------------------------
 
     async def receive(
-        self, db: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest, sender: str
+        self,
+        db: psycopg.AsyncConnection[TupleRow],
+        request: ApprovalRequest | QuestionRequest,
+        sender: str,
+        after_commit: Callable[[AfterCommit], None],
     ) -> None:
         """Store a request from `sender` (the instance PostgreSQL vouches sent it, which gets the answer)
-        inside the consumer's open transaction `db`; browsers see it once that commits."""
+        inside the consumer's open transaction `db`; browsers see it once that commits (`after_commit`
+        is the consumer's Delivery.after_commit)."""
         row = await self.store.insert(db, request, sender)
         if row is None:
             return  # stored before (a redelivery that slipped past the idempotency table): nothing new to show
-        cur = await db.execute("SELECT pg_current_xact_id()::text")
-        xid_row = await cur.fetchone()
-        assert xid_row is not None
-        task = asyncio.create_task(self._announce_after_commit(str(xid_row[0]), card(row)))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
-
-    async def _announce_after_commit(self, xid: str, new: Card, patience: float = 120.0) -> None:
-        """Broadcast `new` once transaction `xid` commits; say nothing if it rolls back.
-
-        psycopg has no commit hook and `receive` does not own the transaction, so this asks
-        PostgreSQL about the transaction's fate, quickly at first (the consumer commits right
-        after the handler returns), then backing off.
-        """
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + patience
-        delay = 0.005
-        warned = False
-        while loop.time() < give_up:
-            try:
-                status = await self.store.transaction_status(xid)
-            except psycopg.Error as error:
-                status = "in progress"  # the database is away: keep asking until `patience` runs out
-                if not warned:
-                    log.warning("cannot see whether HITL request %s committed (%s)", new["request_id"], error)
-                    warned = True
-            if status == "committed":
-                self.broadcaster.publish({"type": "added", "card": new})
-                return
-            if status != "in progress":
-                return  # rolled back: the consumer will redeliver, and this announces it then
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        log.warning(
-            "HITL request %s not committed after %.0fs; browsers get it on reconnect", new["request_id"], patience
-        )
-
-    async def close(self) -> None:
-        """Stop waiting for commits still in flight (at shutdown)."""
-        watchers = list(self._watchers)
-        for task in watchers:
-            task.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
+        new = card(row)
+        # Never before the commit: a browser must not show a card that a rollback takes back. If Nexus
+        # dies first, browsers still get it from the database when they (re)connect.
+        after_commit(lambda: self.broadcaster.publish({"type": "added", "card": new}))
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from singularity_stack.nexus.reviewers import SHARED_IDENTITY, Reviewers
 from singularity_stack.service.guard import FormRoute
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
 from singularity_stack.service.text import StorableText
+from singularity_stack.sharedqueue import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ class HitlWeb:
                 return bad.response()
             except HitlError as error:
                 return error_response(error.status_code, error.reason)
-            except psycopg.OperationalError as error:
+            except (psycopg.OperationalError, Unavailable) as error:
                 # The decision was rolled back (see Hitl._settle): the reviewer can simply retry.
                 log.warning("HITL decision failed: %s", error)
                 return error_response(

@@ -14,6 +14,7 @@ from singularity_stack.nexus.hitl import Hitl
 from singularity_stack.nexus.reviewers import Reviewers
 from singularity_stack.nexus.router import Completion, LlmRouter, RoutingError
 from singularity_stack.nexus.routing_config import load_routing_config
+from singularity_stack.nexus.store import record_llm_call
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
@@ -62,32 +63,12 @@ class NexusService(Service):
             # Retries and fallbacks are spent: tell the agent now instead of letting it wait for its deadline.
             log.warning("LLM routing failed", extra={"request_id": str(request.request_id), "error": str(error)})
             result = c.LlmResult(**reply, error=str(error))
-        assert delivery.db is not None
-        await delivery.db.execute(
-            "INSERT INTO llm_calls (request_id, instance, agent_id, task_type, complexity, complexity_source, model, "
-            "provider_model, cost_usd, prompt_tokens, completion_tokens, latency_ms, error) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            (
-                request.request_id,
-                delivery.sender,
-                request.agent_id,
-                request.task_type,
-                completion.complexity.value if completion else (request.complexity or None),
-                completion.complexity_source if completion else None,
-                result.model,
-                completion.provider_model if completion else None,
-                result.cost_usd,
-                result.prompt_tokens,
-                result.completion_tokens,
-                completion.latency_ms if completion else None,
-                result.error,
-            ),
-        )
+        await record_llm_call(delivery.db, request, delivery.sender, completion, result)
         await self.queue.publish(result)
 
     async def hold_for_humans(self, delivery: Delivery[Any]) -> None:
-        assert delivery.db is not None and delivery.sender is not None
-        await self.hitl.receive(delivery.db, delivery.message, delivery.sender)
+        assert delivery.sender is not None  # requests always carry their vouched sender
+        await self.hitl.receive(delivery.db, delivery.message, delivery.sender, delivery.after_commit)
 
     def consumers(self) -> list[Consumer[Any]]:
         store = IdempotencyStore(self.db)
@@ -100,15 +81,11 @@ class NexusService(Service):
                 batch_size=self.settings.max_concurrent_llm,
                 concurrency=self.settings.max_concurrent_llm,
                 visibility_timeout=300,  # longer than the router's timeout with retries
-                idempotency=store,
+                store=store,
             ),
-            Consumer(self.queue, "approval_requests", c.ApprovalRequest, self.hold_for_humans, idempotency=store),
-            Consumer(self.queue, "question_requests", c.QuestionRequest, self.hold_for_humans, idempotency=store),
+            Consumer(self.queue, "approval_requests", c.ApprovalRequest, self.hold_for_humans, store=store),
+            Consumer(self.queue, "question_requests", c.QuestionRequest, self.hold_for_humans, store=store),
         ]
-
-    async def stop(self) -> None:
-        await self.hitl.close()
-        await super().stop()
 
     def jobs(self) -> list[Job]:
         return [lambda stop: every(self.settings.expiry_interval_seconds, stop, self.hitl.expire_overdue, "expiry")]

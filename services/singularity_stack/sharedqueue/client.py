@@ -1,7 +1,8 @@
 """The shared-queue client every service uses: pgmq over an async psycopg 3 connection pool.
 
 Calls that fail because the connection or the server went away are retried with back-off
-for `retry_for` seconds (PostgreSQL restarts, failovers); everything else raises at once.
+for `retry_for` seconds (PostgreSQL restarts, failovers), then raise `Unavailable`; everything
+else raises at once.
 A retried publish may deliver twice: receivers deduplicate on `request_id`.
 """
 
@@ -22,7 +23,8 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.rows import TupleRow
 
-from singularity_stack.contract import DeadLetter, Message, Reply, build
+from singularity_stack.contract import DeadLetter, Message, Reply
+from singularity_stack.sharedqueue.errors import Unavailable
 from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.topology import dead_letter_queue, reply_queue
 
@@ -103,7 +105,7 @@ class SharedQueue:
                     return await operation(conn)
             except psycopg.OperationalError as error:
                 if time.monotonic() >= deadline:
-                    raise
+                    raise Unavailable(f"shared queue: {error}") from error
                 log.warning("shared queue unavailable (%s); retrying in %.2fs", error.__class__.__name__, delay)
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
@@ -124,10 +126,6 @@ class SharedQueue:
         )
         return int(rows[0][0])
 
-    async def publish_data(self, kind: str, data: Any) -> int:
-        """Validate `data` against queue kind `kind` and publish it; raises InvalidMessage naming the field."""
-        return await self.publish(build(kind, data))
-
     async def publish_batch(self, messages: Sequence[Message]) -> list[int]:
         """Send many messages, one `send_batch` per destination queue; ids come back in input order."""
         by_queue: dict[str, list[int]] = defaultdict(list)
@@ -142,11 +140,6 @@ class SharedQueue:
             for index, row in zip(indexes, rows, strict=True):
                 ids[index] = int(row[0])
         return ids
-
-    async def send_raw(self, queue: str, body: Any) -> int:
-        """Send a JSON value without validation: for tools, tests and dead-letter redrives."""
-        rows = await self._rows("SELECT * FROM pgmq.send(%s, %s::jsonb)", (queue, json.dumps(body)))
-        return int(rows[0][0])
 
     # -- consuming -------------------------------------------------------------------------------
 

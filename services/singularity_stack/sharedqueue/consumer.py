@@ -2,10 +2,24 @@
 
 Every message ends in exactly one of three places: the archive (handled, or a duplicate of a
 handled one), back in the queue with a later visibility time (failed, attempts left), or the
-dead-letter queue with the reason (invalid, forged sender, expired, failed too often).
+dead-letter queue with the reason (invalid, forged sender, permanent, expired, failed too often).
+
+The handler contract, owned here:
+- a handler gets a `Delivery` whose `db` is always an open transaction in the service's own
+  database; the message's claim (idempotency.py) is in it too, so its effects happen exactly once;
+- `delivery.after_commit(callback)` runs `callback` once the claim and the effects have committed
+  (never if they roll back, and never twice); a process that dies in between never runs it, so what
+  it stands for must be re-derivable from the database;
+- `Permanent(reason)` dead-letters the message now, `RetryAfter(seconds)` retries it then, anything
+  else is retried with back-off until `max_attempts`; `Unavailable` (a database went away) abandons
+  the batch, which is redelivered, and never counts against a message.
 
 A request is handled only when PostgreSQL vouches for its sender (the `sender` header the
 provisioner's trigger writes) and that sender is the instance its `reply_to` names.
+
+With `concurrency` 1 a batch is one transaction and each message a savepoint in it (a failing
+message rolls back alone); with more, each message has a transaction of its own, so slow handlers
+(LLM calls, code jobs) can run side by side.
 """
 
 from __future__ import annotations
@@ -13,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import inspect
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -26,12 +41,14 @@ from pydantic import ValidationError
 
 from singularity_stack.contract import Message, Request, describe_validation_error
 from singularity_stack.sharedqueue.client import RawMessage, SharedQueue
-from singularity_stack.sharedqueue.idempotency import IdempotencyStore
+from singularity_stack.sharedqueue.errors import Permanent, RetryAfter, Unavailable
+from singularity_stack.sharedqueue.idempotency import IdempotencyStore, Key
 from singularity_stack.sharedqueue.metrics import BATCH_SECONDS, MESSAGES
 from singularity_stack.topology import NOTIFY_THROTTLE_MS
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+AfterCommit = Callable[[], Awaitable[None] | None]
 
 
 @dataclass(frozen=True)
@@ -49,17 +66,21 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Delivery(Generic[M]):
-    """What a handler gets: the parsed message, its attempt number and, with an idempotency
-    store, `db`: the open transaction in the service's database that also records the message.
-    For a request, `sender` is the instance PostgreSQL vouches sent it (always its `reply_to`):
-    replies go to its queues."""
+    """What a handler gets: the parsed message, its attempt number, `db` (the open transaction in the
+    service's database that also records the message) and, for a request, `sender`: the instance
+    PostgreSQL vouches sent it (always its `reply_to`), whose queues get the reply."""
 
     message: M
     msg_id: int
     attempt: int
     queue: str
-    db: psycopg.AsyncConnection[TupleRow] | None = None
+    db: psycopg.AsyncConnection[TupleRow]
     sender: str | None = None
+    _after_commit: list[AfterCommit] = field(default_factory=list, repr=False)
+
+    def after_commit(self, callback: AfterCommit) -> None:
+        """Run `callback` (plain or async) once this message's claim and effects have committed."""
+        self._after_commit.append(callback)
 
 
 Handler = Callable[[Delivery[M]], Awaitable[None]]
@@ -73,11 +94,18 @@ class Outcome(enum.Enum):
 
 
 @dataclass
-class ConsumerStats:
-    counts: dict[Outcome, int] = field(default_factory=lambda: dict.fromkeys(Outcome, 0))
+class _Pending(Generic[M]):
+    """A message of the batch that passed the checks and waits for its handler."""
 
-    def add(self, outcome: Outcome, count: int = 1) -> None:
-        self.counts[outcome] += count
+    raw: RawMessage
+    message: M
+    key: Key
+
+
+@dataclass
+class _Batch:
+    outcomes: dict[int, Outcome] = field(default_factory=dict)  # msg_id -> outcome, once settled
+    callbacks: list[AfterCommit] = field(default_factory=list)  # of committed messages, in order
 
 
 class Consumer(Generic[M]):
@@ -88,12 +116,12 @@ class Consumer(Generic[M]):
         model: type[M],
         handler: Handler[M],
         *,
+        store: IdempotencyStore,
         policy: RetryPolicy | None = None,
         batch_size: int = 10,
         concurrency: int = 1,
         visibility_timeout: int = 30,
         poll_interval: float = 1.0,
-        idempotency: IdempotencyStore | None = None,
         wakeup: asyncio.Event | None = None,
         notify_throttle: float = NOTIFY_THROTTLE_MS / 1000,
     ) -> None:
@@ -101,24 +129,23 @@ class Consumer(Generic[M]):
         self.queue = queue
         self.model = model
         self.handler = handler
+        self.store = store
         self.policy = policy or RetryPolicy()
         self.batch_size = batch_size
-        # Messages of a batch handled at once: 1 (in order) suits quick handlers; slow ones
-        # (LLM calls, code jobs) set it to the number of calls they may have in flight.
+        # Messages of a batch handled at once: 1 (in order, one transaction) suits quick handlers; slow
+        # ones (LLM calls, code jobs) set it to the number of calls they may have in flight.
         self.concurrency = concurrency
         self.visibility_timeout = visibility_timeout
         self.poll_interval = poll_interval
-        self.idempotency = idempotency
         self.wakeup = wakeup or asyncio.Event()
         self.notify_throttle = notify_throttle
         self._woken_at = float("-inf")
         self._stamps_sender = False  # learnt from the queue's table on the first request read
-        self.stats = ConsumerStats()
         # Prometheus children looked up once: labels() per message costs more than the rest of the metric.
         self._settled = {outcome: MESSAGES.labels(queue, outcome.value) for outcome in Outcome}
         self._batch_seconds = BATCH_SECONDS.labels(queue)
 
-    # -- one message -----------------------------------------------------------------------------
+    # -- checks before any handler ---------------------------------------------------------------
 
     async def _dead(self, raw: RawMessage, reason: str, error: str) -> Outcome:
         log.warning("queue %s message %s dead-lettered (%s): %s", self.queue, raw.msg_id, reason, error)
@@ -140,35 +167,8 @@ class Consumer(Generic[M]):
             return f"reply_to {message.reply_to} but sent by {sender} (role {headers.get('sender_role')})"
         return None
 
-    async def _invoke(self, message: M, raw: RawMessage, sender: str | None) -> Outcome:
-        if self.idempotency is None:
-            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, sender=sender))
-            return Outcome.HANDLED
-        async with self.idempotency.claim(self.model.queue, message.request_id, sender or "") as claim:
-            if not claim.fresh:
-                return Outcome.DUPLICATE
-            await self.handler(Delivery(message, raw.msg_id, raw.read_ct, self.queue, claim.db, sender))
-            return Outcome.HANDLED
-
-    async def _settle_all(self, batch: list[RawMessage]) -> list[Outcome | BaseException]:
-        """Settle every message; an infrastructure failure is returned, not raised, so the rest still settle."""
-        if self.concurrency == 1:
-            results: list[Outcome | BaseException] = []
-            for raw in batch:
-                try:
-                    results.append(await self._process(raw))
-                except Exception as error:
-                    results.append(error)
-            return results
-        slots = asyncio.Semaphore(self.concurrency)
-
-        async def bounded(raw: RawMessage) -> Outcome:
-            async with slots:
-                return await self._process(raw)
-
-        return await asyncio.gather(*(bounded(raw) for raw in batch), return_exceptions=True)
-
-    async def _process(self, raw: RawMessage) -> Outcome:
+    async def _check(self, raw: RawMessage) -> _Pending[M] | Outcome:
+        """The message ready for its handler, or what became of it (dead-lettered) when it is not."""
         if raw.read_ct > self.policy.max_attempts:
             # Read more often than allowed without a verdict: earlier consumers died on it.
             return await self._dead(raw, "attempts_exhausted", f"read {raw.read_ct} times without completing")
@@ -176,64 +176,139 @@ class Consumer(Generic[M]):
             message = self.model.model_validate_json(raw.body)
         except ValidationError as error:
             return await self._dead(raw, "invalid", describe_validation_error(error))
-        sender: str | None = None
+        sender = ""
         if isinstance(message, Request):
             forged = await self._forged(message, raw)
             if forged is not None:
                 return await self._dead(raw, "forged_sender", forged)
             sender = message.reply_to
-        if message.expired():
-            return await self._dead(raw, "expired", f"deadline {message.deadline.isoformat()} passed")  # type: ignore[union-attr]
+        if message.deadline is not None and message.expired():
+            return await self._dead(raw, "expired", f"deadline {message.deadline.isoformat()} passed")
+        return _Pending(raw, message, (sender, message.request_id))
+
+    async def _failed(self, raw: RawMessage, error: Exception) -> Outcome:
+        """A handler raised: dead-letter now, retry when it says, or back off; its effects are gone."""
+        if isinstance(error, Permanent):
+            return await self._dead(raw, "permanent", error.reason)
+        reason = f"{error.__class__.__name__}: {error}"
+        if raw.read_ct >= self.policy.max_attempts:
+            return await self._dead(raw, "failed", reason)
+        delay = error.seconds if isinstance(error, RetryAfter) else self.policy.delay(raw.read_ct)
+        log.info("queue %s message %s failed (%s); retry in %.1fs", self.queue, raw.msg_id, reason, delay)
+        await self.client.set_visibility(self.queue, [raw.msg_id], delay)
+        return Outcome.RETRY
+
+    def _delivery(self, item: _Pending[M], conn: psycopg.AsyncConnection[TupleRow]) -> Delivery[M]:
+        sender = item.key[0] or None
+        return Delivery(item.message, item.raw.msg_id, item.raw.read_ct, self.queue, conn, sender)
+
+    # -- settling a batch ------------------------------------------------------------------------
+
+    async def _in_one_transaction(self, pending: Sequence[_Pending[M]], batch: _Batch) -> None:
+        """Every message of the batch in one transaction, each in a savepoint that a failure rolls back."""
+        committed: list[AfterCommit] = []
+        async with self.store.pool.connection() as conn, conn.transaction():
+            fresh = await self.store.claim(conn, self.model.queue, [item.key for item in pending])
+            first = True
+            for item in pending:
+                if item.key not in fresh:
+                    batch.outcomes[item.raw.msg_id] = Outcome.DUPLICATE  # handled before, or earlier in this batch
+                    continue
+                fresh.discard(item.key)
+                await self.store.mark(conn, first)
+                first = False
+                delivery = self._delivery(item, conn)
+                try:
+                    await self.handler(delivery)
+                except (Unavailable, psycopg.OperationalError):
+                    raise  # infrastructure: the whole batch goes back
+                except Exception as error:
+                    await self.store.undo(conn)
+                    await self.store.unclaim(conn, self.model.queue, item.key)
+                    batch.outcomes[item.raw.msg_id] = await self._failed(item.raw, error)
+                    continue
+                committed += delivery._after_commit
+                batch.outcomes[item.raw.msg_id] = Outcome.HANDLED
+        batch.callbacks += committed
+
+    async def _in_own_transaction(self, item: _Pending[M], batch: _Batch) -> None:
+        """One message in a transaction of its own (concurrent handlers)."""
         try:
-            return await self._invoke(message, raw, sender)
-        except psycopg.OperationalError:
-            raise  # infrastructure, not the message: the batch is abandoned and redelivered
-        except Exception as error:  # any handler failure is retried, then dead-lettered
-            reason = f"{error.__class__.__name__}: {error}"
-            if raw.read_ct >= self.policy.max_attempts:
-                return await self._dead(raw, "failed", reason)
-            delay = self.policy.delay(raw.read_ct)
-            log.info("queue %s message %s failed (%s); retry in %.1fs", self.queue, raw.msg_id, reason, delay)
-            await self.client.set_visibility(self.queue, [raw.msg_id], delay)
-            return Outcome.RETRY
+            async with self.store.pool.connection() as conn, conn.transaction():
+                if not await self.store.claim(conn, self.model.queue, [item.key]):
+                    batch.outcomes[item.raw.msg_id] = Outcome.DUPLICATE
+                    return
+                delivery = self._delivery(item, conn)
+                await self.handler(delivery)
+        except (Unavailable, psycopg.OperationalError):
+            raise
+        except Exception as error:
+            batch.outcomes[item.raw.msg_id] = await self._failed(item.raw, error)
+            return
+        batch.outcomes[item.raw.msg_id] = Outcome.HANDLED
+        await _run_callbacks(self.queue, delivery._after_commit)
+
+    async def _settle(self, raws: list[RawMessage], batch: _Batch) -> None:
+        pending: list[_Pending[M]] = []
+        for raw in raws:
+            checked = await self._check(raw)
+            if isinstance(checked, Outcome):
+                batch.outcomes[raw.msg_id] = checked
+            else:
+                pending.append(checked)
+        if self.concurrency == 1:
+            await self._in_one_transaction(pending, batch)
+            await _run_callbacks(self.queue, batch.callbacks)
+            return
+        slots = asyncio.Semaphore(self.concurrency)
+
+        async def bounded(item: _Pending[M]) -> None:
+            async with slots:
+                await self._in_own_transaction(item, batch)
+
+        results = await asyncio.gather(*(bounded(item) for item in pending), return_exceptions=True)
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            raise failures[0]
 
     # -- batches and the loop --------------------------------------------------------------------
 
     async def run_once(self) -> int:
         """Read one batch and settle every message in it; returns how many were read."""
-        batch = await self.client.read(self.queue, visibility_timeout=self.visibility_timeout, limit=self.batch_size)
-        if not batch:
+        raws = await self.client.read(self.queue, visibility_timeout=self.visibility_timeout, limit=self.batch_size)
+        if not raws:
             return 0
         started = time.perf_counter()
+        batch = _Batch()
         try:
-            results = await self._settle_all(batch)
+            await self._settle(raws, batch)
         except asyncio.CancelledError:
-            await asyncio.shield(self._release([raw.msg_id for raw in batch]))
+            await asyncio.shield(self._release(raws, batch))
             raise
-        settled = {
-            raw.msg_id: result for raw, result in zip(batch, results, strict=True) if isinstance(result, Outcome)
-        }
-        await self.client.archive(
-            self.queue, [i for i, outcome in settled.items() if outcome in (Outcome.HANDLED, Outcome.DUPLICATE)]
-        )
+        except (Unavailable, psycopg.OperationalError) as error:
+            # Infrastructure failed (e.g. the service database restarted): what did not settle goes back now.
+            await self._release(raws, batch)
+            raise Unavailable(f"queue {self.queue}: {error}") from error
+        finally:
+            self._record(batch)
+        handled = [i for i, outcome in batch.outcomes.items() if outcome in (Outcome.HANDLED, Outcome.DUPLICATE)]
+        await self.client.archive(self.queue, handled)
         self._batch_seconds.observe(time.perf_counter() - started)
-        for outcome, count in collections.Counter(settled.values()).items():
-            self.stats.add(outcome, count)
-            self._settled[outcome].inc(count)
-        failures = [result for result in results if isinstance(result, BaseException)]
-        if failures:
-            # Infrastructure failed (e.g. the service database restarted): hand the rest back now.
-            await self._release([raw.msg_id for raw in batch if raw.msg_id not in settled])
-            raise failures[0]
-        return len(batch)
+        return len(raws)
 
-    async def _release(self, msg_ids: list[int]) -> None:
-        """On cancellation, make unfinished messages visible again at once instead of after the timeout.
-        Messages already settled are no longer in the queue, so this touches only the unfinished ones."""
+    def _record(self, batch: _Batch) -> None:
+        for outcome, count in collections.Counter(batch.outcomes.values()).items():
+            self._settled[outcome].inc(count)
+
+    async def _release(self, raws: list[RawMessage], batch: _Batch) -> None:
+        """Make what did not settle visible again at once instead of after the timeout. A batch that did
+        not commit has settled only its dead letters and retries: its handled messages go back too."""
+        unsettled = [r.msg_id for r in raws if batch.outcomes.get(r.msg_id) not in (Outcome.DEAD, Outcome.RETRY)]
+        batch.outcomes = {i: o for i, o in batch.outcomes.items() if o in (Outcome.DEAD, Outcome.RETRY)}
         try:
-            await self.client.set_visibility(self.queue, msg_ids, 0)
-            log.info("queue %s released %d in-flight messages", self.queue, len(msg_ids))
-        except psycopg.Error as error:
+            await self.client.set_visibility(self.queue, unsettled, 0)
+            log.info("queue %s released %d in-flight messages", self.queue, len(unsettled))
+        except (Unavailable, psycopg.Error) as error:
             log.warning("could not release in-flight messages (%s); they return after their timeout", error)
 
     async def _wait_for_work(self, stop: asyncio.Event) -> None:
@@ -255,8 +330,8 @@ class Consumer(Generic[M]):
             try:
                 read = await self.run_once()
                 delay = 0.1
-            except psycopg.OperationalError as error:
-                log.warning("queue %s: database unavailable (%s); retrying", self.queue, error.__class__.__name__)
+            except Unavailable as error:
+                log.warning("queue %s: database unavailable (%s); retrying", self.queue, error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -269,3 +344,14 @@ class Consumer(Generic[M]):
                 await asyncio.sleep(max(window_closes - time.monotonic(), 0) + 0.002)
                 continue
             await self._wait_for_work(stop)
+
+
+async def _run_callbacks(queue: str, callbacks: Sequence[AfterCommit]) -> None:
+    """After-commit callbacks, in order; one that fails is logged and never undoes the message."""
+    for callback in callbacks:
+        try:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("queue %s: an after-commit callback failed", queue)

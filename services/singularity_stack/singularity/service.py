@@ -100,17 +100,20 @@ class SingularityService(Service):
     # -- replies ---------------------------------------------------------------------------------
 
     async def _on_reply(self, delivery: Delivery[Any]) -> None:
-        assert delivery.db is not None
         kind = await self.store.record_reply(delivery.db, delivery.message)
         if kind is None:
             log.warning("reply %s waits for no step (late, or not ours)", delivery.message.request_id)
             return
-        self.waiter.resolve(delivery.message)
+        # Wake the workflow only once the reply is committed: before, a rollback could leave it acting on
+        # a reply the database does not hold. If Singularity dies in between, the workflow replays on
+        # restart and finds the stored reply.
+        reply = delivery.message
+        delivery.after_commit(lambda: self.waiter.resolve(reply))
 
     def consumers(self) -> list[Consumer[Any]]:
         store = IdempotencyStore(self.db)
         return [
-            Consumer(self.queue, reply_queue(kind, self.context.instance), model, self._on_reply, idempotency=store)
+            Consumer(self.queue, reply_queue(kind, self.context.instance), model, self._on_reply, store=store)
             for kind, model in c.REPLIES.items()
         ]
 
