@@ -221,7 +221,7 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         }
         status = stacks.get("alpha")["status"]
         assert status["observedGeneration"] == 1 and status["pgmq"].startswith("1.13.0")
-        assert status["migrations"][prefix + "singularity_1"][-1] == "0003.processed-messages-sender"
+        assert status["migrations"][prefix + "singularity_1"][-1] == "0004.step-names"
         assert stacks.condition("alpha", "QueueReady")["status"] == "True"
         assert stacks.condition("alpha", "MigrationsSucceeded")["status"] == "True"
         assert stacks.condition("alpha", "Ready")["status"] == "False"  # no workload is available yet
