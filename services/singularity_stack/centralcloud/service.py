@@ -8,7 +8,6 @@ from typing import Any
 
 import psycopg
 from prometheus_client import Counter, Gauge
-from psycopg.types.json import Jsonb
 from pydantic import AliasChoices, Field
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
@@ -16,6 +15,7 @@ from starlette.routing import BaseRoute, Route
 
 from singularity_stack.centralcloud import analytics, page
 from singularity_stack.centralcloud.retention import prune_archives
+from singularity_stack.centralcloud.store import CentralCloudStore
 from singularity_stack.provision.queues import ensure_queues
 from singularity_stack.service.http import json_response
 from singularity_stack.service.runtime import Job, Service, every
@@ -49,6 +49,7 @@ class CentralCloudService(Service):
     def __init__(self, settings: CentralCloudSettings) -> None:
         super().__init__(settings)
         self.layout = StackLayout(settings.singularity_instances, settings.stack_prefix)
+        self.store = CentralCloudStore(self.db)
 
     async def on_start(self) -> None:
         created = await asyncio.to_thread(self._ensure_queues)
@@ -63,19 +64,15 @@ class CentralCloudService(Service):
     async def prune(self) -> dict[str, int]:
         days = self.settings.retention_days
         pruned = await asyncio.to_thread(prune_archives, self.settings.shared_queue_url, days)
-        async with self.db.connection() as conn:
-            for queue, count in pruned.items():
-                await conn.execute(
-                    "INSERT INTO prune_runs (retention_days, queue, pruned) VALUES (%s, %s, %s)", (days, queue, count)
-                )
-                PRUNED.labels(queue).inc(count)
+        await self.store.record_prune_run(days, pruned)
+        for queue, count in pruned.items():
+            PRUNED.labels(queue).inc(count)
         log.info("pruned archives", extra={"retention_days": days, "pruned": sum(pruned.values()), "by_queue": pruned})
         return pruned
 
     async def learn(self) -> dict[str, Any]:
         report = await asyncio.to_thread(analytics.report, self.settings.analytics_url)
-        async with self.db.connection() as conn:
-            await conn.execute("INSERT INTO analytics_reports (report) VALUES (%s)", (Jsonb(report),))
+        await self.store.add_report(report)
         return report
 
     async def observe_queues(self) -> None:
@@ -97,27 +94,15 @@ class CentralCloudService(Service):
     def api_token(self) -> str | None:
         return self.settings.api_token
 
-    async def _latest(self) -> tuple[dict[str, Any] | None, str | None]:
-        async with self.db.connection() as conn:
-            cur = await conn.execute("SELECT report, computed_at FROM analytics_reports ORDER BY id DESC LIMIT 1")
-            row = await cur.fetchone()
-        return (row[0], row[1].isoformat()) if row else (None, None)
-
     async def analytics_json(self, request: Request) -> Response:
-        report, computed_at = await self._latest()
+        report, computed_at = await self.store.latest_report()
         return json_response({"computed_at": computed_at, "report": report})
 
     async def analytics_page(self, request: Request) -> Response:
-        return HTMLResponse(page.render(*await self._latest()))
+        return HTMLResponse(page.render(*await self.store.latest_report()))
 
     async def prune_runs(self, request: Request) -> Response:
-        async with self.db.connection() as conn:
-            cur = await conn.execute(
-                "SELECT ran_at, retention_days, queue, pruned FROM prune_runs ORDER BY id DESC LIMIT 100"
-            )
-            rows = await cur.fetchall()
-        keys = ("ran_at", "retention_days", "queue", "pruned")
-        return json_response([dict(zip(keys, row, strict=True)) for row in rows])
+        return json_response(await self.store.prune_runs())
 
     def routes(self) -> list[BaseRoute]:
         return [
