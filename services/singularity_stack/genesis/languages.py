@@ -246,7 +246,3 @@ def get_language(name: str) -> Toolchain:
         return LANGUAGES[_ALIASES.get(key) or c.Language(key)]
     except (ValueError, KeyError):
         raise UnsupportedLanguage(name) from None
-
-
-# runner.py's name for a Toolchain, until its owner switches; `Language` is the contract's enum.
-Language = Toolchain

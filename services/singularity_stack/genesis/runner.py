@@ -20,7 +20,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 from singularity_stack.contract import JobStatus
-from singularity_stack.genesis.languages import Language, get_language
+from singularity_stack.genesis.languages import Toolchain, get_language
 from singularity_stack.genesis.sandbox import Limits, SandboxError, SandboxResult, run_sandboxed
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace").replace("\x00", NUL_STANDIN)
 
 
-def classify(result: SandboxResult, language: Language) -> JobStatus:
+def classify(result: SandboxResult, language: Toolchain) -> JobStatus:
     """Status of a finished sandboxed process, most specific cause first."""
     if result.output_truncated:
         return JobStatus.OUTPUT_TRUNCATED
@@ -96,7 +96,7 @@ class JobRunner:
 class _Job:
     """One job's phases and the timings they accumulate."""
 
-    def __init__(self, language: Language, code: str, limits: Limits) -> None:
+    def __init__(self, language: Toolchain, code: str, limits: Limits) -> None:
         self.language = language
         self.files = {language.source_name: code.encode("utf-8")}
         self.limits = limits
