@@ -67,8 +67,8 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 
-Handler = Callable[[Request, str], Awaitable[Response]]
-Endpoint = Callable[[Request], Awaitable[Response]]
+ReviewerHandler = Callable[[Request, str], Awaitable[Response]]  # gets the authenticated reviewer
+RouteEndpoint = Callable[[Request], Awaitable[Response]]
 
 
 class Decision(BaseModel):
@@ -271,7 +271,7 @@ class HitlWeb:
 
     # -- API ---------------------------------------------------------------------------------------
 
-    def api(self, handler: Handler) -> Endpoint:
+    def api(self, handler: ReviewerHandler) -> RouteEndpoint:
         """Authenticate (401 JSON), refuse cross-site cookie use (403), map errors to their statuses."""
 
         async def endpoint(request: Request) -> Response:
