@@ -17,9 +17,9 @@ The handler contract, owned here:
 A request is handled only when PostgreSQL vouches for its sender (the `sender` header the
 provisioner's trigger writes) and that sender is the instance its `reply_to` names.
 
-With `concurrency` 1 a batch is one transaction and each message a savepoint in it (a failing
-message rolls back alone); with more, each message has a transaction of its own, so slow handlers
-(LLM calls, code jobs) can run side by side.
+With `concurrency` 1 a batch is one transaction; a failing message rolls back alone (the batch is
+then run again with a savepoint per message). With more, each message has a transaction of its
+own, so slow handlers (LLM calls, code jobs) can run side by side.
 """
 
 from __future__ import annotations
@@ -106,6 +106,15 @@ class _Pending(Generic[M]):
 class _Batch:
     outcomes: dict[int, Outcome] = field(default_factory=dict)  # msg_id -> outcome, once settled
     callbacks: list[AfterCommit] = field(default_factory=list)  # of committed messages, in order
+
+
+class _HandlerFailed(Exception):
+    """A handler failed in a pass without savepoints: that pass must roll back whole."""
+
+    def __init__(self, msg_id: int, error: Exception) -> None:
+        super().__init__(msg_id, error)
+        self.msg_id = msg_id
+        self.error = error
 
 
 class Consumer(Generic[M]):
@@ -205,7 +214,26 @@ class Consumer(Generic[M]):
     # -- settling a batch ------------------------------------------------------------------------
 
     async def _in_one_transaction(self, pending: Sequence[_Pending[M]], batch: _Batch) -> None:
-        """Every message of the batch in one transaction, each in a savepoint that a failure rolls back."""
+        """Every message of the batch in one transaction. Handlers rarely fail, so the batch first runs
+        without savepoints (a round trip each); if one does fail, that pass rolls back whole and the batch
+        runs again with a savepoint per message (the failed one is not run again), so the failing message
+        alone is rolled back. The handlers before it thus run twice, as any handler may after a rollback:
+        delivery is at-least-once."""
+        try:
+            await self._one_pass(pending, batch, isolate=False)
+        except _HandlerFailed as failed:
+            for item in pending:
+                batch.outcomes.pop(item.raw.msg_id, None)
+            await self._one_pass(pending, batch, isolate=True, known_failure=failed)
+
+    async def _one_pass(
+        self,
+        pending: Sequence[_Pending[M]],
+        batch: _Batch,
+        *,
+        isolate: bool,
+        known_failure: _HandlerFailed | None = None,
+    ) -> None:
         committed: list[AfterCommit] = []
         async with self.store.pool.connection() as conn, conn.transaction():
             fresh = await self.store.claim(conn, self.model.queue, [item.key for item in pending])
@@ -215,14 +243,21 @@ class Consumer(Generic[M]):
                     batch.outcomes[item.raw.msg_id] = Outcome.DUPLICATE  # handled before, or earlier in this batch
                     continue
                 fresh.discard(item.key)
-                await self.store.mark(conn, first)
-                first = False
+                if known_failure is not None and item.raw.msg_id == known_failure.msg_id:
+                    await self.store.unclaim(conn, self.model.queue, item.key)
+                    batch.outcomes[item.raw.msg_id] = await self._failed(item.raw, known_failure.error)
+                    continue
+                if isolate:
+                    await self.store.mark(conn, first)
+                    first = False
                 delivery = self._delivery(item, conn)
                 try:
                     await self.handler(delivery)
                 except (Unavailable, psycopg.OperationalError):
                     raise  # infrastructure: the whole batch goes back
                 except Exception as error:
+                    if not isolate:
+                        raise _HandlerFailed(item.raw.msg_id, error) from error
                     await self.store.undo(conn)
                     await self.store.unclaim(conn, self.model.queue, item.key)
                     batch.outcomes[item.raw.msg_id] = await self._failed(item.raw, error)
