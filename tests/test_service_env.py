@@ -15,7 +15,7 @@ from singularity_stack.genesis.sandbox import PROC_ENV
 from singularity_stack.local.supervisor import SET_BY_UP_ENV, SETTINGS_ENV, Supervisor, allowed_env, plan_services
 from singularity_stack.provision.credentials import ServiceCredentials
 from singularity_stack.securefile import UnsafeFileError
-from singularity_stack.service.run import SERVICES
+from singularity_stack.service.run import ENTRYPOINTS
 
 UI_TOKEN = "ui-token-for-the-test-0123456789"
 # The services' own API tokens, given explicitly (as `up` does) so they start whichever of them need one.
@@ -70,7 +70,7 @@ def assert_shares(envs: dict[str, dict[str, str]], credentials: dict[str, Servic
 
 
 def test_the_allow_list_covers_every_setting_each_service_reads() -> None:
-    for role, (module_name, _, settings_class) in SERVICES.items():
+    for role, (module_name, _, settings_class) in ENTRYPOINTS.items():
         settings = getattr(importlib.import_module(module_name), settings_class)
         read: set[str] = {PROC_ENV} if role == "genesis" else set()
         for field in settings.model_fields.values():
@@ -79,7 +79,7 @@ def test_the_allow_list_covers_every_setting_each_service_reads() -> None:
             read |= {choice for choice in choices if isinstance(choice, str) and choice.isupper()}
         missing = read - allowed_env(role, {}) - SET_BY_UP_ENV
         assert not missing, f"add {sorted(missing)} to SETTINGS_ENV[{role!r}] in local/supervisor.py"
-    assert set(SETTINGS_ENV) == set(SERVICES)
+    assert set(SETTINGS_ENV) == set(ENTRYPOINTS)
 
 
 def test_the_plan_gives_each_service_only_its_share(tmp_path: Path) -> None:

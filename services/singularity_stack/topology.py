@@ -13,7 +13,7 @@ from functools import cached_property
 
 from singularity_stack.contract import REPLIES, REQUESTS
 
-SERVICES = ("centralcloud", "genesis", "nexus")
+SHARED_SERVICES = ("centralcloud", "genesis", "nexus")  # one each per stack, beside the N instances
 SHARED_QUEUE = "shared_queue"
 ANALYTICS = "centralcloud_analytics"
 DLQ_SUFFIX = "_dlq"
@@ -87,7 +87,7 @@ class StackLayout:
     @cached_property
     def owners(self) -> tuple[str, ...]:
         """Logical names that own a private database: the services and each instance."""
-        return (*SERVICES, *self.instance_ids)
+        return (*SHARED_SERVICES, *self.instance_ids)
 
     def role(self, logical: str) -> str:
         return self.prefix + logical

@@ -11,7 +11,7 @@ from singularity_stack.service.logs import configure_logging
 from singularity_stack.service.runtime import Service
 
 # service → (module, Service class, Settings class); imported lazily: only the chosen one loads.
-SERVICES = {
+ENTRYPOINTS = {
     "singularity": ("singularity_stack.singularity.service", "SingularityService", "SingularitySettings"),
     "nexus": ("singularity_stack.nexus.service", "NexusService", "NexusSettings"),
     "genesis": ("singularity_stack.genesis.service", "GenesisService", "GenesisSettings"),
@@ -22,7 +22,7 @@ SERVICES = {
 def build_service(name: str) -> Service:
     # litellm fetches its model price list from the network on import unless told not to.
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    module_name, service_class, settings_class = SERVICES[name]
+    module_name, service_class, settings_class = ENTRYPOINTS[name]
     module = importlib.import_module(module_name)
     settings = getattr(module, settings_class)()
     configure_logging(name, settings.log_level)
