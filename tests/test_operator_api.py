@@ -73,6 +73,13 @@ def test_condition_transition_time_changes_only_with_status():
     assert flipped[0]["lastTransitionTime"] == "2026-01-01T00:09:00Z"
 
 
+def test_a_condition_without_a_transition_time_gets_one():
+    # written by hand (kubectl edit --subresource status), say: the reconcile must not fail on it
+    previous = [{"type": cond.DATABASES, "status": "False", "reason": "Waiting"}]
+    merged = cond.merge(previous, [cond.Verdict(cond.DATABASES, False, "Waiting")], 1, at="2026-01-01T00:00:00Z")
+    assert merged[0]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+
+
 def test_ready_summarises_the_parts():
     parts = [cond.Verdict(t, True, "Ok") for t in cond.PARTS]
     assert cond.summary(parts).ok is True

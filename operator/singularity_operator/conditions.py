@@ -45,14 +45,18 @@ def merge(
     merged = []
     for verdict in verdicts:
         before = old.get(verdict.type)
-        changed = before is None or before.get("status") != verdict.status
+        if before is None or before.get("status") != verdict.status:
+            transition = at
+        else:
+            # a condition without a transition time (written by hand, say) gets one now
+            transition = before.get("lastTransitionTime") or at
         merged.append(
             {
                 "type": verdict.type,
                 "status": verdict.status,
                 "reason": verdict.reason,
                 "message": verdict.message,
-                "lastTransitionTime": at if changed else before["lastTransitionTime"],
+                "lastTransitionTime": transition,
                 "observedGeneration": generation,
             }
         )

@@ -52,7 +52,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 def model_schema(model: type[api.Model]) -> dict[str, Any]:
     schema = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(schema, schema.get("$defs", {}))
+    structural: dict[str, Any] = _structural(schema, schema.get("$defs", {}))
+    return structural
 
 
 def build_crd() -> dict[str, Any]:
