@@ -12,11 +12,11 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 InstanceId = Annotated[str, StringConstraints(pattern=r"^singularity_[1-9][0-9]{0,3}$")]
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
@@ -225,6 +225,10 @@ def build(kind: str, data: Any) -> Message:
         raise InvalidMessage(kind, describe_validation_error(error)) from error
 
 
+# forged_sender: a request whose sender PostgreSQL does not vouch for as its `reply_to`.
+DeadLetterReason = Literal["invalid", "forged_sender", "permanent", "failed", "expired", "attempts_exhausted"]
+
+
 class DeadLetter(BaseModel):
     """What a dead-letter queue holds: the original message untouched, and why it ended there."""
 
@@ -233,8 +237,7 @@ class DeadLetter(BaseModel):
     source_queue: str
     source_msg_id: int
     attempts: int
-    # forged_sender: a request whose sender PostgreSQL does not vouch for as its `reply_to`.
-    reason: Literal["invalid", "forged_sender", "permanent", "failed", "expired", "attempts_exhausted"]
+    reason: DeadLetterReason
     error: str
     message: Any
     headers: dict[str, Any] | None = None

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.rows import TupleRow
 
-from singularity_stack.contract import DeadLetter, Message, Reply
+from singularity_stack.contract import DeadLetter, DeadLetterReason, Message, Reply
 from singularity_stack.sharedqueue.errors import Unavailable
 from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.topology import dead_letter_queue, reply_queue
@@ -161,7 +161,7 @@ class SharedQueue:
                 (queue, list(msg_ids), seconds),
             )
 
-    async def dead_letter(self, queue: str, raw: RawMessage, reason: str, error: str) -> int:
+    async def dead_letter(self, queue: str, raw: RawMessage, reason: DeadLetterReason, error: str) -> int:
         """Move a message to `<queue>_dlq` with the reason, atomically: it is never in both or neither."""
         try:
             original: Any = json.loads(raw.body)
@@ -171,7 +171,7 @@ class SharedQueue:
             source_queue=queue,
             source_msg_id=raw.msg_id,
             attempts=raw.read_ct,
-            reason=reason,  # type: ignore[arg-type]
+            reason=reason,
             error=error,
             message=original,
             headers=raw.headers,

@@ -39,7 +39,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from pydantic import ValidationError
 
-from singularity_stack.contract import Message, Request, describe_validation_error
+from singularity_stack.contract import DeadLetterReason, Message, Request, describe_validation_error
 from singularity_stack.sharedqueue.client import RawMessage, SharedQueue
 from singularity_stack.sharedqueue.errors import Permanent, RetryAfter, Unavailable
 from singularity_stack.sharedqueue.idempotency import IdempotencyStore, Key
@@ -60,7 +60,7 @@ class RetryPolicy:
     max_delay: float = 300.0
 
     def delay(self, attempt: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * 2 ** max(attempt - 1, 0))
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** max(attempt - 1, 0))
         return ceiling * (0.5 + random.random() / 2)
 
 
@@ -156,7 +156,7 @@ class Consumer(Generic[M]):
 
     # -- checks before any handler ---------------------------------------------------------------
 
-    async def _dead(self, raw: RawMessage, reason: str, error: str) -> Outcome:
+    async def _dead(self, raw: RawMessage, reason: DeadLetterReason, error: str) -> Outcome:
         log.warning("queue %s message %s dead-lettered (%s): %s", self.queue, raw.msg_id, reason, error)
         await self.client.dead_letter(self.queue, raw, reason, error)
         return Outcome.DEAD
