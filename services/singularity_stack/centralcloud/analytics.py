@@ -29,7 +29,7 @@ def _archives_of(conn: psycopg.Connection, kind: str) -> sql.Composable:
     return sql.SQL("(") + sql.SQL(" UNION ALL ").join(parts) + sql.SQL(")")
 
 
-def _rows(conn: psycopg.Connection, query: sql.Composable) -> list[dict[str, Any]]:
+def _rows(conn: psycopg.Connection, query: sql.Composed) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(query)
         return cur.fetchall()

@@ -55,9 +55,9 @@ def ensure_pgmq(conn: psycopg.Connection, prefer: Method | None = None) -> PgmqI
     available = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq'").fetchone()
     if available and prefer != "sql":
         conn.execute("CREATE EXTENSION pgmq")
-        version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'").fetchone()
+        extension = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'").fetchone()
         conn.commit()
-        return PgmqInstall("extension", version[0] if version else "unknown", True)
+        return PgmqInstall("extension", extension[0] if extension else "unknown", True)
     version = get_embedded_sql_version()
     conn.commit()
     install_pgmq_sql(get_embedded_install_sql(), conn=conn)

@@ -17,11 +17,11 @@ from singularity_stack.topology import Access, Grant, StackLayout
 PGMQ_CATALOG = ("meta", "notify_insert_throttle", "topic_bindings")
 
 
-def _table(prefix: str, queue: str) -> sql.Composable:
+def _table(prefix: str, queue: str) -> sql.Identifier:
     return sql.Identifier("pgmq", f"{prefix}_{queue}")
 
 
-def grant_statements(grant: Grant, role: str) -> list[sql.Composable]:
+def grant_statements(grant: Grant, role: str) -> list[sql.Composed]:
     who = sql.Identifier(role)
     queue, archive = _table("q", grant.queue), _table("a", grant.queue)
     if grant.access is Access.SEND:
@@ -36,12 +36,12 @@ def grant_statements(grant: Grant, role: str) -> list[sql.Composable]:
     ]
 
 
-def schema_statements(layout: StackLayout) -> list[sql.Composable]:
+def schema_statements(layout: StackLayout) -> list[sql.Composed]:
     """Schema-level privileges: everyone may use pgmq; only CentralCloud may create queues in it."""
     owner = sql.Identifier(layout.role("centralcloud"))
     senders = [layout.role(r) for r in ("genesis", "nexus", *layout.instance_ids)]
     everyone = [layout.role(r) for r in layout.owners] + [layout.analytics_role]
-    statements: list[sql.Composable] = [
+    statements: list[sql.Composed] = [
         sql.SQL("GRANT USAGE ON SCHEMA pgmq TO {}").format(sql.SQL(", ").join(map(sql.Identifier, everyone))),
         sql.SQL("GRANT CREATE ON SCHEMA pgmq TO {}").format(owner),
     ]
@@ -61,9 +61,9 @@ def schema_statements(layout: StackLayout) -> list[sql.Composable]:
     return statements
 
 
-def queue_statements(layout: StackLayout) -> list[sql.Composable]:
+def queue_statements(layout: StackLayout) -> list[sql.Composed]:
     """Per-queue privileges for every grant of the layout, plus read-only archives for analytics."""
-    statements: list[sql.Composable] = []
+    statements: list[sql.Composed] = []
     for grant in layout.grants:
         statements += grant_statements(grant, layout.role(grant.role))
     analytics = sql.Identifier(layout.analytics_role)

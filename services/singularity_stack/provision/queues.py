@@ -85,7 +85,9 @@ def ensure_queues(conn: psycopg.Connection, layout: StackLayout) -> list[str]:
     """Create missing queues (with insert notifications on the work queues), (re)apply the queue
     privileges and the sender stamps; returns the queues created. The caller commits."""
     existing = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.meta")}
-    notifying = dict(conn.execute("SELECT queue_name, throttle_interval_ms FROM pgmq.notify_insert_throttle"))
+    notifying: dict[str, int] = dict(
+        conn.execute("SELECT queue_name, throttle_interval_ms FROM pgmq.notify_insert_throttle")
+    )
     created = []
     for queue in layout.queues:
         if queue not in existing:
