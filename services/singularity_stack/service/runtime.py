@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,7 +29,7 @@ from singularity_stack.sharedqueue import Consumer, NotifyListener, SharedQueue
 from singularity_stack.sharedqueue.pool import connection_pool
 
 log = logging.getLogger(__name__)
-Job = Callable[[asyncio.Event], Awaitable[None]]
+Job = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 # Served to anyone who reaches the service by an allowed host name: probes and Prometheus carry no token.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 

@@ -135,7 +135,8 @@ class TaskStore:
         step waits for it (it came after the step's deadline, or belongs to no task of this instance)."""
         cost = reply.cost_usd if isinstance(reply, c.LlmResult) else 0
         model = reply.model if isinstance(reply, c.LlmResult) else None
-        failed = isinstance(reply, c.LlmResult) and reply.error is not None
+        error = reply.error if isinstance(reply, c.LlmResult) else None
+        failed = error is not None
         cur = await db.execute(
             "UPDATE steps SET state = %s, reply = %s, model = %s, cost_usd = %s, error = %s, finished_at = now() "
             "WHERE request_id = %s AND state = 'waiting' RETURNING task_id, kind",
@@ -144,7 +145,7 @@ class TaskStore:
                 Jsonb(json.loads(reply.model_dump_json())),
                 model,
                 cost,
-                reply.error if failed else None,  # type: ignore[union-attr]
+                error,
                 reply.request_id,
             ),
         )

@@ -216,13 +216,13 @@ class TaskRun:
         files = "".join(f"\n--- {path} ---\n{content}" for path, content in self.files.items())
         vague = ambiguity(self.description)
         if vague:
-            answer = await self.question(
+            clarification = await self.question(
                 "specification",
                 "clarify",
                 f"Could you say more about what this task should do? ({vague})",
                 f"Task: {self.description}",
             )
-            brief = f"{self.description}\nClarification from a human: {answer.response}"
+            brief = f"{self.description}\nClarification from a human: {clarification.response}"
 
         spec = await self.llm(
             "specification", "specification", "planning", f"Write a short specification for: {brief}{files}"
