@@ -180,8 +180,8 @@ class HitlStore:
         if row is not None:
             await self.audit(conn, request.request_id, "received", "system", {"queue": request.queue})
             return row
-        cur = await conn.execute("SELECT instance FROM hitl_requests WHERE request_id = %s", (request.request_id,))
-        held = await cur.fetchone()
+        lookup = await conn.execute("SELECT instance FROM hitl_requests WHERE request_id = %s", (request.request_id,))
+        held = await lookup.fetchone()
         if held is not None and held[0] != instance:
             # Reviewers address requests by id alone: another instance's request under this id must
             # neither be dropped as a duplicate nor share its answer. It fails, and is dead-lettered.

@@ -22,14 +22,17 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 # litellm fetches its price map from the internet at import unless told otherwise; Nexus must start offline.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+import httpx
 import litellm
+from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler, HTTPHandler
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
+from litellm.types.llms.custom_llm import CustomLLMItem
 from litellm.types.utils import ModelResponse
 
 from singularity_stack.nexus.complexity import Messages, message_role, message_text, normalize_task_type
@@ -48,7 +51,8 @@ class OfflineModelError(CustomLLMError):
     """The failure FAIL_MARKER asks for; 503 so litellm treats it as a retryable provider outage."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(status_code=503, message=message)
+        # CustomLLMError.__init__ is unannotated (a super() call, which untyped_calls_exclude cannot name)
+        super().__init__(status_code=503, message=message)  # type: ignore[no-untyped-call]
 
 
 def prompt_digest(messages: Messages) -> str:
@@ -141,17 +145,55 @@ def _task_type(litellm_params: Mapping[str, Any] | None) -> str:
 
 
 class OfflineModel(CustomLLM):
-    """litellm calls these with keyword arguments only (see litellm.main._complete_custom_providers)."""
+    """litellm calls these with keyword arguments only (see litellm.main._complete_custom_providers); the
+    signatures are CustomLLM's, of which the offline model reads the messages and the task type in
+    `litellm_params`."""
 
-    def completion(self, model: str, messages: list[Any], **kwargs: Any) -> ModelResponse:
-        return offline_response(_task_type(kwargs.get("litellm_params")), messages)
+    def completion(
+        self,
+        model: str,
+        messages: list[Any],
+        api_base: str,
+        custom_prompt_dict: dict[Any, Any],
+        model_response: ModelResponse,
+        print_verbose: Callable[..., Any],
+        encoding: Any,
+        api_key: Any,
+        logging_obj: Any,
+        optional_params: dict[Any, Any],
+        acompletion: Any = None,
+        litellm_params: Any = None,
+        logger_fn: Any = None,
+        headers: Any = None,
+        timeout: float | httpx.Timeout | None = None,
+        client: HTTPHandler | None = None,
+    ) -> ModelResponse:
+        return offline_response(_task_type(litellm_params), messages)
 
-    async def acompletion(self, model: str, messages: list[Any], **kwargs: Any) -> ModelResponse:
-        return offline_response(_task_type(kwargs.get("litellm_params")), messages)
+    async def acompletion(
+        self,
+        model: str,
+        messages: list[Any],
+        api_base: str,
+        custom_prompt_dict: dict[Any, Any],
+        model_response: ModelResponse,
+        print_verbose: Callable[..., Any],
+        encoding: Any,
+        api_key: Any,
+        logging_obj: Any,
+        optional_params: dict[Any, Any],
+        acompletion: Any = None,
+        litellm_params: Any = None,
+        logger_fn: Any = None,
+        headers: Any = None,
+        timeout: float | httpx.Timeout | None = None,
+        client: AsyncHTTPHandler | None = None,
+    ) -> ModelResponse:
+        return offline_response(_task_type(litellm_params), messages)
 
 
 def register_offline_provider() -> None:
     """Make "offline/..." model strings reach OfflineModel; idempotent."""
     if not any(item.get("provider") == OFFLINE_PROVIDER for item in litellm.custom_provider_map):
-        entry = {"provider": OFFLINE_PROVIDER, "custom_handler": OfflineModel()}
+        entry: CustomLLMItem = {"provider": OFFLINE_PROVIDER, "custom_handler": OfflineModel()}
         litellm.custom_provider_map = [*litellm.custom_provider_map, entry]

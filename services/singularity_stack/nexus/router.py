@@ -19,7 +19,7 @@ from typing import Any, Literal
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
-from litellm import Router
+from litellm.router import Router
 from pydantic import BaseModel, ConfigDict, Field
 
 from singularity_stack.contract import ChatMessage, Complexity

@@ -129,7 +129,8 @@ class TaskRoute(BaseModel):
         return data
 
     def chain(self, complexity: Complexity) -> tuple[str, ...] | None:
-        return getattr(self, complexity.value)
+        chain: tuple[str, ...] | None = getattr(self, complexity.value)
+        return chain
 
 
 class RouterSettings(BaseModel):
