@@ -89,9 +89,10 @@ class Toolchain:
 def _find_ruff() -> str | None:
     """ruff ships as a Python package whose binary sits next to the interpreter of the service's venv."""
     try:
-        import ruff  # type: ignore[import-untyped]
+        import ruff
 
-        return os.path.realpath(ruff.find_ruff_bin())
+        binary: str = ruff.find_ruff_bin()
+        return os.path.realpath(binary)
     except (ImportError, FileNotFoundError, AttributeError):
         pass
     candidate = shutil.which("ruff") or shutil.which("ruff", path=os.path.dirname(sys.executable))

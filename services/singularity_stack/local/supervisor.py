@@ -216,7 +216,7 @@ def restart_delay(crashes_in_a_row: int) -> float:
     """Seconds to wait before restarting a service that died after ``crashes_in_a_row`` short runs."""
     if crashes_in_a_row <= 0:
         return 0.0
-    return min(RESTART_BACKOFF_S * 2 ** (crashes_in_a_row - 1), MAX_RESTART_BACKOFF_S)
+    return min(RESTART_BACKOFF_S * 2.0 ** (crashes_in_a_row - 1), MAX_RESTART_BACKOFF_S)
 
 
 @dataclass
