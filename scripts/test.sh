@@ -13,6 +13,8 @@ scripts/build-kubernetes.sh
 export SINGULARITY_REQUIRE_KUBE=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# Types: mypy strict (pydantic plugin) over singularity_stack and singularity_operator, [tool.mypy] in pyproject.toml.
+.venv/bin/mypy
 # The layers (services independent, the operator on the shared foundation only, no test support in
 # production code): the contracts in pyproject.toml's [tool.importlinter].
 .venv/bin/lint-imports --no-cache
