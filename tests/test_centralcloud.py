@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
 import pytest
+from psycopg import sql
+from yoyo import get_backend, read_migrations
+from yoyo.migrations import MigrationList
 
 from singularity_stack import contract as c
 from singularity_stack.centralcloud.service import CentralCloudService, CentralCloudSettings
+from singularity_stack.provision.migrations import MIGRATIONS_ROOT, apply_migrations
 from singularity_stack.sharedqueue import Consumer, Delivery
 
 API_TOKEN = "centralcloud-test-api-token"
@@ -77,8 +83,53 @@ async def test_prune_removes_only_archives_older_than_retention(sq, central):
     assert pruned == {"job_requests": 3}
     assert sq.owner_query("SELECT count(*) FROM pgmq.a_job_requests") == [(2,)]
     runs = (await client.get("/prune-runs")).json()
-    assert [(r["queue"], r["pruned"], r["retention_days"]) for r in runs] == [("job_requests", 3, 30)]
+    assert (runs[0]["pruned"], runs[0]["by_queue"], runs[0]["retention_days"]) == (3, {"job_requests": 3}, 30)
     assert await service.prune() == {}  # nothing left to prune
+
+
+async def test_every_prune_run_is_recorded_even_one_that_pruned_nothing(sq, central):
+    service, client = central
+    while not (await client.get("/prune-runs")).json():  # the run at start, with nothing to prune
+        await asyncio.sleep(0.05)
+    assert await service.prune() == {}
+    assert await service.prune() == {}
+    runs = (await client.get("/prune-runs")).json()
+    assert [(r["pruned"], r["by_queue"], r["retention_days"]) for r in runs] == [(0, {}, 30)] * 3
+    assert [r["ran_at"] for r in runs] == sorted((r["ran_at"] for r in runs), reverse=True)
+
+
+def test_the_migration_makes_each_old_prune_run_one_row(pg_cluster, admin_dsn):
+    """Before 0003 a run was one row per queue it pruned (one transaction: one ran_at); each becomes one run."""
+    name = f"cc_migration_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = pg_cluster.dsn(name)
+    try:
+        backend = get_backend(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            every = read_migrations(str(MIGRATIONS_ROOT / "centralcloud"))
+            with backend.lock():
+                backend.apply_migrations(MigrationList([m for m in every if m.id < "0003"]))
+        finally:
+            backend.connection.close()
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO prune_runs (ran_at, retention_days, queue, pruned) VALUES"
+                " ('2026-11-01T00:00Z', 30, 'job_requests', 3), ('2026-11-01T00:00Z', 30, 'llm_requests', 2),"
+                " ('2026-11-02T00:00Z', 30, 'job_requests', 1)"
+            )
+        apply_migrations("centralcloud", url)
+        with psycopg.connect(url) as conn:
+            runs = conn.execute("SELECT id, ran_at::date::text, retention_days, pruned FROM prune_runs ORDER BY id")
+            rows = [tuple(r) for r in runs]
+            queues = conn.execute("SELECT run_id, queue, pruned FROM prune_run_queues ORDER BY run_id, queue")
+            by_queue = [tuple(r) for r in queues]
+        assert [r[1:] for r in rows] == [("2026-11-01", 30, 5), ("2026-11-02", 30, 1)]
+        first, second = rows[0][0], rows[1][0]
+        assert by_queue == [(first, "job_requests", 3), (first, "llm_requests", 2), (second, "job_requests", 1)]
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 async def settle(consumer: Consumer) -> None:

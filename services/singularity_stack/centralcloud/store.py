@@ -13,21 +13,34 @@ class CentralCloudStore:
         self.pool = pool
 
     async def record_prune_run(self, retention_days: int, pruned: dict[str, int]) -> None:
-        """One row per queue pruned, in one transaction."""
+        """One row for the run, even when it pruned nothing, and one per queue it pruned, in one transaction."""
         async with self.pool.connection() as conn, conn.transaction():
-            for queue, count in pruned.items():
-                await conn.execute(
-                    "INSERT INTO prune_runs (retention_days, queue, pruned) VALUES (%s, %s, %s)",
-                    (retention_days, queue, count),
+            cur = await conn.execute(
+                "INSERT INTO prune_runs (retention_days, pruned) VALUES (%s, %s) RETURNING id",
+                (retention_days, sum(pruned.values())),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            async with conn.cursor() as queues:
+                await queues.executemany(
+                    "INSERT INTO prune_run_queues (run_id, queue, pruned) VALUES (%s, %s, %s)",
+                    [(row[0], queue, count) for queue, count in pruned.items() if count],
                 )
 
     async def prune_runs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest runs first: when, the retention, how many archived messages in all and per queue."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT ran_at, retention_days, queue, pruned FROM prune_runs ORDER BY id DESC LIMIT %s", (limit,)
+                """
+                SELECT r.ran_at, r.retention_days, r.pruned,
+                       coalesce((SELECT jsonb_object_agg(q.queue, q.pruned ORDER BY q.queue)
+                                 FROM prune_run_queues q WHERE q.run_id = r.id), '{}'::jsonb)
+                FROM prune_runs r ORDER BY r.id DESC LIMIT %s
+                """,
+                (limit,),
             )
             rows = await cur.fetchall()
-        keys = ("ran_at", "retention_days", "queue", "pruned")
+        keys = ("ran_at", "retention_days", "pruned", "by_queue")
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     async def add_report(self, report: dict[str, Any]) -> None:
