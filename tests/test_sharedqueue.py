@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import uuid
@@ -280,7 +281,7 @@ async def test_cancelled_consumer_makes_in_flight_messages_visible_at_once(sq, s
     with pytest.raises(asyncio.CancelledError):
         await task
     again = await nexus.read("llm_requests", visibility_timeout=30, limit=10)  # not after an hour: now
-    assert [(m.msg_id, m.read_ct) for m in again] == [(msg_id, 2)]
+    assert [(m.msg_id, m.read_ct) for m in again] == [(msg_id, 1)]  # and the cancelled read was given back
 
 
 async def test_metrics_show_depth_and_age(sq):
@@ -465,10 +466,11 @@ async def test_infrastructure_trouble_hands_the_batch_back_and_counts_against_no
         raise Unavailable("shared queue: connection refused")
 
     consumer = Consumer(nexus, "llm_requests", c.LlmRequest, shared_queue_down, store=store, policy=FAST_RETRY)
-    for _ in range(FAST_RETRY.max_attempts):
+    for _ in range(FAST_RETRY.max_attempts + 2):  # more rounds than the message has attempts
         with pytest.raises(Unavailable):
             await consumer.run_once()
-    assert sq.owner_query("SELECT msg_id, vt <= now() FROM pgmq.q_llm_requests") == [(msg_id, True)]  # back at once
+    # back at once, with every read given back
+    assert sq.owner_query("SELECT msg_id, vt <= now(), read_ct FROM pgmq.q_llm_requests") == [(msg_id, True, 0)]
     assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests_dlq") == [(0,)]
     assert service_rows(sq, "SELECT count(*) FROM processed_messages") == [(0,)]
 
@@ -511,3 +513,74 @@ async def test_a_process_killed_between_commit_and_callback_loses_nothing(sq, st
     await settle(Consumer(await sq.queue("nexus"), "llm_requests", c.LlmRequest, handle, store=store), sq)
     assert handled == []  # a duplicate: archived, not handled again
     assert sq.owner_query("SELECT read_ct FROM pgmq.a_llm_requests") == [(2,)]
+
+
+async def test_a_handler_that_swallows_a_database_error_has_failed(sq, store):
+    """Its transaction is aborted: committing would silently drop the claims and effects of the whole batch."""
+    singularity = await sq.queue("singularity_1")
+    await singularity.publish_batch([llm_request(agent_id=a) for a in ("first", "swallows", "last")])
+    nexus = await sq.queue("nexus")
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        await effect(delivery, delivery.message.agent_id)
+        if delivery.message.agent_id == "swallows":
+            with contextlib.suppress(psycopg.errors.UniqueViolation):
+                await effect(delivery, "again")  # the same primary key
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store, batch_size=3, policy=FAST_RETRY)
+    assert await consumer.run_once() == 3
+    assert service_rows(sq, "SELECT note FROM effects ORDER BY note") == [("first",), ("last",)]
+    assert sq.owner_query("SELECT message->>'agent_id' FROM pgmq.a_llm_requests ORDER BY 1") == [("first",), ("last",)]
+    assert sq.owner_query("SELECT message->>'agent_id' FROM pgmq.q_llm_requests") == [("swallows",)]  # retried
+
+
+async def test_a_statement_failing_on_a_live_connection_is_the_messages_failure(sq, store):
+    """A timeout, a deadlock or a constraint is not the database being away: retried, never 'Unavailable'."""
+    await (await sq.queue("singularity_1")).publish(llm_request())
+    nexus = await sq.queue("nexus")
+
+    async def slow_query(delivery: Delivery[c.LlmRequest]) -> None:
+        await delivery.db.execute("SET LOCAL statement_timeout = 10")
+        await delivery.db.execute("SELECT pg_sleep(1)")  # QueryCanceled, an OperationalError
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, slow_query, store=store, policy=FAST_RETRY)
+    await settle(consumer, sq)
+    [(letter,)] = sq.owner_query("SELECT message FROM pgmq.q_llm_requests_dlq")
+    assert (letter["reason"], letter["attempts"]) == ("failed", 3)
+    assert "QueryCanceled" in letter["error"]
+
+
+async def test_a_fault_in_the_consumer_itself_does_not_stop_it(sq, store, monkeypatch):
+    await (await sq.queue("singularity_1")).publish(llm_request())
+    nexus = await sq.queue("nexus")
+    handled = asyncio.Event()
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        handled.set()
+
+    real_claim, failures = store.claim, [RuntimeError("a bug of ours, once")]
+
+    async def claim_failing_once(*args):
+        if failures:
+            raise failures.pop()
+        return await real_claim(*args)
+
+    monkeypatch.setattr(store, "claim", claim_failing_once)
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(
+        Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store, poll_interval=0.05).run(stop)
+    )
+    await asyncio.wait_for(handled.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(consuming, 10)
+    assert sq.owner_query("SELECT read_ct FROM pgmq.a_llm_requests") == [(1,)]  # the failed round cost nothing
+
+
+async def test_a_retried_dead_letter_move_writes_one_letter(sq):
+    """A move whose commit succeeded but whose answer was lost is retried: it must not send a second letter."""
+    await (await sq.queue("singularity_1")).publish(llm_request())
+    nexus = await sq.queue("nexus")
+    [raw] = await nexus.read("llm_requests", visibility_timeout=30, limit=1)
+    assert await nexus.dead_letter("llm_requests", raw, "invalid", "first") is not None
+    assert await nexus.dead_letter("llm_requests", raw, "invalid", "again") is None
+    assert sq.owner_query("SELECT message->>'error' FROM pgmq.q_llm_requests_dlq") == [("first",)]

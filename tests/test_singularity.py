@@ -455,3 +455,18 @@ async def test_health_readiness_and_metrics(world):
     not_ready = await client.get("/readyz")
     assert not_ready.status_code == 503
     assert "database" in not_ready.json()["problems"]
+
+
+async def test_a_reply_whose_wake_up_was_lost_is_found_in_the_database(world, monkeypatch):
+    """The reply consumer wakes the workflow after its commit; a process can lose that wake-up (the commit's
+    answer never came back, so the redelivery was a duplicate). The stored reply is found all the same."""
+    from singularity_stack.singularity import workflow
+
+    monkeypatch.setattr(workflow, "REPLY_RECHECK_SECONDS", 0.2)
+    _, start = world
+    service, client = await start()
+    monkeypatch.setattr(service.waiter, "resolve", lambda reply: None)  # every wake-up lost
+    task_id = await submit(client, "Write a program that prints a friendly greeting")
+    task = await wait_for_state(client, task_id, timeout=60)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    assert len(task["steps"]) == 7  # every reply came from the database

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 from singularity_stack.contract import DeadLetter, DeadLetterReason, Message, Reply
@@ -110,7 +111,7 @@ class SharedQueue:
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 2.0)
 
-    async def _rows(self, query: str, params: Sequence[Any]) -> list[TupleRow]:
+    async def _rows(self, query: str | sql.Composed, params: Sequence[Any]) -> list[TupleRow]:
         async def run(conn: psycopg.AsyncConnection[TupleRow]) -> list[TupleRow]:
             cur = await conn.execute(query, params)
             return await cur.fetchall()
@@ -153,6 +154,19 @@ class SharedQueue:
         rows = await self._rows("SELECT * FROM pgmq.archive(%s, %s::bigint[])", (queue, list(msg_ids)))
         return {int(r[0]) for r in rows}
 
+    async def give_back(self, queue: str, msg_ids: Sequence[int]) -> None:
+        """Make messages visible at once and undo the read that handed them out (pgmq counts every read in
+        `read_ct`, which the consumer takes for attempts): for messages a consumer could not settle through
+        no fault of theirs. A reader may update its queue's table, as pgmq.read itself does."""
+        if msg_ids:
+            await self._rows(
+                sql.SQL(
+                    "UPDATE pgmq.{} SET vt = clock_timestamp(), read_ct = greatest(read_ct - 1, 0) "
+                    "WHERE msg_id = ANY(%s::bigint[]) RETURNING msg_id"
+                ).format(sql.Identifier(f"q_{queue}")),
+                (list(msg_ids),),
+            )
+
     async def set_visibility(self, queue: str, msg_ids: Sequence[int], seconds: float) -> None:
         """Make messages visible again after `seconds` (0: at once). Used for back-off and release."""
         if msg_ids:
@@ -161,7 +175,7 @@ class SharedQueue:
                 (queue, list(msg_ids), seconds),
             )
 
-    async def dead_letter(self, queue: str, raw: RawMessage, reason: DeadLetterReason, error: str) -> int:
+    async def dead_letter(self, queue: str, raw: RawMessage, reason: DeadLetterReason, error: str) -> int | None:
         """Move a message to `<queue>_dlq` with the reason, atomically: it is never in both or neither."""
         try:
             original: Any = json.loads(raw.body)
@@ -178,13 +192,18 @@ class SharedQueue:
             enqueued_at=raw.enqueued_at,
         )
 
-        async def move(conn: psycopg.AsyncConnection[TupleRow]) -> int:
+        async def move(conn: psycopg.AsyncConnection[TupleRow]) -> int | None:
+            # Delete first: a move retried after its commit's answer was lost finds nothing to delete and
+            # sends no second dead letter.
             async with conn.transaction():
+                cur = await conn.execute("SELECT pgmq.delete(%s, %s::bigint)", (queue, raw.msg_id))
+                deleted = await cur.fetchone()
+                if not (deleted and deleted[0]):
+                    return None
                 cur = await conn.execute(
                     "SELECT * FROM pgmq.send(%s, %s::jsonb)", (dead_letter_queue(queue), letter.model_dump_json())
                 )
                 row = await cur.fetchone()
-                await conn.execute("SELECT pgmq.delete(%s, %s::bigint)", (queue, raw.msg_id))
             assert row is not None
             return int(row[0])
 

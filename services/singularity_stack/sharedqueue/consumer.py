@@ -76,7 +76,7 @@ class Delivery(Generic[M]):
     queue: str
     db: psycopg.AsyncConnection[TupleRow]
     sender: str | None = None
-    _after_commit: list[AfterCommit] = field(default_factory=list, repr=False)
+    _after_commit: list[AfterCommit] = field(default_factory=list, repr=False, compare=False, hash=False)
 
     def after_commit(self, callback: AfterCommit) -> None:
         """Run `callback` (plain or async) once this message's claim and effects have committed."""
@@ -253,9 +253,10 @@ class Consumer(Generic[M]):
                 delivery = self._delivery(item, conn)
                 try:
                     await self.handler(delivery)
-                except (Unavailable, psycopg.OperationalError):
-                    raise  # infrastructure: the whole batch goes back
+                    _raise_if_aborted(conn)
                 except Exception as error:
+                    if _infrastructure(error, conn):
+                        raise  # the whole batch goes back
                     if not isolate:
                         raise _HandlerFailed(item.raw.msg_id, error) from error
                     await self.store.undo(conn)
@@ -268,6 +269,7 @@ class Consumer(Generic[M]):
 
     async def _in_own_transaction(self, item: _Pending[M], batch: _Batch) -> None:
         """One message in a transaction of its own (concurrent handlers)."""
+        conn: psycopg.AsyncConnection[TupleRow] | None = None
         try:
             async with self.store.pool.connection() as conn, conn.transaction():
                 if not await self.store.claim(conn, self.model.queue, [item.key]):
@@ -275,9 +277,10 @@ class Consumer(Generic[M]):
                     return
                 delivery = self._delivery(item, conn)
                 await self.handler(delivery)
-        except (Unavailable, psycopg.OperationalError):
-            raise
+                _raise_if_aborted(conn)
         except Exception as error:
+            if conn is None or _infrastructure(error, conn):
+                raise
             batch.outcomes[item.raw.msg_id] = await self._failed(item.raw, error)
             return
         batch.outcomes[item.raw.msg_id] = Outcome.HANDLED
@@ -324,6 +327,9 @@ class Consumer(Generic[M]):
             # Infrastructure failed (e.g. the service database restarted): what did not settle goes back now.
             await self._release(raws, batch)
             raise Unavailable(f"queue {self.queue}: {error}") from error
+        except Exception:
+            await self._release(raws, batch)  # a fault of ours, not the messages': they go back, uncharged
+            raise
         finally:
             self._record(batch)
         handled = [i for i, outcome in batch.outcomes.items() if outcome in (Outcome.HANDLED, Outcome.DUPLICATE)]
@@ -336,12 +342,14 @@ class Consumer(Generic[M]):
             self._settled[outcome].inc(count)
 
     async def _release(self, raws: list[RawMessage], batch: _Batch) -> None:
-        """Make what did not settle visible again at once instead of after the timeout. A batch that did
-        not commit has settled only its dead letters and retries: its handled messages go back too."""
+        """Make what did not settle visible again at once instead of after the timeout, and give back the
+        read it cost: trouble that was not the message's (a database away, a shutdown) never uses up its
+        attempts. A batch that did not commit has settled only its dead letters and retries: its handled
+        messages go back too."""
         unsettled = [r.msg_id for r in raws if batch.outcomes.get(r.msg_id) not in (Outcome.DEAD, Outcome.RETRY)]
         batch.outcomes = {i: o for i, o in batch.outcomes.items() if o in (Outcome.DEAD, Outcome.RETRY)}
         try:
-            await self.client.set_visibility(self.queue, unsettled, 0)
+            await self.client.give_back(self.queue, unsettled)
             log.info("queue %s released %d in-flight messages", self.queue, len(unsettled))
         except (Unavailable, psycopg.Error) as error:
             log.warning("could not release in-flight messages (%s); they return after their timeout", error)
@@ -370,6 +378,12 @@ class Consumer(Generic[M]):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            except Exception:
+                # Never let one bad batch stop consuming for good: log it, back off, read again.
+                log.exception("queue %s: a batch failed; retrying", self.queue)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
             if read >= self.batch_size:
                 continue
             # Inserts within the notify throttle after a notification send none of their own: make
@@ -390,3 +404,20 @@ async def _run_callbacks(queue: str, callbacks: Sequence[AfterCommit]) -> None:
                 await result
         except Exception:
             log.exception("queue %s: an after-commit callback failed", queue)
+
+
+def _infrastructure(error: BaseException, conn: psycopg.AsyncConnection[TupleRow]) -> bool:
+    """Trouble with the database itself, not the message: the connection is gone. A statement that failed
+    on a live connection (a timeout, a deadlock, a constraint) is the message's failure."""
+    return isinstance(error, Unavailable) or (isinstance(error, psycopg.OperationalError) and conn.broken)
+
+
+def _raise_if_aborted(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+    """A handler that swallowed a database error left the transaction aborted: COMMIT would silently roll
+    back the claim and every effect of the batch. That is the handler's failure."""
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+        raise HandlerLeftTransactionAborted("the handler swallowed a database error; its transaction was aborted")
+
+
+class HandlerLeftTransactionAborted(Exception):
+    """The handler returned, but a statement of its failed and the transaction cannot commit."""

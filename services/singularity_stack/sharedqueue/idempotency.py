@@ -32,6 +32,7 @@ class IdempotencyStore:
         """Record every key not seen before, in `conn`'s transaction; returns those (the fresh ones)."""
         if not keys:
             return set()
+        keys = sorted(keys)  # one lock order for every consumer: two claiming the same keys cannot deadlock
         cur = await conn.execute(
             "INSERT INTO processed_messages (queue, sender, request_id) "
             "SELECT %s, sender, request_id FROM unnest(%s::text[], %s::uuid[]) AS k(sender, request_id) "

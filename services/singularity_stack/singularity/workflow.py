@@ -73,6 +73,10 @@ class Context:
     limits: TaskLimits
 
 
+# How often a step waiting for its reply also looks for it in the database (see _step).
+REPLY_RECHECK_SECONDS = 5.0
+
+
 class TaskRun:
     def __init__(self, ctx: Context, task: dict[str, Any]) -> None:
         self.ctx = ctx
@@ -112,9 +116,23 @@ class TaskRun:
                 self.ctx.waiter.forget(request.request_id)
                 return REPLY_MODEL[kind].model_validate(again.reply)
         remaining = (request.deadline - datetime.now(UTC)).total_seconds() if request.deadline else timeout
-        try:
-            reply = await asyncio.wait_for(future, timeout=max(remaining, 0.001))
-        except TimeoutError:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + max(remaining, 0.001)
+        while True:
+            try:
+                # The reply consumer wakes us after its commit; if that wake-up was lost (the commit's answer
+                # never came back, so the redelivery was a duplicate) the stored reply is found here instead.
+                wait = min(REPLY_RECHECK_SECONDS, max(give_up - loop.time(), 0.001))
+                reply = await asyncio.wait_for(asyncio.shield(future), timeout=wait)
+                break
+            except TimeoutError:
+                stored = await store.step(self.task_id, phase, name)
+                if stored is not None and stored.state == "done":
+                    self.ctx.waiter.forget(request.request_id)
+                    reply = REPLY_MODEL[kind].model_validate(stored.reply)
+                    break
+                if loop.time() < give_up:
+                    continue
             self.ctx.waiter.forget(request.request_id)
             error = f"no {kind} reply within {timeout:g}s (deadline {request.deadline:%Y-%m-%d %H:%M:%S} UTC)"
             await store.fail_step(request.request_id, "expired", error)
