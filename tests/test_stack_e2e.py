@@ -168,10 +168,10 @@ def test_task_approved_in_the_browser_completes_with_its_steps_and_cost(live_sta
     ]
     assert all(s["state"] == "done" for s in task["steps"])
     assert task["models_used"] == ["offline"]
-    assert task["cost_usd"] > 0
+    assert task["cost_usd"] == 0  # the offline stand-in is free
     job = next(s for s in task["steps"] if s["kind"] == "job")
     assert job["reply"]["status"] == "ok"
-    assert task["result"]["output"].startswith("offline stand-in for code_generation")
+    assert task["result"]["output"] == "Hello, world!\n"
 
 
 def test_rejected_task_fails_with_the_reviewers_reason(live_stack):
@@ -202,6 +202,46 @@ def test_ambiguous_task_asks_a_question_then_goes_on(live_stack):
     task = wait_task(live_stack, "singularity_1", task_id, finished)
     assert task["state"] == "succeeded"
     assert task["steps"][0]["kind"] == "question"
+
+
+# What only a program in that language looks like (the offline model's programs; Genesis ran each as the task's
+# language, so a program in another language would have failed its syntax check).
+LANGUAGE_MARKERS = {
+    "python": 'if __name__ == "__main__":',
+    "javascript": "console.log(",
+    "bash": "#!/usr/bin/env bash",
+    "elixir": "IO.puts(",
+}
+
+
+@pytest.mark.parametrize("language", sorted(LANGUAGE_MARKERS))
+def test_a_task_in_each_language_succeeds_offline_at_no_cost(live_stack, language):
+    agent = f"e2e-lang-{language}"
+    task_id = submit(
+        live_stack,
+        "singularity_2",
+        "Write a program that prints a friendly greeting",
+        language=language,
+        agent_id=agent,
+    )
+    card = pending_card(live_stack, "approval", agent)
+    source_name = {"python": "main.py", "javascript": "main.js", "bash": "main.sh", "elixir": "main.exs"}[language]
+    assert card["file_path"] == source_name
+    with live_stack.nexus_api() as api:
+        decided = api.post(f"/api/approvals/{card['request_id']}", json={"approved": True, "reason": ""})
+        assert decided.status_code == 200, decided.text
+    task = wait_task(live_stack, "singularity_2", task_id, finished)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    # No fix round was needed: the first program passed Genesis's syntax check and lint.
+    assert [s["name"] for s in task["steps"] if s["kind"] == "job"] == ["validate-round-1"]
+    (job,) = [s for s in task["steps"] if s["kind"] == "job"]
+    assert job["reply"]["status"] == "ok" and job["reply"]["lint"] == [], job["reply"]
+    assert task["models_used"] == ["offline"] and task["cost_usd"] == 0
+    result = task["result"]
+    assert result["file_path"] == source_name
+    assert LANGUAGE_MARKERS[language] in result["code"]
+    assert "offline stand-in" in result["code"].lower()
+    assert result["output"] == "Hello, world!\n"
 
 
 def test_two_instances_at_once_never_cross_replies(live_stack):

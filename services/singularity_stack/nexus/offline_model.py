@@ -6,14 +6,18 @@ they come from an offline stand-in: the text starts with "[offline stand-in]", t
 "offline/deterministic" and its system_fingerprint is "offline-stand-in".
 
 - Code-producing task types (CODE_TASK_TYPES: code_generation, coder, refactoring) get a short explanation
-  and exactly one fenced python block: a small valid program that prints a stable digest of the prompt, so
-  the Singularity workflow can extract it and have Genesis run it. `pseudocode` is not among them: its
-  answer is meant to be read, not executed.
+  and exactly one fenced block with a small valid program in the language the prompt asks for (python,
+  javascript, bash or elixir: Singularity's "Language: <lang>." system message, see `requested_language`),
+  which does what the task's keywords ask (a greeting, FizzBuzz, primes, Fibonacci, the alphabet) or else
+  prints which task it stands in for; it passes Genesis's syntax checks and linters and exits 0, so the
+  Singularity workflow can extract it and have Genesis run it. `pseudocode` is not among them: its answer
+  is meant to be read, not executed.
 - Every other task type gets one plain sentence quoting the task type and the start of the last user message.
 - A last user message containing FAIL_MARKER ("[offline:fail]") makes the call fail (a 503), so retries and
   fallbacks can be tested without a network.
 
-Token counts are word counts, so `litellm.completion_cost` prices a reply deterministically.
+Token counts are word counts, so `litellm.completion_cost` prices a reply deterministically; the default
+routing prices the offline model at 0 per token, because it is free.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.llms.custom_llm import CustomLLMItem
 from litellm.types.utils import ModelResponse
 
+from singularity_stack.contract import Language
 from singularity_stack.nexus.complexity import Messages, message_role, message_text, normalize_task_type
 
 OFFLINE_PROVIDER = "offline"
@@ -73,43 +78,218 @@ def offline_reply(task_type: str, messages: Messages) -> str:
     digest = prompt_digest(messages)
     request = _excerpt(last_user_text(messages))
     if task in CODE_TASK_TYPES:
-        return _code_reply(task, request, digest)
+        return _code_reply(task, requested_language(messages), requested_task(messages), digest)
     return (
         f"[offline stand-in] Deterministic answer for task_type {task!r}: no LLM provider was available for this "
         f'request, so this is a placeholder. The request begins: "{request}" (prompt {digest}).'
     )
 
 
-def _code_reply(task: str, request: str, digest: str) -> str:
-    # Every value reaches the program through repr(), so the program is valid Python whatever the prompt says.
-    program = "\n".join(
-        [
-            f'"""Offline stand-in program ({OFFLINE_MODEL}) for prompt {digest}."""',
-            "",
-            f"TASK_TYPE = {task!r}",
-            f"REQUEST = {request!r}",
-            f"PROMPT_DIGEST = {digest!r}",
-            "",
-            "",
-            "def main() -> None:",
-            '    print(f"offline stand-in for {TASK_TYPE}: prompt {PROMPT_DIGEST}")',
-            "",
-            "",
-            'if __name__ == "__main__":',
-            "    main()",
-        ]
+# -- which language, which task --------------------------------------------------------------------------
+
+# Singularity's workflow says "Language: <lang>." in its system message and "Write the complete <lang>
+# program ..." / "This <lang> code fails ..." in the user message; other callers may only name it.
+_LANGUAGE_LINE = re.compile(r"\blanguage:\s*([a-z0-9_+-]+)", re.IGNORECASE)
+_LANGUAGE_WORD = re.compile(r"\b(python3?|javascript|node|bash|elixir)\b", re.IGNORECASE)
+_LANGUAGE_ALIASES = {
+    "python3": Language.PYTHON,
+    "js": Language.JAVASCRIPT,
+    "node": Language.JAVASCRIPT,
+    "sh": Language.BASH,
+}
+# "Task: ..." in the code prompt, and "# Task: ..." / "// Task: ..." in an offline program quoted by a fix prompt.
+_TASK_LINE = re.compile(r"^[ \t]*(?:#|//)?[ \t]*Task:[ \t]*(\S.*)$", re.MULTILINE)
+_CLARIFICATION_LINE = re.compile(r"^[ \t]*Clarification from a human:[ \t]*(\S.*)$", re.MULTILINE)
+
+
+def _language_named(name: str) -> Language | None:
+    key = name.strip().lower()
+    if key in _LANGUAGE_ALIASES:
+        return _LANGUAGE_ALIASES[key]
+    try:
+        return Language(key)
+    except ValueError:
+        return None
+
+
+def requested_language(messages: Messages) -> Language:
+    """The language the prompt asks for: a "Language: X" line in any message, else the first language the last
+    user message names, else python."""
+    for message in messages:
+        for match in _LANGUAGE_LINE.finditer(message_text(message)):
+            language = _language_named(match.group(1))
+            if language is not None:
+                return language
+    for match in _LANGUAGE_WORD.finditer(last_user_text(messages)):
+        language = _language_named(match.group(1))
+        if language is not None:
+            return language
+    return Language.PYTHON
+
+
+def requested_task(messages: Messages) -> str:
+    """What the program should do: the "Task:" line of the last user message (with a human's clarification),
+    else the whole last user message; one printable line of at most EXCERPT_LENGTH characters."""
+    text = last_user_text(messages)
+    task = _TASK_LINE.search(text)
+    wanted = task.group(1) if task else text
+    clarification = _CLARIFICATION_LINE.search(text)
+    if clarification and clarification.group(1) not in wanted:
+        wanted = f"{wanted} {clarification.group(1)}"
+    return _excerpt(wanted)
+
+
+# -- the programs --------------------------------------------------------------------------------------
+
+# What a task asks for, by keywords (first match wins), and what the program then does. Anything else gets
+# a program that says which task it stands in for.
+_INTENTS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("fizzbuzz", re.compile(r"fizz\s*buzz", re.IGNORECASE), "prints FizzBuzz from 1 to 15"),
+    ("primes", re.compile(r"\bprimes?\b", re.IGNORECASE), "prints the prime numbers below 50"),
+    ("fibonacci", re.compile(r"fibonacci", re.IGNORECASE), "prints the first 10 Fibonacci numbers"),
+    ("alphabet", re.compile(r"\balphabet\b", re.IGNORECASE), "prints the alphabet"),
+    ("greeting", re.compile(r"\b(greet\w*|hello|welcome)\b", re.IGNORECASE), "prints a greeting"),
+)
+GREETING = "Hello, world!"
+
+_PROGRAMS: dict[str, dict[Language, str]] = {
+    "greeting": {
+        Language.PYTHON: 'def main() -> None:\n    print(GREETING)\n\n\nif __name__ == "__main__":\n    main()\n',
+        Language.JAVASCRIPT: "function main() {\n  console.log(GREETING);\n}\n\nmain();\n",
+        Language.BASH: "main() {\n  printf '%s\\n' GREETING\n}\n\nmain \"$@\"\n",
+        Language.ELIXIR: "defmodule OfflineStandIn do\n  def main do\n    IO.puts(GREETING)\n  end\nend\n\n"
+        "OfflineStandIn.main()\n",
+    },
+    "fizzbuzz": {
+        Language.PYTHON: "def fizzbuzz(n: int) -> str:\n"
+        '    if n % 15 == 0:\n        return "FizzBuzz"\n'
+        '    if n % 3 == 0:\n        return "Fizz"\n'
+        '    if n % 5 == 0:\n        return "Buzz"\n'
+        "    return str(n)\n\n\n"
+        "def main() -> None:\n    for n in range(1, 16):\n        print(fizzbuzz(n))\n\n\n"
+        'if __name__ == "__main__":\n    main()\n',
+        Language.JAVASCRIPT: "function fizzbuzz(n) {\n"
+        '  if (n % 15 === 0) return "FizzBuzz";\n'
+        '  if (n % 3 === 0) return "Fizz";\n'
+        '  if (n % 5 === 0) return "Buzz";\n'
+        "  return String(n);\n}\n\n"
+        "for (let n = 1; n <= 15; n++) {\n  console.log(fizzbuzz(n));\n}\n",
+        Language.BASH: "for ((n = 1; n <= 15; n++)); do\n"
+        '  if ((n % 15 == 0)); then\n    echo "FizzBuzz"\n'
+        '  elif ((n % 3 == 0)); then\n    echo "Fizz"\n'
+        '  elif ((n % 5 == 0)); then\n    echo "Buzz"\n'
+        '  else\n    echo "$n"\n  fi\ndone\n',
+        Language.ELIXIR: "Enum.each(1..15, fn n ->\n  cond do\n"
+        '    rem(n, 15) == 0 -> IO.puts("FizzBuzz")\n'
+        '    rem(n, 3) == 0 -> IO.puts("Fizz")\n'
+        '    rem(n, 5) == 0 -> IO.puts("Buzz")\n'
+        "    true -> IO.puts(Integer.to_string(n))\n  end\nend)\n",
+    },
+    "primes": {
+        Language.PYTHON: "def is_prime(n: int) -> bool:\n"
+        "    return n > 1 and all(n % d for d in range(2, int(n**0.5) + 1))\n\n\n"
+        "def main() -> None:\n"
+        '    print(" ".join(str(n) for n in range(50) if is_prime(n)))\n\n\n'
+        'if __name__ == "__main__":\n    main()\n',
+        Language.JAVASCRIPT: "function isPrime(n) {\n  if (n < 2) return false;\n"
+        "  for (let d = 2; d * d <= n; d++) {\n    if (n % d === 0) return false;\n  }\n  return true;\n}\n\n"
+        "const primes = [];\nfor (let n = 0; n < 50; n++) {\n  if (isPrime(n)) primes.push(n);\n}\n"
+        'console.log(primes.join(" "));\n',
+        Language.BASH: "primes=()\nfor ((n = 2; n < 50; n++)); do\n  prime=1\n"
+        "  for ((d = 2; d * d <= n; d++)); do\n    if ((n % d == 0)); then\n      prime=0\n      break\n"
+        '    fi\n  done\n  if ((prime)); then\n    primes+=("$n")\n  fi\ndone\n'
+        'echo "${primes[*]}"\n',
+        Language.ELIXIR: "2..49\n"
+        "|> Enum.filter(fn n -> Enum.count(1..n, fn d -> rem(n, d) == 0 end) == 2 end)\n"
+        '|> Enum.join(" ")\n|> IO.puts()\n',
+    },
+    "fibonacci": {
+        Language.PYTHON: "def fibonacci(count: int) -> list[int]:\n    numbers = []\n    a, b = 0, 1\n"
+        "    for _ in range(count):\n        numbers.append(a)\n        a, b = b, a + b\n    return numbers\n\n\n"
+        'def main() -> None:\n    print(" ".join(str(n) for n in fibonacci(10)))\n\n\n'
+        'if __name__ == "__main__":\n    main()\n',
+        Language.JAVASCRIPT: "const numbers = [];\nlet a = 0;\nlet b = 1;\nfor (let i = 0; i < 10; i++) {\n"
+        "  numbers.push(a);\n  [a, b] = [b, a + b];\n}\n"
+        'console.log(numbers.join(" "));\n',
+        Language.BASH: "numbers=()\na=0\nb=1\nfor ((i = 0; i < 10; i++)); do\n"
+        '  numbers+=("$a")\n  next=$((a + b))\n  a=$b\n  b=$next\ndone\n'
+        'echo "${numbers[*]}"\n',
+        Language.ELIXIR: "{0, 1}\n"
+        "|> Stream.unfold(fn {a, b} -> {a, {b, a + b}} end)\n"
+        '|> Enum.take(10)\n|> Enum.join(" ")\n|> IO.puts()\n',
+    },
+    "alphabet": {
+        Language.PYTHON: "import string\n\n\ndef main() -> None:\n    print(string.ascii_lowercase)\n\n\n"
+        'if __name__ == "__main__":\n    main()\n',
+        Language.JAVASCRIPT: "const letters = Array.from({ length: 26 }, (_, i) => String.fromCharCode(97 + i));\n"
+        'console.log(letters.join(""));\n',
+        Language.BASH: "letters=$(printf '%s' {a..z})\nprintf '%s\\n' \"$letters\"\n",
+        Language.ELIXIR: "?a..?z\n|> Enum.to_list()\n|> List.to_string()\n|> IO.puts()\n",
+    },
+    "fallback": {
+        Language.PYTHON: 'def main() -> None:\n    print(MESSAGE)\n\n\nif __name__ == "__main__":\n    main()\n',
+        Language.JAVASCRIPT: "function main() {\n  console.log(MESSAGE);\n}\n\nmain();\n",
+        Language.BASH: "main() {\n  printf '%s\\n' MESSAGE\n}\n\nmain \"$@\"\n",
+        Language.ELIXIR: "defmodule OfflineStandIn do\n  def main do\n    IO.puts(MESSAGE)\n  end\nend\n\n"
+        "OfflineStandIn.main()\n",
+    },
+}
+_COMMENT = {Language.PYTHON: "#", Language.JAVASCRIPT: "//", Language.BASH: "#", Language.ELIXIR: "#"}
+_SHEBANG = {Language.BASH: "#!/usr/bin/env bash"}
+
+
+def fallback_message(task: str) -> str:
+    """What the program for a task the offline model does not recognise prints."""
+    return f"offline stand-in: no LLM provider was available to write a program for: {task}"
+
+
+def string_literal(language: Language, text: str) -> str:
+    """`text` as a string literal of `language` that means exactly `text` (no interpolation, no escapes)."""
+    if language is Language.PYTHON:
+        return repr(text)
+    if language is Language.JAVASCRIPT:
+        return json.dumps(text, ensure_ascii=True)
+    if language is Language.BASH:
+        # ANSI-C quoting: nothing in it expands, and shellcheck does not take a $ in it for a mistake (SC2016).
+        return "$'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("#", "\\#")
+    return f'"{escaped}"'
+
+
+def offline_program(language: Language, task: str, digest: str) -> tuple[str, str]:
+    """The offline program for `task` in `language`, and what it does, in words."""
+    intent, does = next(
+        ((name, does) for name, pattern, does in _INTENTS if pattern.search(task)),
+        ("fallback", "prints which task it stands in for"),
     )
+    body = (
+        _PROGRAMS[intent][language]
+        .replace("GREETING", string_literal(language, GREETING))
+        .replace("MESSAGE", string_literal(language, fallback_message(task)))
+    )
+    comment = _COMMENT[language]
+    header = [
+        *([_SHEBANG[language]] if language in _SHEBANG else []),
+        f"{comment} Offline stand-in program ({OFFLINE_MODEL}), not a real solution; prompt {digest}.",
+        f"{comment} Task: {task}",
+    ]
+    return "\n".join(header) + "\n\n" + body, does
+
+
+def _code_reply(task_type: str, language: Language, task: str, digest: str) -> str:
+    program, does = offline_program(language, task, digest)
     return (
-        f"[offline stand-in] Deterministic answer for task_type {task!r}: no LLM provider was available for this "
-        f"request, so this is a placeholder, not a real solution. The program below prints the prompt digest "
-        f"({digest}).\n\n"
-        f"```python\n{program}\n```\n"
+        f"[offline stand-in] Deterministic answer for task_type {task_type!r}: no LLM provider was available for "
+        f"this request, so this is a placeholder, not a real solution. The {language} program below {does} "
+        f"(prompt {digest}).\n\n"
+        f"```{language}\n{program}```\n"
     )
 
 
 def _excerpt(text: str) -> str:
-    # One line, and no backticks: the excerpt is quoted inside a fenced block, which a ``` would end early.
-    flat = re.sub(r"\s+", " ", text).strip().replace("`", "'")
+    # One printable line, and no backticks: the excerpt is quoted inside a fenced block, which a ``` would end
+    # early, and in a one-line comment of the program, which a line break would end.
+    flat = "".join(ch for ch in re.sub(r"\s+", " ", text) if ch.isprintable()).strip().replace("`", "'")
     return flat if len(flat) <= EXCERPT_LENGTH else flat[: EXCERPT_LENGTH - 1] + "…"
 
 
