@@ -364,3 +364,38 @@ def test_nul_in_the_login_form_is_a_4xx(nexus: LiveService) -> None:
             f"{nexus.url}/login", content=form, headers={"Content-Type": "application/x-www-form-urlencoded"}
         )
         assert 400 <= response.status_code < 500, response.text
+
+
+# -- careless input ----------------------------------------------------------------------------------
+
+
+def test_blank_text_is_refused_naming_the_field(stack, singularity: LiveService) -> None:
+    before = task_count(stack)
+    for body, field in (
+        ({"description": "   "}, "description"),
+        ({"description": ""}, "description"),
+        ({"description": "\n\t "}, "description"),
+        ({"description": "work", "agent_id": "  "}, "agent_id"),
+        ({"description": "work", "files": {" ": "print(1)"}}, "files"),
+    ):
+        response = httpx.post(f"{singularity.url}/tasks", json=body, headers=bearer(SINGULARITY_TOKEN))
+        assert_json_error(response, 422, field)
+        assert "blank" in response.json()["error"] or body["description"] == "", response.json()
+    assert task_count(stack) == before
+    kept = httpx.post(
+        f"{singularity.url}/tasks",
+        json={"description": " padded work ", "files": {"a.py": ""}},
+        headers=bearer(SINGULARITY_TOKEN),
+    )
+    assert kept.status_code == 202, kept.text  # text with words around spaces, and an empty file, are fine
+
+
+@pytest.mark.parametrize("name", ["singularity", "nexus", "centralcloud", "genesis"])
+def test_unknown_routes_and_methods_are_answered_in_json(request, name: str) -> None:
+    service: LiveService = request.getfixturevalue(name)
+    token = {"singularity": SINGULARITY_TOKEN, "centralcloud": CENTRALCLOUD_TOKEN, "nexus": NEXUS_TOKEN}.get(name, "-")
+    missing = httpx.get(f"{service.url}/no/such/route", headers=bearer(token))
+    assert_json_error(missing, 404, "path")
+    wrong = httpx.post(f"{service.url}/healthz", json={}, headers=bearer(token))
+    assert_json_error(wrong, 405, "POST")
+    assert "GET" in wrong.headers["allow"]

@@ -11,12 +11,15 @@ import sys
 import threading
 from pathlib import Path
 
+import psycopg
+
 from singularity_stack.nexus.reviewers import ReviewerFile, ReviewersError
 from singularity_stack.nexus.routing_config import RoutingConfigError
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.migrations import applied_migrations
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError, ProvisionResult
 from singularity_stack.securefile import UnsafeFileError, private_dir, read_private, write_private
+from singularity_stack.service.settings import SettingsError
 from singularity_stack.topology import StackLayout
 
 
@@ -63,7 +66,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_migrations(args: argparse.Namespace) -> int:
-    applied = applied_migrations(args.database_url)
+    try:
+        applied = applied_migrations(args.database_url)
+    except psycopg.Error as error:
+        reason = " ".join(str(error).split())  # psycopg's message spans lines
+        print(f"error: cannot read the migrations (--database-url): {reason}", file=sys.stderr)
+        return 2
     for migration_id in applied:
         print(migration_id)
     if not applied:
@@ -295,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.func(args))
-    except (ProvisionError, UnsafeFileError, RoutingConfigError, ReviewersError) as error:
+    except (ProvisionError, UnsafeFileError, RoutingConfigError, ReviewersError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -45,7 +45,7 @@ from singularity_stack.nexus.hitl import RESYNC, Event, Hitl, HitlError
 from singularity_stack.nexus.reviewers import SHARED_IDENTITY, Reviewers
 from singularity_stack.service.guard import FormRoute
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
-from singularity_stack.service.text import StorableText
+from singularity_stack.service.text import RequiredText, StorableText
 from singularity_stack.sharedqueue import Unavailable
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Decision(BaseModel):
 
 class Answer(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    response: Annotated[StorableText, Field(min_length=1, max_length=100_000)]
+    response: Annotated[RequiredText, Field(max_length=100_000)]
 
 
 # -- authentication ---------------------------------------------------------------------------------

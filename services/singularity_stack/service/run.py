@@ -6,9 +6,12 @@ import importlib
 import os
 
 import uvicorn
+from pydantic import ValidationError
 
+from singularity_stack.contract import describe_validation_error
 from singularity_stack.service.logs import configure_logging
 from singularity_stack.service.runtime import Service
+from singularity_stack.service.settings import SettingsError
 
 # service → (module, Service class, Settings class); imported lazily: only the chosen one loads.
 ENTRYPOINTS = {
@@ -24,7 +27,10 @@ def build_service(name: str) -> Service:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     module_name, service_class, settings_class = ENTRYPOINTS[name]
     module = importlib.import_module(module_name)
-    settings = getattr(module, settings_class)()
+    try:
+        settings = getattr(module, settings_class)()
+    except ValidationError as error:
+        raise SettingsError(f"{name} cannot start, check its environment: {describe_validation_error(error)}") from None
     configure_logging(name, settings.log_level)
     service: Service = getattr(module, service_class)(settings)
     return service

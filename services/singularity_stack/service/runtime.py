@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,6 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from singularity_stack.service.body_limit import BodyLimit
 from singularity_stack.service.guard import FormRoute, GuardPolicy, RequestGuard
+from singularity_stack.service.http import error_response
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, NotifyListener, SharedQueue
 from singularity_stack.sharedqueue.pool import connection_pool
@@ -32,6 +34,24 @@ log = logging.getLogger(__name__)
 Job = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 # Served to anyone who reaches the service by an allowed host name: probes and Prometheus carry no token.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, a method the route does not take) as JSON, like every answer."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        reason = "path: no such route"
+    elif exc.status_code == 405:
+        reason = f"method: {request.method} is not allowed here"
+    else:
+        reason = exc.detail
+    response = error_response(exc.status_code, reason)
+    response.headers.update(exc.headers or {})  # 405's Allow
+    return response
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_response(500, "internal error")
 
 
 async def every(seconds: float, stop: asyncio.Event, work: Callable[[], Awaitable[Any]], name: str) -> None:
@@ -165,4 +185,9 @@ class Service:
             Middleware(RequestGuard, policy=policy),
             Middleware(BodyLimit, max_bytes=self.settings.max_body_bytes),
         ]
-        return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+        return Starlette(
+            routes=routes,
+            middleware=middleware,
+            lifespan=lifespan,
+            exception_handlers={HTTPException: http_error, Exception: server_error},
+        )

@@ -11,6 +11,10 @@ from singularity_stack.service.body_limit import DEFAULT_MAX_BODY_BYTES
 DEFAULT_ALLOWED_HOSTS = "localhost,127.0.0.1,::1"
 
 
+class SettingsError(Exception):
+    """A service's environment is missing or wrong: one line naming each variable at fault."""
+
+
 class ServiceSettings(BaseSettings):
     """Settings every service reads. Each service extends this with its own."""
 

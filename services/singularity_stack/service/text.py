@@ -3,7 +3,8 @@
 PostgreSQL's text and jsonb refuse U+0000, and a lone surrogate (JSON allows "\\ud800") cannot be
 encoded as UTF-8 at all; either would fail deep in a handler as a 500 or a lost message. Refused at
 the door instead, the client gets a 422 naming the field. Every other character, control characters
-included, is stored faithfully.
+included, is stored faithfully. `RequiredText` is for the fields that must say something: blank text
+(empty, or only whitespace) is refused there too, with a 422 naming the field.
 """
 
 from __future__ import annotations
@@ -24,3 +25,12 @@ def storable(value: str) -> str:
 
 
 StorableText = Annotated[str, AfterValidator(storable)]
+
+
+def not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    return value
+
+
+RequiredText = Annotated[StorableText, AfterValidator(not_blank)]

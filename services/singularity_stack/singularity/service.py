@@ -17,7 +17,7 @@ from singularity_stack import contract as c
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
 from singularity_stack.service.runtime import Service
 from singularity_stack.service.settings import ServiceSettings
-from singularity_stack.service.text import StorableText
+from singularity_stack.service.text import RequiredText, StorableText
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
 from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
@@ -59,10 +59,10 @@ class SingularitySettings(ServiceSettings):
 
 class NewTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    description: StorableText = Field(min_length=1, max_length=20_000)
-    files: dict[StorableText, StorableText] = Field(default_factory=dict, max_length=50)
+    description: RequiredText = Field(max_length=20_000)
+    files: dict[RequiredText, StorableText] = Field(default_factory=dict, max_length=50)
     language: c.Language = c.Language.PYTHON
-    agent_id: StorableText = Field("default-agent", min_length=1, max_length=200)
+    agent_id: RequiredText = Field("default-agent", max_length=200)
 
 
 class SingularityService(Service):
