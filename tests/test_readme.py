@@ -15,3 +15,21 @@ def test_the_readme_points_at_nothing_outside_the_repository() -> None:
         if target.startswith(("http://", "https://", "#")):
             continue
         assert (ROOT / target.split("#")[0]).exists(), target
+
+
+def code_lines() -> list[str]:
+    lines, inside = [], False
+    for line in README.splitlines():
+        if line.startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def test_every_example_calls_the_command_where_setup_installs_it() -> None:
+    """`singularity-stack` is in .venv/bin, not on PATH: a bare one in an example is `command not found`."""
+    examples = [line for line in code_lines() if re.search(r"(?<![\w/.-])singularity-stack\s", line)]
+    assert examples == [], examples
+    assert sum(".venv/bin/singularity-stack " in line for line in code_lines()) >= 6
+    assert "source .venv/bin/activate" in README
