@@ -30,7 +30,7 @@ def start(state_dir, instances: int) -> tuple[subprocess.Popen, str]:
         if not line:
             break
         output.append(line)
-        if "the stack is up" in line:
+        if "press Ctrl-C" in line:
             return process, "".join(output)
     process.kill()
     raise AssertionError("stack did not come up:\n" + "".join(output))

@@ -6,9 +6,7 @@ import argparse
 import logging
 import os
 import secrets
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import psycopg
@@ -18,7 +16,7 @@ from singularity_stack.nexus.routing_config import RoutingConfigError
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.migrations import applied_migrations
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError, ProvisionResult
-from singularity_stack.securefile import UnsafeFileError, private_dir, read_private, write_private
+from singularity_stack.securefile import UnsafeFileError, read_private, write_private
 from singularity_stack.service.settings import SettingsError
 from singularity_stack.topology import StackLayout
 
@@ -120,91 +118,9 @@ def cmd_reviewers(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from singularity_stack.local.supervisor import Supervisor, plan_services, write_state
-    from singularity_stack.postgres.cluster import LocalCluster
+    from singularity_stack.local.up import run_up
 
-    # Not resolved: a symlink planted at the state directory's name must be refused, not followed.
-    state = private_dir(args.state_dir.absolute())
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
-    cluster = None
-    admin_dsn = args.admin_dsn
-    if not admin_dsn:
-        port_file = state / "postgres-port"
-        port = int(port_file.read_text()) if port_file.exists() else None
-        cluster = LocalCluster(state / "postgres", port=port)
-        if cluster.account:  # the server's own account must pass through to its data directory
-            private_dir(state, traverse_gid=cluster.account.pw_gid)
-        print(
-            f"[1/3] starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
-            f"in {cluster.datadir} on port {cluster.port}",
-            flush=True,
-        )
-        cluster.start()
-        port_file.write_text(str(cluster.port))
-        admin_dsn = cluster.dsn()
-    supervisor = None
-    try:
-        credentials_file = state / "credentials.json"
-        print("[2/3] provisioning the databases, roles and queues:", flush=True)
-        result = _provision(admin_dsn, args.singularity_instances, credentials_file)
-        print(f"  pgmq {result.pgmq.version} ({result.pgmq.method}); credentials in {credentials_file} (0600)")
-        if args.no_services:
-            for name, entry in result.credentials.items():
-                print(f"{name:>16}  DATABASE_URL={entry.database_url}")
-        else:
-            print("[3/3] starting the services:", flush=True)
-            token = _ui_token(state)
-            api_tokens = {role: _state_token(state, *names) for role, names in API_TOKENS.items()}
-            reviewers_file = state / "reviewers.json"
-            ReviewerFile(reviewers_file).ensure()
-            extra_env = {role: {API_TOKENS[role][0]: value} for role, value in api_tokens.items()}
-            services = plan_services(
-                result.credentials,
-                state,
-                instances=args.singularity_instances,
-                ui_token=token,
-                extra_env=extra_env | {"nexus": {"NEXUS_REVIEWERS_FILE": str(reviewers_file)}},
-            )
-            supervisor = Supervisor(services, report=lambda line: print(line, flush=True))
-            supervisor.start_all()
-            nexus = next(s for s in services if s.name == "nexus")
-            summary = {
-                "services": supervisor.state(),
-                "ui": {"url": nexus.url + "/", "token": token, "reviewers_file": str(reviewers_file)},
-                "api_tokens": api_tokens,
-                "credentials_file": str(credentials_file),
-                "logs": str(state / "logs"),
-            }
-            if args.state_file:
-                write_state(args.state_file, summary)
-            print(f"\nHITL UI: {nexus.url}/   token: {token}")
-            print(
-                f"  named reviewers (the shared token stops working once there is one): "
-                f"singularity-stack reviewers add NAME --file {reviewers_file}"
-            )
-            for role, value in api_tokens.items():
-                print(f"{role} API token: {value}   (send 'Authorization: Bearer <token>')")
-            for service in services:
-                print(f"  {service.name:<16} {service.url}")
-        if cluster is None and args.no_services:
-            return 0
-        print(f"logs in {state / 'logs'}; the stack is up; press Ctrl-C to stop", flush=True)
-        while not stopped.wait(1.0):
-            if supervisor:
-                supervisor.watch_once()
-                if args.state_file:
-                    summary["services"] = supervisor.state()
-                    write_state(args.state_file, summary)
-    finally:
-        if supervisor:
-            print("stopping the services", flush=True)
-            supervisor.stop_all()
-        if cluster:
-            print("stopping PostgreSQL", flush=True)
-            cluster.stop()
-    return 0
+    return run_up(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -294,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-dsn", help="use this PostgreSQL instead of starting a local one")
     p.add_argument("--state-file", type=Path, help="write every service's URL and the UI token here once ready")
     p.add_argument("--no-services", action="store_true", help="only PostgreSQL and provisioning")
+    p.add_argument(
+        "--port-base",
+        type=int,
+        metavar="N",
+        help="PostgreSQL on N, the services on N+1, N+2, ... (default: the last run's, kept in the state dir)",
+    )
     p.set_defaults(func=cmd_up)
     return parser
 

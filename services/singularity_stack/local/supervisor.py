@@ -2,11 +2,17 @@
 
 Each service is `python -m singularity_stack.cli run <service>` with its settings in the
 environment, exactly as the container image runs it; its JSON logs go to `<state>/logs/<name>.log`.
-A service that dies is restarted (it recovers its work from the queue and its database).
+A service that dies is restarted (it recovers its work from the queue and its database), and so is
+PostgreSQL (`PostgresProcess`, the postmaster run in the foreground as a child like the services).
+Every child runs in its own process group, gets SIGTERM (PostgreSQL: SIGINT, its fast shutdown) if `up`
+dies, and is recorded in `<state>/children.json` (pid, process group, start time) so that a later `up`
+can stop what a killed one left behind (`stop_recorded`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -18,9 +24,9 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from singularity_stack.postgres.cluster import free_port
+from singularity_stack.postgres.cluster import LocalCluster, free_port
 from singularity_stack.provision.credentials import ServiceCredentials
 from singularity_stack.securefile import private_dir, write_private
 
@@ -36,24 +42,37 @@ class ServiceProcess:
     restarts: int = 0
     started_at: float = 0.0
     _log: IO[bytes] | None = field(default=None, repr=False)
+    stop_signal: int = field(default=signal.SIGTERM, repr=False)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "singularity_stack.cli", "run", self.role]
+
+    def popen_options(self) -> dict[str, Any]:
+        return {}
+
+    def open_log(self) -> IO[bytes]:
         private_dir(self.log_path.parent)  # logs may quote secrets: ours alone, and no planted names in it
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.fdopen(os.open(self.log_path, flags, 0o600), "ab")
+
+    def start(self) -> None:
         if self._log:
             self._log.close()  # a restart: the previous process's handle
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        self._log = os.fdopen(os.open(self.log_path, flags, 0o600), "ab")
+        self._log = self.open_log()
         self.started_at = time.monotonic()
+        stop_signal = self.stop_signal
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "singularity_stack.cli", "run", self.role],
+            self.command(),
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C goes to the supervisor, which stops children in order
+            preexec_fn=lambda: _die_with_parent(stop_signal),
+            **self.popen_options(),
         )
 
     def ready(self) -> bool:
@@ -68,7 +87,7 @@ class ServiceProcess:
 
     def terminate(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(self.stop_signal)
 
     def wait(self, timeout: float) -> None:
         if self.process is None:
@@ -78,8 +97,98 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        _kill_group(self.process.pid)  # whatever the service started and left in its group
         if self._log:
             self._log.close()
+
+    def record(self) -> dict[str, object] | None:
+        """What a later `up` needs to recognise and stop this process: pid, group, start time, signal."""
+        if self.process is None or self.process.poll() is not None:
+            return None
+        pid = self.process.pid
+        return {"pid": pid, "pgid": pid, "start_time": process_start_time(pid), "signal": int(self.stop_signal)}
+
+
+class PostgresProcess(ServiceProcess):
+    """The local cluster's postmaster, in the foreground as `up`'s child (not daemonized by pg_ctl), so that
+    the supervisor sees it die and restarts it like a service. SIGINT is its fast shutdown."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        super().__init__("postgres", "postgres", cluster.installation.environment(), cluster.port, cluster.logfile)
+        self.cluster = cluster
+        self.stop_signal = signal.SIGINT
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.cluster.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return self.cluster.server_command()
+
+    def popen_options(self) -> dict[str, Any]:
+        account = self.cluster.account
+        return {"cwd": "/", "user": account.pw_uid, "group": account.pw_gid} if account else {"cwd": "/"}
+
+    def open_log(self) -> IO[bytes]:
+        return self.cluster.open_log()
+
+    def ready(self) -> bool:
+        return self.cluster.accepts_connections()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(sig: int) -> None:
+    """In the child, before exec: the kernel sends `sig` when `up` dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (field 22 of /proc/<pid>/stat): with the pid, it names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 and fields[0] != "Z" else None
+
+
+def stop_recorded(path: Path, report: Callable[[str], None], timeout: float = 20.0) -> list[str]:
+    """Stop the children a previous `up` recorded in `path` and left running (it was killed): each is
+    signalled only if its pid still names the same process (same start time), then its group is killed."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    alive: dict[str, dict[str, Any]] = {}
+    for name, entry in recorded.items() if isinstance(recorded, dict) else ():
+        try:
+            pid, pgid, sig = int(entry["pid"]), int(entry["pgid"]), int(entry["signal"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if entry.get("start_time") and process_start_time(pid) == entry["start_time"]:
+            report(f"  stopping {name} (pid {pid}), left running by an earlier `up`")
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+            alive[name] = {"pid": pid, "pgid": pgid, "start_time": entry["start_time"]}
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        for name, entry in list(alive.items()):
+            if process_start_time(entry["pid"]) != entry["start_time"]:
+                _kill_group(entry["pgid"])
+                del alive[name]
+        time.sleep(0.1)
+    for entry in alive.values():
+        _kill_group(entry["pgid"])
+    path.unlink(missing_ok=True)
+    return sorted(recorded) if isinstance(recorded, dict) else []
 
 
 # What a service process gets from `up`'s environment: nothing else, so a secret of `up`'s (a provider key,
@@ -165,12 +274,14 @@ def plan_services(
     prefix: str = "",
     extra_env: Mapping[str, Mapping[str, str]] | None = None,
     source_env: Mapping[str, str] | None = None,
+    ports: Mapping[str, int] | None = None,
 ) -> list[ServiceProcess]:
     """One process per service and per Singularity instance, each with its own port and settings.
 
     Each gets only its share of `source_env` (default: our environment, see `service_env`), then its
     settings, then `extra_env[role]` and `extra_env[name]` (e.g. "singularity", "singularity_2"): variables
-    given explicitly for that service, passed whatever their name.
+    given explicitly for that service, passed whatever their name. `ports` gives a service (by name) its
+    port; the others get a free one.
     """
     source = os.environ if source_env is None else source_env
     explicit = dict(extra_env or {})
@@ -196,7 +307,7 @@ def plan_services(
             }
         if role == "nexus":
             env["NEXUS_UI_TOKEN"] = ui_token
-        port = free_port()
+        port = (ports or {}).get(name) or free_port()
         env["PORT"] = str(port)
         for key in (role, name):
             env |= explicit.get(key, {})
@@ -231,20 +342,37 @@ class Supervisor:
         services: list[ServiceProcess],
         report: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        record_file: Path | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.services = services
         self.report = report
         self.clock = clock
+        self.record_file = record_file
+        self.should_stop = should_stop
         self._pending: dict[str, _Restart] = {}  # services that died, waiting out their back-off
         self._crashes: dict[str, int] = {}
 
-    def start_all(self, timeout: float = 120.0) -> None:
-        """Start every service and wait until each answers /readyz, reporting progress as they come up."""
+    def record(self) -> None:
+        """Write every running child's pid, group and start time to `record_file` (for a later `up`)."""
+        if self.record_file is None:
+            return
+        entries = {s.name: entry for s in self.services if (entry := s.record())}
+        write_private(self.record_file, json.dumps(entries, indent=2))
+
+    def start_all(self, timeout: float = 120.0, services: list[ServiceProcess] | None = None) -> None:
+        """Start every service (or those given, which join the supervised ones) and wait until each answers
+        /readyz, reporting progress as they come up; `should_stop` abandons the wait."""
         started = time.monotonic()
-        for service in self.services:
+        starting = self.services if services is None else services
+        if services is not None:
+            self.services.extend(s for s in services if s not in self.services)
+        for service in starting:
             service.start()
-        waiting = {s.name: s for s in self.services}
-        while waiting:
+        self.record()
+        waiting = {s.name: s for s in starting}
+        while waiting and not self.should_stop():
             for name, service in list(waiting.items()):
                 code = service.exited()
                 if code is not None:
@@ -281,17 +409,28 @@ class Supervisor:
                 service.restarts += 1
                 service.start()
                 service.started_at = now  # on the supervisor's clock, which measures the next run
+                self.record()
 
     def stop_all(self, timeout: float = 20.0) -> None:
-        # Singularity instances first (they send), CentralCloud last (it owns the queues).
-        for service in reversed(self.services):
-            service.terminate()
-        deadline = time.monotonic() + timeout
-        for service in reversed(self.services):
-            service.wait(max(deadline - time.monotonic(), 0.1))
+        # Singularity instances first (they send), CentralCloud after them (it owns the queues), PostgreSQL
+        # (first in the list when `up` runs it) last, once no service is connected.
+        servers = [s for s in self.services if isinstance(s, PostgresProcess)]
+        services = [s for s in reversed(self.services) if s not in servers]
+        for group in (services, servers):
+            for service in group:
+                service.terminate()
+            deadline = time.monotonic() + timeout
+            for service in group:
+                service.wait(max(deadline - time.monotonic(), 0.1))
+        if self.record_file is not None:
+            self.record_file.unlink(missing_ok=True)
 
     def state(self) -> dict[str, object]:
-        return {s.name: {"url": s.url, "pid": s.process.pid if s.process else None} for s in self.services}
+        return {
+            s.name: {"url": s.url, "pid": s.process.pid if s.process else None}
+            for s in self.services
+            if not isinstance(s, PostgresProcess)
+        }
 
 
 def tail(path: Path, lines: int = 20) -> str:

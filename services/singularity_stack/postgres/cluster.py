@@ -15,7 +15,10 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 from urllib.parse import quote
+
+import psycopg
 
 from singularity_stack.postgres.installation import PostgresInstallation, find_installation
 from singularity_stack.securefile import write_private
@@ -72,6 +75,11 @@ def _run_as_user() -> pwd.struct_passwd | None:
         except KeyError:
             continue
     raise ClusterError("running as root and neither a 'postgres' nor a 'nobody' account exists")
+
+
+def server_account() -> pwd.struct_passwd | None:
+    """The account a LocalCluster's server runs as when it is not ours (we are root), else None."""
+    return _run_as_user()
 
 
 def admin_dsn(host: str, port: int, password: str, dbname: str = "postgres", user: str = SUPERUSER) -> str:
@@ -187,13 +195,11 @@ class LocalCluster:
             ]
         )
 
+    def _fixed_settings(self) -> dict[str, str]:
+        return {"port": str(self.port), "listen_addresses": self.host, "unix_socket_directories": str(self.datadir)}
+
     def _options(self) -> str:
-        settings = {
-            **self.settings,
-            "port": str(self.port),
-            "listen_addresses": self.host,
-            "unix_socket_directories": str(self.datadir),
-        }
+        settings = {**self.settings, **self._fixed_settings()}
         return " ".join(f"-c {key}={value}" for key, value in settings.items())
 
     @property
@@ -206,6 +212,31 @@ class LocalCluster:
             env=self.installation.environment(),
         )
         return result.returncode == 0
+
+    def server_command(self) -> list[str]:
+        """The postmaster in the foreground (for a supervisor that runs it as its child; see `start`)."""
+        self.init()
+        command = [str(self.installation.tool("postgres")), "-D", str(self.pgdata)]
+        for key, value in {**self.settings, **self._fixed_settings()}.items():
+            command += ["-c", f"{key}={value}"]
+        return command
+
+    def open_log(self) -> IO[bytes]:
+        """The server log, for appending; the server account's file when the server runs as that account."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(self.logfile, flags, 0o600)
+        if self._account:
+            os.fchown(fd, self._account.pw_uid, self._account.pw_gid)
+        return os.fdopen(fd, "ab")
+
+    def accepts_connections(self, timeout: float = 1.0) -> bool:
+        """Whether the server answers a superuser connection now."""
+        try:
+            with psycopg.connect(self.dsn(), connect_timeout=max(1, round(timeout))) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except (psycopg.Error, OSError):
+            return False
 
     def start(self) -> LocalCluster:
         self.init()
