@@ -22,7 +22,7 @@ LIMITS = Limits(wall_time_s=10, cpu_time_s=4)
 
 # task description -> what its program prints
 TASKS = {
-    "Write a program that prints a friendly greeting": f"{om.GREETING}\n",
+    "Write a program that prints a friendly greeting": "Hello, world!\n",
     "Print FizzBuzz for the numbers one to fifteen": "".join(
         "FizzBuzz\n" if n % 15 == 0 else "Fizz\n" if n % 3 == 0 else "Buzz\n" if n % 5 == 0 else f"{n}\n"
         for n in range(1, 16)
@@ -136,5 +136,5 @@ def test_the_task_comes_from_the_prompt_with_a_humans_clarification():
     messages = workflow_messages("bash", "Improve it?\nClarification from a human: print hello")
     assert om.requested_task(messages) == "Improve it? print hello"
     code = program_of(om.offline_reply("code_generation", messages), "bash")
-    assert om.GREETING in code
+    assert "Hello, world!" in code
     assert om.requested_task([{"role": "user", "content": "just\nthis"}]) == "just this"
