@@ -8,7 +8,7 @@ YAML shape (the packaged `default_routing.yaml` is the full example)::
         requires_env: [ANTHROPIC_API_KEY]
       - model_name: offline
         litellm_params: {model: offline/deterministic}
-        model_info: {input_cost_per_token: 0.0000001, output_cost_per_token: 0.0000002}
+        model_info: {input_cost_per_token: 0.0, output_cost_per_token: 0.0}   # free
     routes:                 # task type -> complexity -> ordered model names: primary first, then fallbacks
       architect: {complex: [claude-opus, offline]}
       default: {simple: [offline], medium: [offline], complex: [offline]}
