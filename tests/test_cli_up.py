@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -16,15 +17,24 @@ import psycopg
 CLI = [sys.executable, "-m", "singularity_stack.cli"]
 
 
-def start(state_dir, instances: int) -> tuple[subprocess.Popen, str]:
+def start(state_dir, instances: int, *options: str) -> tuple[subprocess.Popen, str]:
+    """`up` with --no-services, or with `options` (e.g. --state-file PATH) and the services."""
     process = subprocess.Popen(
-        [*CLI, "up", "--no-services", "--state-dir", str(state_dir), "--singularity-instances", str(instances)],
+        [
+            *CLI,
+            "up",
+            *(options or ["--no-services"]),
+            "--state-dir",
+            str(state_dir),
+            "--singularity-instances",
+            str(instances),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     output = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         line = process.stdout.readline()
         if not line:
@@ -76,5 +86,51 @@ def test_up_provisions_prints_and_stops_cleanly_then_restarts_unchanged(open_tmp
         assert again["nexus"] == credentials["nexus"]
         with psycopg.connect(again["singularity_3"]["database_url"]) as conn:
             assert conn.execute("SELECT current_user").fetchone() == ("singularity_3",)
+    finally:
+        stop(process)
+
+
+def api(url: str, token: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_up_scales_3_to_1_to_3_keeping_the_retired_instance(open_tmp):
+    """Down to 1: instances 2 and 3 are retired (kept, not started); back to 3: instance 3 has its task again."""
+    state, state_file = open_tmp / "stack", open_tmp / "state.json"
+    process, _ = start(state, 3, "--state-file", str(state_file))
+    try:
+        summary = json.loads(state_file.read_text())
+        token = summary["api_tokens"]["singularity"]
+        third = summary["services"]["singularity_3"]["url"]
+        task = api(third + "/tasks", token, {"description": "Write a program that prints a greeting"})
+        credentials = json.loads((state / "credentials.json").read_text())
+    finally:
+        stop(process)
+
+    process, output = start(state, 1, "--state-file", str(state_file))
+    try:
+        assert "retired, kept and not started: singularity_2, singularity_3" in output
+        services = json.loads(state_file.read_text())["services"]
+        assert sorted(services) == ["centralcloud", "genesis", "nexus", "singularity_1"]
+        lowered = json.loads((state / "credentials.json").read_text())
+        assert lowered["retired"] == {name: credentials[name] for name in ("singularity_2", "singularity_3")}
+        assert_private(state)
+    finally:
+        stop(process)
+
+    process, output = start(state, 3, "--state-file", str(state_file))
+    try:
+        assert "created" not in output and "rotated" not in output  # the same databases, roles and passwords
+        assert json.loads((state / "credentials.json").read_text()) == credentials
+        third = json.loads(state_file.read_text())["services"]["singularity_3"]["url"]
+        with urllib.request.urlopen(third + "/readyz", timeout=30) as response:
+            assert response.status == 200
+        assert api(f"{third}/tasks/{task['id']}", token)["id"] == task["id"]
     finally:
         stop(process)

@@ -13,6 +13,7 @@ import pytest
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.migrations import applied_migrations, available_migrations
 from singularity_stack.provision.provisioner import Provisioner, ProvisionError
+from singularity_stack.securefile import write_private
 from singularity_stack.topology import StackLayout
 
 CLI = [sys.executable, "-m", "singularity_stack.cli"]
@@ -159,3 +160,83 @@ def test_passwords_survive_a_failure_after_the_roles_step(admin_dsn, tmp_path, m
         admin_dsn, StackLayout(1, "fail_"), known_passwords=creds.known_passwords(saved), report=lambda _: None
     ).run()
     assert any(c.startswith("created queue") for c in done.changes)
+
+
+def provision_cli(admin_dsn: str, out, instances: int, prefix: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            *CLI,
+            "provision",
+            "--admin-dsn",
+            admin_dsn,
+            "--singularity-instances",
+            str(instances),
+            "--credentials-out",
+            str(out),
+            "--prefix",
+            prefix,
+        ],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize(("prefix", "counts"), [("down_", (3, 1, 3)), ("demo_", (2, 1, 3))])
+def test_cli_instance_count_goes_down_and_up_again(admin_dsn, tmp_path, prefix, counts):
+    """Lowering N retires the instances above it (kept, credentials under "retired"); raising it reuses them."""
+    first_n, low, high = counts
+    out = tmp_path / "credentials.json"
+    first = provision_cli(admin_dsn, out, first_n, prefix)
+    assert first.returncode == 0, first.stderr
+    before = json.loads(out.read_text())
+    assert "retired" not in before
+    last = f"singularity_{first_n}"
+    with psycopg.connect(before[last]["database_url"]) as conn:
+        conn.execute("CREATE TABLE kept (note text)")
+        conn.execute("INSERT INTO kept VALUES ('written before scaling down')")
+
+    down = provision_cli(admin_dsn, out, low, prefix)
+    assert down.returncode == 0, down.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    lowered = json.loads(out.read_text())
+    retired = [f"singularity_{i}" for i in range(low + 1, first_n + 1)]
+    assert set(lowered) == {"centralcloud", "genesis", "nexus", "singularity_1", "retired"}
+    assert lowered["retired"] == {name: before[name] for name in retired}
+    assert creds.load(out) == {name: creds.ServiceCredentials(**before[name]) for name in lowered if name != "retired"}
+    assert f"retired, kept and not started: {', '.join(retired)}" in down.stdout
+    assert "0 change(s)" in down.stdout  # nothing dropped: databases, roles and reply queues stay
+    assert queue_count(before["centralcloud"]["shared_queue_url"]) == 2 * (4 + 4 * first_n)
+    assert can_login(before[last]["database_url"])
+
+    up = provision_cli(admin_dsn, out, high, prefix)
+    assert up.returncode == 0, up.stderr
+    raised = json.loads(out.read_text())
+    assert "retired" not in raised
+    assert set(raised) == {"centralcloud", "genesis", "nexus", *(f"singularity_{i}" for i in range(1, high + 1))}
+    assert {name: raised[name] for name in before} == before  # the same passwords, reused
+    assert [line for line in up.stdout.splitlines() if "role" in line] == [
+        f"  created role {prefix}singularity_{i}" for i in range(first_n + 1, high + 1)
+    ]
+    with psycopg.connect(raised[last]["database_url"]) as conn:
+        assert conn.execute("SELECT note FROM kept").fetchall() == [("written before scaling down",)]
+    assert all(can_login(entry["database_url"]) for entry in raised.values())
+
+
+def test_a_file_without_retired_instances_still_reads(tmp_path):
+    """Files written before the "retired" section existed read as before; retired passwords are known."""
+    url = "postgresql://{0}:pw-{0}@localhost:5432/{0}"
+    path = tmp_path / "old.json"
+    entry = {"database_url": url.format("singularity_1"), "shared_queue_url": url.format("singularity_1")}
+    write_private(path, json.dumps({"singularity_1": entry}))
+    old = creds.read(path)
+    assert old.active == {"singularity_1": creds.ServiceCredentials(**entry)} and old.retired == {}
+
+    retired = creds.ServiceCredentials(database_url=url.format("singularity_2"), shared_queue_url=url.format("x"))
+    creds.save(path, old.active, {"singularity_2": retired})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    new = creds.read(path)
+    assert creds.load(path) == old.active and new.retired == {"singularity_2": retired}
+    assert creds.known_passwords(new.everything())["singularity_2"] == "pw-singularity_2"
+    assert creds.retire(new, {}) == {"singularity_1": old.active["singularity_1"], "singularity_2": retired}
+    with pytest.raises(ValueError, match="not a service name"):
+        creds.save(path, {"retired": retired})

@@ -31,19 +31,28 @@ def _provision(
     pgmq_method: str | None = None,
     prefix: str = "",
 ) -> ProvisionResult:
-    """Provision, reusing the passwords of an existing credentials file, and (re)write that file."""
-    known = creds.known_passwords(creds.load(credentials_out))
+    """Provision, reusing the passwords of an existing credentials file, and (re)write that file.
+
+    Instances above `instances` are retired, not dropped: their entries move to the file's "retired"
+    section (nothing starts them) and a larger count later reuses their passwords."""
+    previous = creds.read(credentials_out)
+
+    def save(credentials: dict[str, creds.ServiceCredentials]) -> None:
+        creds.save(credentials_out, credentials, creds.retire(previous, credentials))
+
     result = Provisioner(
         admin_dsn,
         StackLayout(instances, prefix),
-        known_passwords=known,
+        known_passwords=creds.known_passwords(previous.everything()),
         rotate=rotate or [],
         public_endpoint=public_endpoint,
         pgmq_method=pgmq_method,  # type: ignore[arg-type]
         report=lambda line: print(f"  {line}", flush=True),
-        persist=lambda credentials: creds.save(credentials_out, credentials),
+        persist=save,
     ).run()
-    creds.save(credentials_out, result.credentials)
+    save(result.credentials)
+    if retired := creds.retire(previous, result.credentials):
+        print(f"  retired, kept and not started: {', '.join(retired)}", flush=True)
     return result
 
 

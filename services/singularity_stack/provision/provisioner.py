@@ -1,9 +1,11 @@
 """Create a stack's databases, roles, pgmq, queues, privileges and schemas: idempotently.
 
 Running it again changes nothing and never changes an existing password; a larger instance
-count adds only the new instances. Isolation is enforced by PostgreSQL: CONNECT is revoked
-from PUBLIC on every database, each role owns its own database and reaches `shared_queue`
-only through the queue privileges of `privileges.py`.
+count adds only the new instances, a smaller one drops nothing: the instances above it keep their
+databases, roles, reply queues and grants (retired, as the operator's Retain policy keeps them;
+`deprovision.drop_instance` removes one), so raising the count again finds them as they were.
+Isolation is enforced by PostgreSQL: CONNECT is revoked from PUBLIC on every database, each role
+owns its own database and reaches `shared_queue` only through the queue privileges of `privileges.py`.
 """
 
 from __future__ import annotations
