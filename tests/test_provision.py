@@ -240,3 +240,49 @@ def test_a_file_without_retired_instances_still_reads(tmp_path):
     assert creds.retire(new, {}) == {"singularity_1": old.active["singularity_1"], "singularity_2": retired}
     with pytest.raises(ValueError, match="not a service name"):
         creds.save(path, {"retired": retired})
+
+
+def test_cli_drop_retired_drops_the_instances_above_n(admin_dsn, tmp_path):
+    """Asked to (--drop-retired), a lower N drops the instances above it; raising N again starts them afresh."""
+    out = tmp_path / "credentials.json"
+    assert provision_cli(admin_dsn, out, 3, "dropr_").returncode == 0
+    before = json.loads(out.read_text())
+    dropped = subprocess.run(
+        [
+            *CLI,
+            "provision",
+            "--admin-dsn",
+            admin_dsn,
+            "--credentials-out",
+            str(out),
+            "--prefix",
+            "dropr_",
+            "--drop-retired",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert dropped.returncode == 0, dropped.stderr
+    assert "  dropped database dropr_singularity_3" in dropped.stdout
+    assert "  dropped role dropr_singularity_2" in dropped.stdout
+    assert set(json.loads(out.read_text())) == {"centralcloud", "genesis", "nexus", "singularity_1"}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert not can_login(before["singularity_2"]["database_url"])
+    assert queue_count(before["centralcloud"]["shared_queue_url"]) == 2 * (4 + 4 * 1)
+
+    again = provision_cli(admin_dsn, out, 3, "dropr_")
+    assert again.returncode == 0, again.stderr
+    assert "  created database dropr_singularity_3" in again.stdout
+    assert can_login(json.loads(out.read_text())["singularity_3"]["database_url"])
+
+
+def test_drop_stack_drops_retired_instances_too(admin_dsn, tmp_path):
+    from singularity_stack.provision.deprovision import drop_stack, instances_on_server
+
+    out = tmp_path / "credentials.json"
+    assert provision_cli(admin_dsn, out, 3, "dropall_").returncode == 0
+    assert provision_cli(admin_dsn, out, 1, "dropall_").returncode == 0
+    layout = StackLayout(1, "dropall_")
+    assert instances_on_server(admin_dsn, layout) == [1, 2, 3]
+    assert "database dropall_singularity_3" in drop_stack(admin_dsn, layout)
+    assert instances_on_server(admin_dsn, layout) == []

@@ -14,6 +14,7 @@ import psycopg
 from singularity_stack.nexus.reviewers import ReviewerFile, ReviewersError
 from singularity_stack.nexus.routing_config import RoutingConfigError
 from singularity_stack.provision import credentials as creds
+from singularity_stack.provision import deprovision
 from singularity_stack.provision.migrations import applied_migrations
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError, ProvisionResult
 from singularity_stack.securefile import UnsafeFileError, read_private, write_private
@@ -30,11 +31,13 @@ def _provision(
     public_endpoint: Endpoint | None = None,
     pgmq_method: str | None = None,
     prefix: str = "",
+    drop_retired: bool = False,
 ) -> ProvisionResult:
     """Provision, reusing the passwords of an existing credentials file, and (re)write that file.
 
     Instances above `instances` are retired, not dropped: their entries move to the file's "retired"
-    section (nothing starts them) and a larger count later reuses their passwords."""
+    section (nothing starts them) and a larger count later reuses their passwords. With `drop_retired`
+    their databases, roles and reply queues are dropped instead, and their entries with them."""
     previous = creds.read(credentials_out)
 
     def save(credentials: dict[str, creds.ServiceCredentials]) -> None:
@@ -51,7 +54,11 @@ def _provision(
         persist=save,
     ).run()
     save(result.credentials)
-    if retired := creds.retire(previous, result.credentials):
+    if drop_retired:
+        for dropped in deprovision.drop_retired(admin_dsn, result.layout):
+            print(f"  dropped {dropped}", flush=True)
+        creds.save(credentials_out, result.credentials)  # no retired instance left
+    elif retired := creds.retire(previous, result.credentials):
         print(f"  retired, kept and not started: {', '.join(retired)}", flush=True)
     return result
 
@@ -66,6 +73,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         public_endpoint=public,
         pgmq_method=args.pgmq_method,
         prefix=args.prefix,
+        drop_retired=args.drop_retired,
     )
     print(f"pgmq {result.pgmq.version} ({result.pgmq.method})")
     print(f"{len(result.changes)} change(s); credentials in {args.credentials_out}")
@@ -178,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-port", type=int, default=5432)
     p.add_argument("--pgmq-method", choices=["extension", "sql"], help="force how pgmq is installed")
     p.add_argument("--prefix", default="", help="prefix for database and role names (several stacks, one server)")
+    p.add_argument(
+        "--drop-retired",
+        action="store_true",
+        help="drop the instances above N (databases, roles, reply queues) instead of keeping them retired",
+    )
     p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser("migrations", help="list the migrations applied to a service database")
