@@ -227,3 +227,72 @@ def test_ports_come_from_port_base_or_stay_those_of_the_last_run(tmp_path: Path)
     base = 20000 + os.getpid() % 20000
     assert choose_ports(state, names, base) == {name: base + i for i, name in enumerate(names)}
     assert choose_ports(state, names, None) == {name: base + i for i, name in enumerate(names)}
+
+
+def test_postgres_killed_with_a_task_in_flight_is_restarted_and_the_task_completes(state: Path) -> None:
+    import httpx
+
+    log = state.parent / "up-postgres-killed.log"
+    state_file = state.parent / "state-pg.json"
+    env = {**os.environ, "HUMAN_TIMEOUT_SECONDS": "180", "LLM_TIMEOUT_SECONDS": "120", "JOB_TIMEOUT_SECONDS": "120"}
+    process = subprocess.Popen(
+        up_command(state, "--state-file", str(state_file)), stdout=log.open("w"), stderr=subprocess.STDOUT, env=env
+    )
+    try:
+        wait_for(log, "press Ctrl-C", process)
+        summary = json.loads(state_file.read_text())
+        singularity = summary["services"]["singularity_1"]["url"]
+        headers = {"Authorization": f"Bearer {summary['api_tokens']['singularity']}"}
+        ui = {"Authorization": f"Bearer {summary['ui']['token']}"}
+        nexus = summary["services"]["nexus"]["url"]
+        submitted = httpx.post(
+            f"{singularity}/tasks",
+            json={"description": "Write a program that prints a greeting", "agent_id": "pg-killed"},
+            headers=headers,
+            timeout=10,
+        )
+        assert submitted.status_code == 202, submitted.text
+        task_id = submitted.json()["id"]
+
+        postmaster = recorded(state)["postgres"]
+        os.kill(postmaster["pid"], signal.SIGKILL)  # the task is in its first phases
+        answers = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until PostgreSQL is back: every answer comes within a second
+            started = time.monotonic()
+            response = httpx.get(f"{singularity}/tasks/{task_id}", headers=headers, timeout=10)
+            answers.append((response.status_code, time.monotonic() - started, response.text))
+            if response.status_code == 200 and any(code == 503 for code, _, _ in answers):
+                break
+            time.sleep(0.2)
+        unavailable = [answer for answer in answers if answer[0] == 503]
+        assert unavailable, answers
+        assert all(seconds < 1.5 for _, seconds, _ in answers), answers
+        assert all(json.loads(text)["error"].startswith("database unavailable: ") for _, _, text in unavailable)
+        assert answers[-1][0] == 200, answers[-1]
+        restarted = recorded(state)["postgres"]
+        assert restarted["pid"] != postmaster["pid"]
+        assert "postgres exited with code -9" in log.read_text()
+
+        deadline = time.monotonic() + 120  # the workflow goes on by itself, up to the human's approval
+        card = None
+        while card is None:
+            assert time.monotonic() < deadline, "no approval card"
+            pending = httpx.get(f"{nexus}/api/pending", headers=ui, timeout=10)
+            if pending.status_code == 200:
+                card = next((c for c in pending.json()["approvals"] if c["agent_id"] == "pg-killed"), None)
+            time.sleep(0.5)
+        decided = httpx.post(
+            f"{nexus}/api/approvals/{card['request_id']}", json={"approved": True, "reason": ""}, headers=ui, timeout=10
+        )
+        assert decided.status_code == 200, decided.text
+        while True:
+            task = httpx.get(f"{singularity}/tasks/{task_id}", headers=headers, timeout=10).json()
+            if task["state"] in ("succeeded", "failed"):
+                break
+            assert time.monotonic() < deadline, task
+            time.sleep(0.5)
+        assert task["state"] == "succeeded", task
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0, log.read_text()

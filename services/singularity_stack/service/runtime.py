@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
+import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
 from starlette.applications import Starlette
@@ -28,7 +29,7 @@ from singularity_stack.service.guard import FormRoute, GuardPolicy, RequestGuard
 from singularity_stack.service.http import error_response
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, NotifyListener, SharedQueue
-from singularity_stack.sharedqueue.pool import connection_pool
+from singularity_stack.sharedqueue.pool import connection_pool, short_waits
 
 log = logging.getLogger(__name__)
 Job = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
@@ -52,6 +53,30 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def server_error(request: Request, exc: Exception) -> Response:
     return error_response(500, "internal error")
+
+
+# How long an HTTP handler waits for a database connection before it answers 503 (see `DatabaseWait`).
+HTTP_DB_WAIT_SECONDS = 0.75
+
+
+async def database_unavailable(request: Request, exc: Exception) -> Response:
+    """A database that is down or unreachable (a failed statement, no connection in time): 503 with why."""
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc)
+    return error_response(503, f"database unavailable: {exc.__class__.__name__}: {exc}")
+
+
+class DatabaseWait:
+    """ASGI middleware: an HTTP request waits at most HTTP_DB_WAIT_SECONDS for a pool connection."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with short_waits(HTTP_DB_WAIT_SECONDS):
+            await self.app(scope, receive, send)
 
 
 async def every(seconds: float, stop: asyncio.Event, work: Callable[[], Awaitable[Any]], name: str) -> None:
@@ -133,12 +158,15 @@ class Service:
     async def readiness(self) -> dict[str, str]:
         """Check name → problem, for every check that fails (empty: ready)."""
         problems: dict[str, str] = {}
-        for check, pool in (("database", self.db), ("shared_queue", self.queue.pool)):
+
+        async def check(name: str, pool: AsyncConnectionPool) -> None:
             try:
-                async with pool.connection(timeout=2) as conn:
+                async with pool.connection(timeout=HTTP_DB_WAIT_SECONDS) as conn:
                     await conn.execute("SELECT 1")
             except Exception as error:
-                problems[check] = f"{error.__class__.__name__}: {error}"
+                problems[name] = f"{error.__class__.__name__}: {error}"
+
+        await asyncio.gather(check("database", self.db), check("shared_queue", self.queue.pool))  # within a second
         if self._listener and not self._listener.connected.is_set():
             problems["notify_listener"] = "not connected"
         dead = [t.get_name() for t in self._tasks if t.done() and not self.stop_event.is_set()]
@@ -184,10 +212,15 @@ class Service:
         middleware = [
             Middleware(RequestGuard, policy=policy),
             Middleware(BodyLimit, max_bytes=self.settings.max_body_bytes),
+            Middleware(DatabaseWait),
         ]
         return Starlette(
             routes=routes,
             middleware=middleware,
             lifespan=lifespan,
-            exception_handlers={HTTPException: http_error, Exception: server_error},
+            exception_handlers={
+                HTTPException: http_error,
+                psycopg.OperationalError: database_unavailable,
+                Exception: server_error,
+            },
         )

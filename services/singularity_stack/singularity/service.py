@@ -8,6 +8,7 @@ import re
 import uuid
 from typing import Any
 
+import psycopg
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
@@ -15,10 +16,10 @@ from starlette.routing import BaseRoute, Route
 
 from singularity_stack import contract as c
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
-from singularity_stack.service.runtime import Service
+from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.service.text import RequiredText, StorableText
-from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
+from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, Unavailable
 from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
 from singularity_stack.singularity.workflow import Context, TaskLimits, TaskRun
@@ -75,6 +76,7 @@ class SingularityService(Service):
         self.waiter = ReplyWaiter()
         self.context = Context(settings.instance_id, self.store, self.queue, self.waiter, settings.limits())
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self.interrupted: set[uuid.UUID] = set()  # workflows a database outage ended: replayed once it is back
 
     # -- tasks -----------------------------------------------------------------------------------
 
@@ -84,7 +86,27 @@ class SingularityService(Service):
             return
         run = asyncio.create_task(TaskRun(self.context, task).run(), name=f"task-{task_id}")
         self.running[task_id] = run
-        run.add_done_callback(lambda _: self.running.pop(task_id, None))
+        run.add_done_callback(lambda done: self._ended(task_id, done))
+
+    def _ended(self, task_id: uuid.UUID, run: asyncio.Task[None]) -> None:
+        self.running.pop(task_id, None)
+        error = None if run.cancelled() else run.exception()
+        if isinstance(error, (psycopg.OperationalError, Unavailable)):
+            log.warning(
+                "task %s interrupted (%s: %s); replaying it once the database answers",
+                task_id,
+                error.__class__.__name__,
+                error,
+            )
+            self.interrupted.add(task_id)
+
+    async def _resume_interrupted(self) -> None:
+        for task_id in list(self.interrupted):
+            await self.start_task(task_id)  # raises while the database is still away: tried again later
+            self.interrupted.discard(task_id)
+
+    def jobs(self) -> list[Job]:
+        return [lambda stop: every(2.0, stop, self._resume_interrupted, "resume-interrupted-tasks")]
 
     async def on_start(self) -> None:
         for task_id in await self.store.unfinished_tasks():
