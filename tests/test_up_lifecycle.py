@@ -147,9 +147,10 @@ def stop_by_signal_to_group(process: subprocess.Popen, sig: int) -> None:
         ("sighup to the process group", 129),
         ("the pipe's reader exits", 141),
         ("the parent shell is killed", 129),
+        ("ctrl-c to `up 2>&1 | tee log`", None),
     ],
 )
-def test_every_child_stops_however_up_is_stopped(state: Path, how: str, status: int) -> None:
+def test_every_child_stops_however_up_is_stopped(state: Path, how: str, status: int | None) -> None:
     log = state.parent / f"up-{how.replace(' ', '-')}.log"
     command = up_command(state, "--state-file", str(state.parent / "state.json"))
     if how == "the pipe's reader exits":
@@ -166,6 +167,23 @@ def test_every_child_stops_however_up_is_stopped(state: Path, how: str, status: 
         children = recorded(state)
         process.stdout.close()
         assert process.wait(60) == status
+    elif how.endswith("| tee log`"):
+        # The issue's case: Ctrl-C reaches `up` and tee at once; tee dies first, so `up`'s shutdown writes to
+        # a pipe nobody reads. (The pipeline's status is tee's; `up` is judged by what it left.)
+        shell = subprocess.Popen(
+            ["bash", "-c", '"$@" 2>&1 | tee "$LOG" > /dev/null', "bash", *command],
+            env={**os.environ, "LOG": str(log)},
+            start_new_session=True,
+        )
+        wait_for(log, "press Ctrl-C", shell)
+        children = recorded(state)
+        up_pid = int((state / "up.lock").read_text())
+        os.killpg(shell.pid, signal.SIGINT)
+        shell.wait(60)
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{up_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{up_pid}").exists()
     elif how == "the parent shell is killed":
         shell = subprocess.Popen(
             ["bash", "-c", '"$@" > "$LOG" 2>&1 & echo $! ; wait', "bash", *command],
@@ -296,3 +314,20 @@ def test_postgres_killed_with_a_task_in_flight_is_restarted_and_the_task_complet
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0, log.read_text()
+
+
+def test_under_nohup_a_hangup_does_not_stop_up(state: Path) -> None:
+    log = state.parent / "up-nohup.log"
+    process = subprocess.Popen(
+        ["nohup", *up_command(state, "--no-services")], stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for(log, "press Ctrl-C", process)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(2)
+        assert process.poll() is None, log.read_text()
+        children = recorded(state)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()
+    assert_all_gone(children)

@@ -101,9 +101,12 @@ class Stop:
         self.reason = ""
         self._outputs = outputs
         self._parent = os.getppid()
+        self._hangups = True
 
     def install(self) -> None:
-        for sig in self.SIGNALS:
+        # Under nohup (SIGHUP ignored from the start) `up` outlives its terminal and its shell, as asked.
+        self._hangups = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+        for sig in self.SIGNALS if self._hangups else (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -120,7 +123,7 @@ class Stop:
         if not self.event.is_set():
             if any(output.gone() for output in self._outputs):
                 self.set(EXIT_OUTPUT_GONE, "stdout or stderr went away")
-            elif os.getppid() != self._parent:
+            elif self._hangups and os.getppid() != self._parent:
                 self.set(EXIT_HANGUP, "the parent process died")
         return self.event.is_set()
 
