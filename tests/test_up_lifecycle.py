@@ -331,3 +331,13 @@ def test_under_nohup_a_hangup_does_not_stop_up(state: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, log.read_text()
     assert_all_gone(children)
+
+
+def test_up_with_stdout_and_stderr_closed_stops_at_once_leaving_nothing(state: Path) -> None:
+    run = subprocess.run(
+        ["bash", "-c", '"$@" >&- 2>&-', "bash", *up_command(state, "--no-services")], timeout=120, check=False
+    )
+    assert run.returncode == 141
+    assert not (state / "children.json").exists()
+    postmaster = state / "postgres" / "data" / "postmaster.pid"
+    assert not postmaster.exists()

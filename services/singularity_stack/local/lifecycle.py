@@ -32,9 +32,10 @@ EXIT_OUTPUT_GONE = 128 + signal.SIGPIPE  # 141: stdout or stderr went away (the 
 class SafeOutput:
     """A text stream whose write and flush never raise; once the stream fails it writes to /dev/null."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self.broken = False
+    def __init__(self, stream: TextIO | None) -> None:
+        # None: the descriptor was closed when `up` started (Python found no stdout/stderr to open).
+        self._stream = stream if stream is not None else open(os.devnull, "w")  # noqa: SIM115
+        self.broken = stream is None
 
     def write(self, text: str) -> int:
         if not self.broken:
