@@ -263,16 +263,13 @@ class JobCgroups:
             _write(directory / "memory.limit_in_bytes", str(bounds.memory_bytes - tcp))
             with contextlib.suppress(FileNotFoundError):  # memory + swap, so swapping out is no way around it
                 _write(directory / "memory.memsw.limit_in_bytes", str(bounds.memory_bytes - tcp))
-            _write(directory / "memory.kmem.tcp.limit_in_bytes", str(tcp))
+            with contextlib.suppress(FileNotFoundError):  # kernels without v1 TCP accounting leave it out
+                _write(directory / "memory.kmem.tcp.limit_in_bytes", str(tcp))
         if (directory / "pids.max").exists():
             _write(directory / "pids.max", str(bounds.max_processes))
         if (directory / "cpu.cfs_quota_us").exists():
             _write(directory / "cpu.cfs_period_us", str(_CPU_PERIOD_US))
             _write(directory / "cpu.cfs_quota_us", str(quota))
-
-    def close(self) -> None:
-        for base in self.bases:
-            remove(base)
 
 
 def _enable_v2_controllers(parent: Path, controllers: tuple[str, ...]) -> None:
