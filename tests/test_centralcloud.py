@@ -89,7 +89,9 @@ async def test_prune_removes_only_archives_older_than_retention(sq, central):
 
 async def test_every_prune_run_is_recorded_even_one_that_pruned_nothing(sq, central):
     service, client = central
+    deadline = asyncio.get_running_loop().time() + 30
     while not (await client.get("/prune-runs")).json():  # the run at start, with nothing to prune
+        assert asyncio.get_running_loop().time() < deadline, "the prune run at start was never recorded"
         await asyncio.sleep(0.05)
     assert await service.prune() == {}
     assert await service.prune() == {}

@@ -59,3 +59,17 @@ def test_a_singularity_whose_database_does_not_name_it() -> None:
         "SINGULARITY_API_TOKEN": "x" * 32,
     }
     assert_one_line_error(run("run", "singularity", env=env), "SINGULARITY_INSTANCE")
+
+
+def test_provision_against_a_postgresql_that_does_not_answer(tmp_path) -> None:
+    result = run(
+        "provision",
+        "--admin-dsn",
+        "postgresql://nobody@127.0.0.1:1/postgres",
+        "--singularity-instances",
+        "1",
+        "--credentials-out",
+        str(tmp_path / "credentials.json"),
+    )
+    assert_one_line_error(result, "cannot reach PostgreSQL", "Connection refused")
+    assert result.returncode == 2

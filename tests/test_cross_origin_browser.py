@@ -33,7 +33,9 @@ from singularity_stack import contract as c
 from singularity_stack.postgres.cluster import free_port
 from singularity_stack.provision.provisioner import ProvisionResult
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"MISSING TOOL: {CHROMIUM} not found — apt-get install chromium"
+)
 REBIND = "rebind.test"
 
 

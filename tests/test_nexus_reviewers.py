@@ -134,3 +134,16 @@ def test_the_reviewers_command(tmp_path: Path) -> None:
     assert run_cli("list", "--file", str(path)).stdout.splitlines() == ["bob"]
     missing = run_cli("remove", "alice", "--file", str(path))
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: name: no reviewer 'alice' in {path}"
+
+
+def test_a_file_that_disappears_after_reviewers_were_named_lets_no_one_in(tmp_path: Path) -> None:
+    """A deleted Secret or a moved file must not bring the shared token back."""
+    path = tmp_path / "reviewers.json"
+    token = ReviewerFile(path).add("alice")
+    reviewers = Reviewers(path)
+    assert reviewers.authenticate(token) == "alice"
+    path.unlink()
+    assert reviewers.authenticate(token) is None
+    assert reviewers.any_named()  # the shared token stays refused
+    path.write_text(json.dumps({"alice": hash_token(token)}))  # the admin puts it back
+    assert reviewers.authenticate(token) == "alice"

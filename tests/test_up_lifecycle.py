@@ -286,7 +286,7 @@ def test_postgres_killed_with_a_task_in_flight_is_restarted_and_the_task_complet
         unavailable = [answer for answer in answers if answer[0] == 503]
         assert unavailable, answers
         assert all(seconds < 1.5 for _, seconds, _ in answers), answers
-        assert all(json.loads(text)["error"].startswith("database unavailable: ") for _, _, text in unavailable)
+        assert all(json.loads(text)["error"].startswith("database unavailable (") for _, _, text in unavailable)
         assert answers[-1][0] == 200, answers[-1]
         restarted = recorded(state)["postgres"]
         assert restarted["pid"] != postmaster["pid"]

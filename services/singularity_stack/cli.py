@@ -250,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ProvisionError, UnsafeFileError, RoutingConfigError, ReviewersError, SettingsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except psycopg.OperationalError as error:  # e.g. an admin DSN that does not answer
+        reason = " ".join(str(error).split())  # psycopg's message spans lines
+        print(f"error: cannot reach PostgreSQL: {reason}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE = "nexus_hitl_session"
 SESSION_MAX_AGE = 12 * 3600
-MAX_BODY = 1 << 20  # decisions and answers are text typed by a person; a megabyte is plenty
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_CROSS_SITE = 4403
 
@@ -183,22 +182,9 @@ def _page(name: str, status_code: int = 200, error: str = "") -> HTMLResponse:
 
 async def _form(request: Request) -> dict[str, str]:
     """An urlencoded form body (python-multipart is not a dependency; a login form needs no more)."""
-    body = await _body(request)
+    body = await request.body()  # the service's BodyLimit middleware has capped it while it streamed
     fields = parse_qs(body.decode("utf-8", errors="replace"), keep_blank_values=True)
     return {key: values[0] for key, values in fields.items()}
-
-
-async def _body(request: Request) -> bytes:
-    """The request body, refused (413) beyond MAX_BODY before it is read when the length is declared."""
-    declared = request.headers.get("content-length", "0")
-    if not declared.isdigit():
-        raise BadRequest("Content-Length must be a number", 400)
-    if int(declared) > MAX_BODY:
-        raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise BadRequest(f"the body is larger than {MAX_BODY} bytes", 413)
-    return body
 
 
 class HitlWeb:
@@ -305,14 +291,12 @@ class HitlWeb:
 
     async def decide(self, request: Request, reviewer: str) -> Response:
         request_id = path_uuid(request, "request_id")
-        await _body(request)  # size check before parsing
         body = await parse_body(request, Decision)
         await self.hitl.decide(request_id, body.approved, body.reason, reviewer)
         return json_response({"request_id": request_id, "state": "approved" if body.approved else "rejected"})
 
     async def answer(self, request: Request, reviewer: str) -> Response:
         request_id = path_uuid(request, "request_id")
-        await _body(request)
         body = await parse_body(request, Answer)
         await self.hitl.answer(request_id, body.response, reviewer)
         return json_response({"request_id": request_id, "state": "answered"})

@@ -148,6 +148,12 @@ class Reviewers:
             # stat follows symlinks: a Kubernetes Secret volume swaps its data directory's link on update.
             info = os.stat(self.path)
         except FileNotFoundError:
+            if self._entries or self._broken:
+                # Named reviewers existed: a file gone missing must not bring the shared token back.
+                if not self._broken:
+                    self._fail(f"{self.path} disappeared", strict)
+                self._seen = None
+                return
             self._entries, self._seen, self._broken = {}, None, False
             return
         except OSError as error:

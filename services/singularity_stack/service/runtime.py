@@ -62,7 +62,8 @@ HTTP_DB_WAIT_SECONDS = 0.75
 async def database_unavailable(request: Request, exc: Exception) -> Response:
     """A database that is down or unreachable (a failed statement, no connection in time): 503 with why."""
     log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc)
-    return error_response(503, f"database unavailable: {exc.__class__.__name__}: {exc}")
+    # The detail (host, port, the server's words) is in the log, not in an answer to a stranger.
+    return error_response(503, f"database unavailable ({exc.__class__.__name__}); try again shortly")
 
 
 class DatabaseWait:
