@@ -7,7 +7,9 @@ Every request is treated as coming from a stranger's browser. In order, it is re
 2. a browser says it comes from a page of another origin (`Origin` not ours, or `Sec-Fetch-Site`
    cross-site / same-site for anything but a top-level navigation) — 403;
 3. the service has an API token and the request is not for an open path and lacks
-   `Authorization: Bearer <token>` — 401;
+   `Authorization: Bearer <token>` or a valid console session cookie (console.py) — 401, or for a
+   browser's page load a redirect to the login form; a request that relies on the cookie and could
+   change something must also carry our own Origin — 403;
 4. it could change something (not GET/HEAD/OPTIONS) and is not `application/json` (forms only on
    paths that declare them, e.g. the HITL login) — 415: "simple" cross-site requests
    (text/plain, forms) never reach a handler.
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
-from starlette.responses import Response
+from starlette.requests import cookie_parser
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -40,6 +44,16 @@ class FormRoute(Route):
     """A route whose unsafe requests may be an urlencoded HTML form instead of JSON (e.g. a login form)."""
 
 
+class SessionCheck(Protocol):
+    """A browser session cookie a service accepts in place of its bearer token (console.ConsoleLogin)."""
+
+    login_path: str
+
+    def cookie_name(self, host_header: str) -> str: ...
+
+    def valid(self, value: str) -> bool: ...
+
+
 @dataclass(frozen=True)
 class GuardPolicy:
     # Host names (lower case, no port) the service answers to; "*" answers to any, "*.example" to subdomains.
@@ -47,6 +61,8 @@ class GuardPolicy:
     # When set, every path but `open_paths` needs `Authorization: Bearer <api_token>`.
     api_token: str | None = None
     open_paths: frozenset[str] = field(default_factory=frozenset)
+    open_prefixes: tuple[str, ...] = ()  # e.g. a console's static files: no data in them
+    session: SessionCheck | None = None
     form_paths: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -117,15 +133,36 @@ class RequestGuard:
         if site in ("cross-site", "same-site") and not navigation:
             return error_response(403, "sec-fetch-site: requests from other sites are refused")
         path = scope.get("path", "")
-        if self.policy.api_token and path not in self.policy.open_paths and not self._authorized(headers):
-            response = error_response(401, "authorization: send 'Authorization: Bearer <API token>'")
-            response.headers["WWW-Authenticate"] = "Bearer"
-            return response
+        if self.policy.api_token and not self._open(path) and not self._authorized(headers):
+            session = self.policy.session
+            if session is None or not self._session_valid(session, headers, host_header):
+                return self._unauthenticated(method, headers)
+            if method not in SAFE_METHODS and origin is None:
+                # The cookie rides along with any request a browser makes; our own pages always say where from.
+                return error_response(403, "origin: a request relying on the session cookie must carry Origin")
         if scope["type"] == "http" and method not in SAFE_METHODS:
             accepted = {JSON, FORM} if path in self.policy.form_paths else {JSON}
             if media_type(headers) not in accepted:
                 return error_response(415, f"content-type: must be {' or '.join(sorted(accepted))}")
         return None
+
+    def _open(self, path: str) -> bool:
+        return path in self.policy.open_paths or path.startswith(self.policy.open_prefixes)
+
+    @staticmethod
+    def _session_valid(session: SessionCheck, headers: Headers, host_header: str) -> bool:
+        value = cookie_parser(headers.get("cookie", "")).get(session.cookie_name(host_header))
+        return value is not None and session.valid(value)
+
+    def _unauthenticated(self, method: str, headers: Headers) -> Response:
+        page_load = method in ("GET", "HEAD") and (
+            headers.get("sec-fetch-mode") == "navigate" or "text/html" in headers.get("accept", "")
+        )
+        if page_load and self.policy.session is not None:
+            return RedirectResponse(self.policy.session.login_path, 303)
+        response = error_response(401, "authorization: send 'Authorization: Bearer <API token>'")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     def _authorized(self, headers: Headers) -> bool:
         assert self.policy.api_token

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from singularity_stack.service.body_limit import BodyLimit
+from singularity_stack.service.console import LOGIN_PATH, STATIC_PREFIX, ConsoleLogin
 from singularity_stack.service.guard import FormRoute, GuardPolicy, RequestGuard
 from singularity_stack.service.http import error_response
 from singularity_stack.service.settings import ServiceSettings
@@ -111,6 +112,10 @@ class Service:
 
     def api_token(self) -> str | None:
         """The bearer token every route but OPEN_PATHS requires; None: the routes authenticate themselves."""
+        return None
+
+    def console(self) -> ConsoleLogin | None:
+        """A browser console's login (its pages are among `routes`); None: the service has no console."""
         return None
 
     def consumers(self) -> list[Consumer[Any]]:
@@ -202,11 +207,14 @@ class Service:
                 await self.stop()
 
         base = [Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)]
-        routes = [*base, *self.routes()]
+        console = self.console()
+        routes = [*base, *(console.routes() if console else []), *self.routes()]
         policy = GuardPolicy(
             allowed_hosts=self.settings.allowed_host_names(),
             api_token=self.api_token(),
-            open_paths=OPEN_PATHS,
+            open_paths=OPEN_PATHS | ({LOGIN_PATH, "/logout"} if console else set()),
+            open_prefixes=(f"{STATIC_PREFIX}/",) if console else (),
+            session=console,
             form_paths=frozenset(route.path for route in routes if isinstance(route, FormRoute)),
         )
         # The guard first (a stranger's body is never read), then the body limit, then the routes.
