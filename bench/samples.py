@@ -55,16 +55,16 @@ class Samples:
         return q1, q3
 
     def format(self, unit: str = "", number: str = "{:,.0f}") -> str:
-        """'874 msg/s (min-max 850-900, IQR 860-890, n=5)'; `number` formats one value, e.g. '{:.0%}'."""
+        """'874 msg/s (min-max 850-900, IQR 860-890, n=5)' (IQR from 5 samples); `number` formats one value, e.g. '{:.0%}'."""
         suffix = f" {unit}" if unit else ""
         f = number.format
         if len(self.values) == 1:
             return f"{f(self.median)}{suffix} (n=1)"
-        low, high = self.iqr
-        return (
-            f"{f(self.median)}{suffix} (min-max {f(self.min)}-{f(self.max)}, "
-            f"IQR {f(low)}-{f(high)}, n={len(self.values)})"
-        )
+        spread = f"min-max {f(self.min)}-{f(self.max)}"
+        if len(self.values) >= 5:  # below that the quartiles are (nearly) the extremes
+            low, high = self.iqr
+            spread += f", IQR {f(low)}-{f(high)}"
+        return f"{f(self.median)}{suffix} ({spread}, n={len(self.values)})"
 
 
 def interleave(named_callables: Mapping[str, Callable[[], float]], samples: int, warmup: int = 1) -> dict[str, Samples]:
