@@ -55,7 +55,8 @@ class Samples:
         return q1, q3
 
     def format(self, unit: str = "", number: str = "{:,.0f}") -> str:
-        """'874 msg/s (min-max 850-900, IQR 860-890, n=5)' (IQR from 5 samples); `number` formats one value, e.g. '{:.0%}'."""
+        """'874 msg/s (min-max 850-900, IQR 860-890, n=5)', the IQR from 5 samples on; `number` formats one
+        value, e.g. '{:.0%}'."""
         suffix = f" {unit}" if unit else ""
         f = number.format
         if len(self.values) == 1:
