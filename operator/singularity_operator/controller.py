@@ -19,7 +19,7 @@ import psycopg
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from singularity_operator import api, objects
+from singularity_operator import api, naming, objects
 from singularity_operator import conditions as cond
 from singularity_operator.kube import Kube
 from singularity_stack.contract import describe_validation_error
@@ -218,6 +218,12 @@ class StackController:
             ERRORS.labels("InvalidSpec").inc()
             self.event("Warning", "InvalidSpec", reason)
             return ReconcileOutcome([cond.Verdict(t, False, "InvalidSpec", reason) for t in cond.PARTS])
+        name_problem = naming.name_problem(stack, namespace, external=spec.postgres.external is not None)
+        if name_problem:
+            # Refused whole, before any object exists: the API server would refuse some of them mid-reconcile.
+            ERRORS.labels("InvalidName").inc()
+            self.event("Warning", "InvalidName", name_problem)
+            return ReconcileOutcome([cond.Verdict(t, False, "InvalidName", name_problem) for t in cond.PARTS])
         if spec.postgres.managed:
             # PostgreSQL itself first: provisioning needs it running.
             for manifest in objects.managed_postgres(stack, namespace, spec.postgres.managed):

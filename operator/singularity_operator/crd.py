@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from singularity_operator import api
+from singularity_operator import api, naming
 
 DROPPED_KEYS = {"title"}
 
@@ -90,6 +90,19 @@ def build_crd() -> dict[str, Any]:
                             "type": "object",
                             "description": "A singularity-stack: its databases, queues and four services.",
                             "properties": {
+                                # The one restriction a CRD may put on metadata: names whose objects would be
+                                # invalid are refused by the API server itself (naming.py; an external server's
+                                # database names, which depend on the namespace, are checked by the operator).
+                                "metadata": {
+                                    "type": "object",
+                                    "properties": {
+                                        "name": {
+                                            "type": "string",
+                                            "maxLength": naming.longest_object_name(),
+                                            "pattern": naming.DNS1035_LABEL.pattern,
+                                        }
+                                    },
+                                },
                                 "spec": model_schema(api.StackSpec),
                                 "status": model_schema(api.StackStatus),
                             },
