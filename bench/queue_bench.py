@@ -1,10 +1,14 @@
-"""Shared-queue benchmark: the client against raw pgmq SQL on the same server, and NOTIFY wake-up latency.
+"""Shared-queue benchmark: the client against raw pgmq SQL on the same server, what pgmq's notification
+trigger costs, the client's CPU per message outside the database, and NOTIFY wake-up latency.
 
-    .venv/bin/python bench/queue_bench.py [--admin-dsn DSN] [--messages 10000]
+    .venv/bin/python bench/queue_bench.py [--admin-dsn DSN] [--messages 2000] [--samples 15] [--warmup 1]
 
 Without --admin-dsn it starts a throwaway local PostgreSQL (fsync off, as in the tests).
-Every figure is publish → consume → archive of the same small LlmRequest; raw and client runs are
-interleaved and repeated, and the medians compared, because a 2-core VM is noisy.
+Every throughput figure is publish → consume → archive of the same small LlmRequest. The runs compared are
+interleaved (A, B, A, B ...) after warm-up rounds (bench/samples.py): a ratio is taken per round, from runs
+made side by side, and shown as the median with its spread, because a shared 2-core VM is noisy. Samples are
+short (a second or less) and many: the load of a shared machine changes over seconds, so two runs a second
+apart see nearly the same machine, and the median of many rounds drops the rounds a burst of load split.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ import json
 import shutil
 import statistics
 import time
+import timeit
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import psycopg
+from samples import Samples, goal, interleave, interleave_async, ratio
 
 from singularity_stack import contract as c
 from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, NotifyListener, SharedQueue
-from singularity_stack.sharedqueue.client import SEND_BATCH_SQL
+from singularity_stack.sharedqueue.client import SEND_BATCH_SQL, RawMessage, queue_for
 from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.topology import NOTIFY_THROTTLE_MS, StackLayout
 from singularity_stack_testing.postgres import throwaway_cluster
@@ -41,7 +48,7 @@ async def timed(label: str, count: int, work: Callable[[], Awaitable[None]]) -> 
     await work()
     elapsed = time.perf_counter() - start
     rate = count / elapsed
-    print(f"  {label:<44} {rate:>10,.0f} msg/s   ({count:,} in {elapsed:.2f} s)", flush=True)
+    print(f"    {label:<52} {rate:>10,.0f} msg/s   ({count:,} in {elapsed:.2f} s)", flush=True)
     return rate
 
 
@@ -82,22 +89,77 @@ async def raw_pgmq(stack: ProvisionResult, count: int, batch: int) -> float:
         await reader.close()
 
 
-async def notify_cost(stack: ProvisionResult, count: int) -> None:
-    """What pgmq's per-row insert trigger (enable_notify_insert, throttle 0) costs send_batch(100)."""
+async def notify_cost(stack: ProvisionResult, count: int, samples: int, warmup: int) -> None:
+    """What pgmq's per-row insert trigger (enable_notify_insert) costs send_batch(100): no trigger, our
+    throttle, and throttle 0 (every row notifies and rewrites its queue's row in pgmq.notify_insert_throttle)."""
     owner = await psycopg.AsyncConnection.connect(stack.credentials["centralcloud"].shared_queue_url, autocommit=True)
     bodies = "[" + ",".join(request(n).model_dump_json() for n in range(100)) + "]"
     await owner.execute("SELECT pgmq.create('bench_plain')")
-    try:
-        for queue, label in [("bench_plain", "without"), (QUEUE, "with")]:
+    await owner.execute("SELECT pgmq.create('bench_unthrottled')")
+    await owner.execute("SELECT pgmq.enable_notify_insert('bench_unthrottled', 0)")
+    queues = {
+        "no trigger": "bench_plain",
+        f"trigger, throttle {NOTIFY_THROTTLE_MS} ms (ours)": QUEUE,
+        "trigger, throttle 0": "bench_unthrottled",
+    }
 
-            async def send(queue: str = queue) -> None:
+    def send(label: str, queue: str) -> Callable[[], Awaitable[float]]:
+        async def measure() -> float:
+            await owner.execute("SELECT pgmq.purge_queue(%s)", (queue,))
+
+            async def work() -> None:
                 for _ in range(count // 100):
                     await owner.execute(SEND_BATCH_SQL, (queue, bodies))
 
-            await timed(f"raw send_batch(100) only, {label} notify trigger", count, send)
+            return await timed(f"send_batch(100) only, {label}", count, work)
+
+        return measure
+
+    try:
+        print(f"pgmq's insert-notification trigger, send_batch(100) alone; {samples} samples after {warmup} warm-up:")
+        rates = await interleave_async(
+            {label: send(label, queue) for label, queue in queues.items()}, samples=samples, warmup=warmup
+        )
+        plain = rates["no trigger"]
+        for label, rate in rates.items():
+            print(f"  {label:<32} {rate.format('msg/s')}")
+            if rate is not plain:
+                print(f"  {'  / no trigger':<32} {ratio(rate, plain).format(number='{:.0%}')}")
     finally:
         await owner.execute("SELECT pgmq.drop_queue('bench_plain')")
+        await owner.execute("SELECT pgmq.drop_queue('bench_unthrottled')")
         await owner.close()
+
+
+def cpu_per_message(samples: int, warmup: int) -> None:
+    """The client's own CPU per message, outside the database: pydantic against the json.loads raw SQL does
+    (consume side), model_dump_json (publish side: raw SQL sends text it already has), and the bookkeeping
+    around them (RawMessage per row, the destination queue per message). Process CPU time, so the other
+    processes on a shared machine do not count."""
+    messages = [request(n) for n in range(1000)]
+    bodies = [m.model_dump_json() for m in messages]
+    now = datetime.now(UTC)
+    rows = [(n, 1, now, body, None) for n, body in enumerate(bodies)]
+    work: dict[str, Callable[[], object]] = {
+        "json.loads (what raw SQL does)": lambda: [json.loads(b) for b in bodies],
+        "pydantic model_validate_json": lambda: [c.LlmRequest.model_validate_json(b) for b in bodies],
+        "pydantic model_dump_json": lambda: [m.model_dump_json() for m in messages],
+        "bookkeeping (RawMessage, queue_for)": lambda: [
+            (RawMessage(*row), queue_for(message)) for row, message in zip(rows, messages, strict=True)
+        ],
+    }
+
+    def per_message(job: Callable[[], object]) -> Callable[[], float]:
+        def measure() -> float:
+            timer = timeit.Timer(job, timer=time.process_time)
+            return min(timer.repeat(repeat=3, number=5)) / (5 * len(messages)) * 1e6
+
+        return measure
+
+    results = interleave({label: per_message(job) for label, job in work.items()}, samples=samples, warmup=warmup)
+    print(f"client CPU per message outside the database (µs, process time; {samples} samples after {warmup} warm-up):")
+    for label, taken in results.items():
+        print(f"  {label:<46} {taken.format('µs', '{:.1f}')}")
 
 
 async def client(stack: ProvisionResult, count: int, batch: int, idempotent: bool = False) -> float:
@@ -144,8 +206,9 @@ async def client(stack: ProvisionResult, count: int, batch: int, idempotent: boo
         await pool.close()
 
 
-async def wake_latency(stack: ProvisionResult, samples: int, spacing: float) -> tuple[float, float]:
-    """Time from just before publish to the handler running, with the consumer asleep on NOTIFY."""
+async def wake_latency(stack: ProvisionResult, samples: int, spacing: float, warmup: int = 20) -> tuple[float, float]:
+    """Time from just before publish to the handler running, with the consumer asleep on NOTIFY. The first
+    `warmup` messages (connections, caches) are not counted."""
     publisher = await SharedQueue(stack.credentials["singularity_1"].shared_queue_url, max_size=1).open()
     reader = await SharedQueue(stack.credentials["nexus"].shared_queue_url, max_size=2).open()
     listener = NotifyListener(stack.credentials["nexus"].shared_queue_url, [QUEUE])
@@ -165,13 +228,14 @@ async def wake_latency(stack: ProvisionResult, samples: int, spacing: float) -> 
     await listener.connected.wait()
     consuming = asyncio.create_task(consumer.run(stop))
     latencies = []
-    for n in range(samples):
+    for n in range(warmup + samples):
         await asyncio.sleep(spacing)
         got.clear()
         start = time.perf_counter()
         await publisher.publish(request(n))
         await got.wait()
-        latencies.append((time.perf_counter() - start) * 1000)
+        if n >= warmup:
+            latencies.append((time.perf_counter() - start) * 1000)
     stop.set()
     await consuming
     listening.cancel()
@@ -181,17 +245,37 @@ async def wake_latency(stack: ProvisionResult, samples: int, spacing: float) -> 
     latencies.sort()
     p50 = statistics.median(latencies)
     p99 = latencies[int(len(latencies) * 0.99) - 1]
-    print(
-        f"  send → handler wake-up, messages {spacing * 1000:.0f} ms apart ({samples} samples): "
-        f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
-    )
+    print(f"    messages {spacing * 1000:.0f} ms apart ({samples} messages): p50 {p50:.2f} ms, p99 {p99:.2f} ms")
     return p50, p99
 
 
-async def run(stack: ProvisionResult, count: int, repeats: int) -> None:
+async def wake_latencies(stack: ProvisionResult, samples: int) -> None:
+    """Runs of 300 messages at each spacing, interleaved; the median of the runs' p50s and p99s."""
     owner = stack.credentials["centralcloud"].shared_queue_url
-    single = min(count, 2000)
-    print(f"publish → consume → archive; each pair run {repeats} times, interleaved, median shown:")
+    print(f"NOTIFY wake-up, publish → handler running (pgmq throttle {NOTIFY_THROTTLE_MS} ms per queue; a consumer")
+    print(f"rereads once after it); {samples} runs of 300 messages per spacing, interleaved:")
+    spacings = {"20 ms apart": 0.02, "1 ms apart": 0.001}
+    p99s: dict[str, list[float]] = {label: [] for label in spacings}
+
+    def run_at(label: str) -> Callable[[], Awaitable[float]]:
+        async def measure() -> float:
+            purge(owner)
+            p50, p99 = await wake_latency(stack, 300, spacings[label])
+            p99s[label].append(p99)
+            return p50
+
+        return measure
+
+    p50s = await interleave_async({label: run_at(label) for label in spacings}, samples=samples, warmup=0)
+    for label, p50 in p50s.items():
+        print(f"  {label:<12} p50 {p50.format('ms', '{:.2f}')}")
+        print(f"  {'':<12} p99 {Samples(label, p99s[label]).format('ms', '{:.2f}')}")
+
+
+async def run(stack: ProvisionResult, count: int, samples: int, warmup: int) -> None:
+    owner = stack.credentials["centralcloud"].shared_queue_url
+    single = max(1, count // 4)  # batch 1 is about 15x slower: a quarter of the messages keeps rounds short
+    print(f"publish → consume → archive; {samples} samples after {warmup} warm-up round(s), interleaved:")
     benches = {
         "raw1": lambda: raw_pgmq(stack, single, 1),
         "client1": lambda: client(stack, single, 1),
@@ -199,13 +283,16 @@ async def run(stack: ProvisionResult, count: int, repeats: int) -> None:
         "client100": lambda: client(stack, count, 100),
         "client100i": lambda: client(stack, count, 100, idempotent=True),
     }
-    rates: dict[str, list[float]] = {name: [] for name in benches}
-    for _ in range(repeats):
-        for name, bench in benches.items():
+
+    def purged(bench: Callable[[], Awaitable[float]]) -> Callable[[], Awaitable[float]]:
+        async def measure() -> float:
             purge(owner)
-            rates[name].append(await bench())
-    median = {name: statistics.median(values) for name, values in rates.items()}
-    print("medians:")
+            return await bench()
+
+        return measure
+
+    rates = await interleave_async({name: purged(bench) for name, bench in benches.items()}, samples, warmup)
+    print("medians, min-max and IQR of the samples:")
     for name, label in [
         ("raw1", "raw pgmq SQL, batch 1"),
         ("client1", "client, batch 1"),
@@ -213,24 +300,26 @@ async def run(stack: ProvisionResult, count: int, repeats: int) -> None:
         ("client100", "client, batch 100"),
         ("client100i", "client, batch 100 + idempotent Consumer"),
     ]:
-        print(f"  {label:<44} {median[name]:>10,.0f} msg/s")
-    print(f"  idempotent / plain, batch 100: {median['client100i'] / median['client100']:.0%}  (goal: at least 60%)")
-    print(f"  client / raw, batch 1:   {median['client1'] / median['raw1']:.0%}")
-    print(f"  client / raw, batch 100: {median['client100'] / median['raw100']:.0%}  (goal: at least 80%)")
+        print(f"  {label:<44} {rates[name].format('msg/s')}")
+    print("ratios, per round (runs side by side):")
+    print(f"  client / raw, batch 1: {ratio(rates['client1'], rates['raw1']).format(number='{:.0%}')}")
+    print("  " + goal("client >= 80% of raw, batch 100", ratio(rates["client100"], rates["raw100"]), 0.80))
+    print("  " + goal("idempotent >= 60% of plain, batch 100", ratio(rates["client100i"], rates["client100"]), 0.60))
     purge(owner)
-    await notify_cost(stack, count)
+    await notify_cost(stack, count, samples, warmup)
+    cpu_per_message(samples, warmup)
     purge(owner)
-    print(f"NOTIFY wake-up (pgmq throttle {NOTIFY_THROTTLE_MS} ms per queue; a consumer rereads once after it):")
-    await wake_latency(stack, 300, 0.02)
-    purge(owner)
-    await wake_latency(stack, 300, 0.001)
+    await wake_latencies(stack, 3)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--admin-dsn")
-    parser.add_argument("--messages", type=int, default=10_000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--messages", type=int, default=2000, help="messages per sample in batches (a quarter at batch 1)"
+    )
+    parser.add_argument("--samples", type=int, default=15, help="measured rounds of each comparison")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     args = parser.parse_args()
     cluster = None
     admin_dsn = args.admin_dsn
@@ -240,7 +329,7 @@ def main() -> None:
         print(f"PostgreSQL {cluster.installation.version} ({cluster.installation.source}), fsync off, loopback")
     try:
         stack = Provisioner(admin_dsn, StackLayout(1, "bench_"), report=lambda _: None).run()
-        asyncio.run(run(stack, args.messages, args.repeats))
+        asyncio.run(run(stack, args.messages, args.samples, args.warmup))
     finally:
         if cluster:
             cluster.stop("immediate")
