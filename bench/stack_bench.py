@@ -1,11 +1,16 @@
-"""Service benchmarks: the LLM round trip through a real Nexus process, and Genesis's sandbox overhead.
+"""Service benchmarks: the LLM round trip through a real Nexus process, litellm's Router CPU per call, and
+Genesis's sandbox overhead.
 
-    .venv/bin/python bench/stack_bench.py [--requests 1000] [--concurrency 100] [--jobs 40]
+    .venv/bin/python bench/stack_bench.py [--requests 400] [--concurrency 100] [--jobs 20] [--samples 5]
 
 LLM: Singularity's side (publish an LlmRequest, await the LlmResult on its own reply queue) against
-`singularity-stack run nexus` answering with the offline model, `--concurrency` requests in flight.
-Genesis: trivial Python jobs through the sandboxed runner (syntax check, lint, run: three sandboxes
-per job) next to spawning the same interpreter bare, both with two at a time.
+`singularity-stack run nexus` answering with the offline model, `--concurrency` requests in flight; each
+sample is `--requests` requests, after a warm-up round, and also counts the Nexus process's CPU time.
+Router: Nexus's LlmRouter alone in this process (offline model), CPU time per call, one at a time and
+`--concurrency` at a time, interleaved.
+Genesis: trivial Python jobs through the sandboxed runner (syntax check, lint, run: three sandboxes per job)
+and the same interpreter spawned bare, both two at a time, interleaved (sandboxed, bare, sandboxed, bare ...)
+after a warm-up round of each; the overhead is taken per round from the two runs side by side.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
+
+from samples import Samples, interleave_async, ratio
 
 from singularity_stack import contract as c
 from singularity_stack.postgres.cluster import free_port
@@ -59,7 +67,14 @@ def start_nexus(stack: ProvisionResult) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError("nexus did not become ready")
 
 
-async def llm_round_trips(stack: ProvisionResult, total: int, concurrency: int) -> None:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat, fields 14 and 15, in clock ticks)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def llm_round_trips(stack: ProvisionResult, nexus_pid: int, total: int, concurrency: int, samples: int) -> None:
     url = stack.credentials["singularity_1"].shared_queue_url
     queue = reply_queue("llm_results", "singularity_1")
     client = await SharedQueue(url, max_size=8).open()
@@ -97,56 +112,117 @@ async def llm_round_trips(stack: ProvisionResult, total: int, concurrency: int) 
             assert isinstance(reply, c.LlmResult) and reply.error is None, reply
             latencies.append((time.perf_counter() - started) * 1000)
 
-    await asyncio.gather(*(one(n) for n in range(min(concurrency, total))))  # warm-up: imports, pools
-    latencies.clear()
-    started = time.perf_counter()
-    await asyncio.gather(*(one(n) for n in range(total)))
-    elapsed = time.perf_counter() - started
+    p50s: list[float] = []
+    p99s: list[float] = []
+    nexus_cpu: list[float] = []
+
+    async def measure() -> float:
+        latencies.clear()
+        cpu_before = cpu_seconds(nexus_pid)
+        started = time.perf_counter()
+        await asyncio.gather(*(one(n) for n in range(total)))
+        elapsed = time.perf_counter() - started
+        nexus_cpu.append((cpu_seconds(nexus_pid) - cpu_before) / total * 1000)
+        latencies.sort()
+        p50s.append(statistics.median(latencies))
+        p99s.append(percentile(latencies, 0.99))
+        print(
+            f"    {total / elapsed:,.0f} requests/s   p50 {p50s[-1]:.1f} ms   p99 {p99s[-1]:.1f} ms   "
+            f"Nexus CPU {nexus_cpu[-1]:.1f} ms per request   ({total:,} requests in {elapsed:.1f} s)",
+            flush=True,
+        )
+        return total / elapsed
+
+    print(f"LLM round trip through Nexus, {concurrency} in flight; {samples} samples of {total} after a warm-up:")
+    rates = (await interleave_async({"rate": measure}, samples=samples, warmup=1))["rate"]
+    # measure() also ran for the warm-up round: the first entry of each list is the warm-up's.
     stop.set()
     await tasks[1]
     tasks[0].cancel()
     await client.close()
     await pool.close()
-    latencies.sort()
+    print(f"  throughput   {rates.format('requests/s')}")
+    print(f"  p50          {Samples('p50', p50s[1:]).format('ms')}")
+    print(f"  p99          {Samples('p99', p99s[1:]).format('ms')}")
+    print(f"  Nexus CPU    {Samples('cpu', nexus_cpu[1:]).format('ms per request', '{:.1f}')}")
+
+
+async def router_cpu(concurrency: int, calls: int, samples: int) -> None:
+    """litellm's Router as Nexus uses it (LlmRouter, packaged routing config, offline model), alone in this
+    process: CPU time per call, one call at a time and `concurrency` at a time."""
+    from singularity_stack.nexus.router import LlmRouter
+
+    router = LlmRouter()
+    messages = [{"role": "user", "content": "question"}]
+
+    def batch(in_flight: int) -> Callable[[], Awaitable[float]]:
+        async def measure() -> float:
+            slots = asyncio.Semaphore(in_flight)
+
+            async def one() -> None:
+                async with slots:
+                    await router.complete("chat", messages)
+
+            cpu_before = time.process_time()
+            await asyncio.gather(*(one() for _ in range(calls)))
+            return (time.process_time() - cpu_before) / calls * 1000
+
+        return measure
+
+    modes = {"one at a time": batch(1), f"{concurrency} in flight": batch(concurrency)}
     print(
-        f"  LLM round trip, {concurrency} in flight: {total / elapsed:,.0f} requests/s   "
-        f"p50 {statistics.median(latencies):.1f} ms   p99 {percentile(latencies, 0.99):.1f} ms   "
-        f"({total:,} requests in {elapsed:.1f} s)"
+        f"litellm Router alone (LlmRouter.complete, offline model); {samples} samples of {calls} calls after a warm-up:"
     )
+    results = await interleave_async(modes, samples=samples, warmup=1)
+    for label, taken in results.items():
+        print(f"  CPU per call, {label:<16} {taken.format('ms', '{:.2f}')}")
 
 
-async def genesis_overhead(jobs: int) -> None:
+async def genesis_overhead(jobs: int, samples: int) -> None:
     from singularity_stack.genesis.runner import JobRunner
 
     runner = JobRunner(max_concurrent=2)
-    await runner.run("print(1)", "python")  # warm-up
-    started = time.perf_counter()
-    outcomes = await asyncio.gather(*(runner.run("print(1)", "python") for _ in range(jobs)))
-    sandboxed = time.perf_counter() - started
-    assert all(o.status == "ok" for o in outcomes), outcomes[0]
-
     slots = asyncio.Semaphore(2)
 
-    async def bare() -> None:
+    async def sandboxed() -> float:
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(runner.run("print(1)", "python") for _ in range(jobs)))
+        elapsed = time.perf_counter() - started
+        assert all(o.status == "ok" for o in outcomes), outcomes[0]
+        return jobs / elapsed
+
+    async def spawn() -> None:
         async with slots:
             process = await asyncio.create_subprocess_exec(
                 "/usr/bin/python3", "-c", "print(1)", stdout=subprocess.DEVNULL
             )
             await process.wait()
 
-    started = time.perf_counter()
-    await asyncio.gather(*(bare() for _ in range(jobs)))
-    plain = time.perf_counter() - started
-    print(f"  Genesis, trivial Python job (syntax + lint + run, sandboxed): {jobs / sandboxed:,.1f} jobs/s")
-    print(f"  bare /usr/bin/python3 -c 'print(1)', same concurrency:       {jobs / plain:,.1f} spawns/s")
-    print(f"  sandbox overhead: {sandboxed / plain:.1f}x the bare interpreter per job (three sandboxes per job)")
+    async def bare() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(spawn() for _ in range(jobs)))
+        return jobs / (time.perf_counter() - started)
+
+    print(
+        f"Genesis against a bare interpreter, two at a time; {samples} samples of {jobs} after a warm-up, interleaved:"
+    )
+    rates = await interleave_async({"sandboxed": sandboxed, "bare": bare}, samples=samples, warmup=1)
+    overhead = ratio(rates["bare"], rates["sandboxed"], "overhead")  # time per sandboxed job / time per bare spawn
+    for label, figure in [
+        ("trivial Python job, sandboxed (syntax + lint + run)", rates["sandboxed"].format("jobs/s", "{:.1f}")),
+        ("bare /usr/bin/python3 -c 'print(1)'", rates["bare"].format("spawns/s", "{:.1f}")),
+        ("sandboxed job / bare interpreter, per round", overhead.format("x", "{:.1f}")),
+    ]:
+        print(f"  {label:<52} {figure}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=400, help="LLM requests per sample")
     parser.add_argument("--concurrency", type=int, default=100)
-    parser.add_argument("--jobs", type=int, default=40)
+    parser.add_argument("--router-calls", type=int, default=200, help="Router calls per sample")
+    parser.add_argument("--jobs", type=int, default=20, help="Genesis jobs (and bare spawns) per sample")
+    parser.add_argument("--samples", type=int, default=5, help="measured rounds of each figure")
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     cluster = throwaway_cluster().start()
@@ -155,8 +231,12 @@ def main() -> None:
         print(f"PostgreSQL {cluster.installation.version}, fsync off, loopback; {os.cpu_count()} cores")
         stack = Provisioner(cluster.dsn(), StackLayout(1), report=lambda _: None).run()
         nexus, _ = start_nexus(stack)
-        asyncio.run(llm_round_trips(stack, args.requests, args.concurrency))
-        asyncio.run(genesis_overhead(args.jobs))
+        asyncio.run(llm_round_trips(stack, nexus.pid, args.requests, args.concurrency, args.samples))
+        nexus.terminate()
+        nexus.wait(30)
+        nexus = None
+        asyncio.run(router_cpu(args.concurrency, args.router_calls, args.samples))
+        asyncio.run(genesis_overhead(args.jobs, args.samples))
     finally:
         if nexus:
             nexus.terminate()
