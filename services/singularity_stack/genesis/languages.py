@@ -30,6 +30,7 @@ from typing import Any
 
 from singularity_stack import contract as c
 from singularity_stack.genesis.sandbox import TOOLS_DIR, Limits, MiB
+from singularity_stack.genesis.tools import PreparedTool, prepare_tool
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,30 @@ class UnsupportedLanguage(ValueError):
         self.name = name
 
 
+class LintOutputError(ValueError):
+    """The linter's output is not what it prints when it works: the lint did not happen."""
+
+
 @dataclass(frozen=True)
 class Linter:
-    """A static checker that runs sandboxed like everything else; it reads the source, never executes it."""
+    """A static checker that runs sandboxed like everything else; it reads the source, never executes it.
+
+    A linter that cannot run is an error of the job, never "no findings" (runner.py).
+    """
 
     tool: str  # name, and its file name under /opt/genesis/bin in the sandbox
     locate: Callable[[], str | None]  # host path of the executable, None when not installed
     args: tuple[str, ...]  # arguments before the source file name
-    parse: Callable[[str], list[str]]  # the tool's stdout -> findings, one readable line each
+    parse: Callable[[str], list[str]]  # the tool's stdout -> findings, one readable line each (LintOutputError)
+    install_hint: str  # how to install it, for the error when it is missing
     env: Mapping[str, str] = field(default_factory=dict)
 
     def argv(self, source_name: str) -> list[str]:
         return [f"{TOOLS_DIR}/{self.tool}", *self.args, source_name]
+
+    def prepared(self) -> PreparedTool:
+        """Where the job's account finds this tool, or why it cannot run (prepared once per path)."""
+        return prepare_tool(self.tool, self.locate(), self.install_hint)
 
 
 @dataclass(frozen=True)
@@ -114,9 +127,12 @@ def _parse_ruff(stdout: str) -> list[str]:
 def _parse_shellcheck(stdout: str) -> list[str]:
     """shellcheck's json1 output -> 'main.sh:2:6: warning SC2154 y is referenced but not assigned.'."""
     try:
-        comments = json.loads(stdout or "{}").get("comments", [])
-    except (json.JSONDecodeError, AttributeError):
-        return [f"shellcheck: unreadable output: {stdout[:200]!r}"]
+        document = json.loads(stdout)
+    except json.JSONDecodeError:
+        raise LintOutputError(f"unreadable output: {stdout[:200]!r}") from None
+    comments = document.get("comments") if isinstance(document, dict) else None
+    if not isinstance(comments, list) or not all(isinstance(c, dict) for c in comments):
+        raise LintOutputError(f"unexpected output: {stdout[:200]!r}")
     return [
         f"{os.path.basename(c.get('file', ''))}:{c.get('line')}:{c.get('column')}: "
         f"{c.get('level')} SC{c.get('code')} {c.get('message')}"
@@ -126,10 +142,12 @@ def _parse_shellcheck(stdout: str) -> list[str]:
 
 def _json_list(stdout: str) -> list[dict[str, Any]]:
     try:
-        value = json.loads(stdout or "[]")
+        value = json.loads(stdout)
     except json.JSONDecodeError:
-        return [{"message": f"unreadable linter output: {stdout[:200]!r}"}]
-    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+        raise LintOutputError(f"unreadable output: {stdout[:200]!r}") from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise LintOutputError(f"unexpected output: {stdout[:200]!r}")
+    return value
 
 
 RUFF = Linter(
@@ -139,6 +157,7 @@ RUFF = Linter(
     # not style, so a finding is worth the user's attention.
     args=("check", "--isolated", "--no-cache", "--output-format=json", "--target-version=py311", "--select=E4,E7,E9,F"),
     parse=_parse_ruff,
+    install_hint="pip install ruff into Genesis's virtualenv (scripts/setup.sh installs it)",
     env={"RAYON_NUM_THREADS": "1"},  # ruff's threads count against the job's process limit
 )
 
@@ -147,6 +166,7 @@ SHELLCHECK = Linter(
     locate=lambda: shutil.which("shellcheck", path="/usr/bin:/bin"),
     args=("--shell=bash", "--format=json1"),
     parse=_parse_shellcheck,
+    install_hint="apt-get install shellcheck",
 )
 
 

@@ -3,7 +3,9 @@
 A job is three sandboxed phases, each a fresh sandbox under the same limits:
 1. syntax check: a failure stops the job with `syntax_error` and the checker's message on stderr
    (source larger than `Limits.max_file_bytes` is refused the same way, without a sandbox);
-2. lint, when the language has a linter installed: findings land in `lint` and never stop the job;
+2. lint, when the language has a linter: findings land in `lint` and never stop the job. A linter that
+   cannot run (not installed, out of the job account's reach, crashed, unreadable output) stops the job
+   with `error` and the reason in stderr: the requester must never take that for clean code;
 3. run (unless `run=False`).
 
 The status names the most significant thing that happened. With `run=True` that is the run's outcome,
@@ -19,8 +21,9 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from singularity_stack import contract as c
 from singularity_stack.contract import JobStatus
-from singularity_stack.genesis.languages import Toolchain, get_language
+from singularity_stack.genesis.languages import LANGUAGES, LintOutputError, Toolchain, get_language
 from singularity_stack.genesis.sandbox import Limits, SandboxError, SandboxResult, run_sandboxed
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ def classify(result: SandboxResult, language: Toolchain) -> JobStatus:
     if language.ran_out_of_memory(_text(result.stderr)):
         return JobStatus.MEMORY_LIMIT
     return JobStatus.RUNTIME_ERROR
+
+
+class LintFailed(Exception):
+    """The language's linter could not lint the code; the message says why, in one line."""
 
 
 class JobRunner:
@@ -116,7 +123,11 @@ class _Job:
             if status is JobStatus.RUNTIME_ERROR:
                 status = JobStatus.SYNTAX_ERROR
             return self._outcome(status, checked, exit_code=None, lint=[])
-        findings = await self._lint()
+        try:
+            findings = await self.lint()
+        except LintFailed as failure:
+            log.error("lint failed", extra={"language": self.language.name.value, "error": str(failure)})
+            return JobOutcome(status=JobStatus.ERROR, stderr=f"lint: {failure}\n", timings_ms=self._timings())
         if not run:
             status = JobStatus.LINT if findings else JobStatus.OK
             return self._outcome(status, None, exit_code=None, lint=findings)
@@ -137,12 +148,14 @@ class _Job:
         finally:
             self.timings[phase] = round((time.perf_counter() - started) * 1000, 1)
 
-    async def _lint(self) -> list[str]:
-        """Findings of the language's linter; an absent or broken linter only costs the findings."""
+    async def lint(self) -> list[str]:
+        """Findings of the language's linter (none for a language without one); LintFailed when it cannot run."""
         linter = self.language.linter
-        tool = linter.locate() if linter else None
-        if linter is None or tool is None:
+        if linter is None:
             return []
+        tool = linter.prepared()
+        if tool.path is None:
+            raise LintFailed(tool.problem)
         started = time.perf_counter()
         try:
             result = await run_sandboxed(
@@ -150,27 +163,53 @@ class _Job:
                 files=self.files,
                 limits=self.limits,
                 env=linter.env,
-                tools={linter.tool: tool},
+                tools={linter.tool: tool.path},
             )
         except SandboxError as exc:
-            log.warning("%s could not run in the sandbox, skipping lint: %s", linter.tool, exc)
-            return []
+            raise LintFailed(f"{linter.tool} could not run in the sandbox: {exc}") from None
         finally:
             self.timings["lint"] = round((time.perf_counter() - started) * 1000, 1)
-        if result.exit_code not in (0, 1):  # both linters: 0 clean, 1 findings, anything else a failure
-            log.warning("%s failed (exit %s): %s", linter.tool, result.exit_code, _text(result.stderr)[:500])
-            return []
-        return linter.parse(_text(result.stdout))
+        status = classify(result, self.language)
+        stderr = _text(result.stderr).strip()[:500]
+        # Both linters: 0 clean, 1 findings, anything else (or a limit hit) a failure.
+        if result.exit_code not in (0, 1) or status not in (JobStatus.OK, JobStatus.RUNTIME_ERROR):
+            raise LintFailed(f"{linter.tool} failed ({status.value}, exit {result.exit_code}): {stderr}")
+        try:
+            findings = linter.parse(_text(result.stdout))
+        except LintOutputError as error:
+            raise LintFailed(f"{linter.tool} (exit {result.exit_code}): {error}; stderr: {stderr}") from None
+        if result.exit_code == 1 and not findings:
+            raise LintFailed(f"{linter.tool} exited 1 without reporting a finding: {stderr}")
+        return findings
 
     def _outcome(
         self, status: JobStatus, result: SandboxResult | None, *, exit_code: int | None, lint: list[str]
     ) -> JobOutcome:
-        self.timings["total"] = round((time.perf_counter() - self.started) * 1000, 1)
         return JobOutcome(
             status=status,
             stdout=_text(result.stdout) if result else "",
             stderr=_text(result.stderr) if result else "",
             exit_code=exit_code,
             lint=lint,
-            timings_ms=dict(self.timings),
+            timings_ms=self._timings(),
         )
+
+    def _timings(self) -> dict[str, float]:
+        self.timings["total"] = round((time.perf_counter() - self.started) * 1000, 1)
+        return dict(self.timings)
+
+
+async def probe_linters(limits: Limits | None = None) -> dict[c.Language, tuple[bool, str]]:
+    """Each linted language -> (works, which tool at which path | why not): whether its linter lints a trivial
+    program here exactly as a job's is linted (the tool as prepared for the job's account, in the sandbox),
+    so a linter out of the account's reach is found at start, not at the first job."""
+    results: dict[c.Language, tuple[bool, str]] = {}
+    for name, language in LANGUAGES.items():
+        if language.linter is None:
+            continue
+        try:
+            await _Job(language, "", limits or Limits()).lint()
+            results[name] = (True, f"{language.linter.tool} at {language.linter.prepared().note}")
+        except LintFailed as failure:
+            results[name] = (False, str(failure))
+    return results

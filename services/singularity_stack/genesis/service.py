@@ -9,7 +9,7 @@ from prometheus_client import Counter
 from pydantic import AliasChoices, Field
 
 from singularity_stack import contract as c
-from singularity_stack.genesis.runner import JobOutcome, JobRunner
+from singularity_stack.genesis.runner import JobOutcome, JobRunner, probe_linters
 from singularity_stack.genesis.sandbox import SandboxError, job_bounds_in_force, probe_sandbox
 from singularity_stack.genesis.store import record_execution
 from singularity_stack.service.runtime import Service
@@ -44,12 +44,19 @@ class GenesisService(Service):
         super().__init__(settings)
         self.runner = JobRunner(settings.max_concurrent_jobs)
         self.sandbox_problem: str | None = None
+        self.linters: dict[c.Language, tuple[bool, str]] = {}  # linted language -> (works, where | why not)
 
     async def on_start(self) -> None:
         # A host (or Pod) where bubblewrap cannot build a sandbox must not look ready: say why instead.
         self.sandbox_problem = await probe_sandbox()
         if self.sandbox_problem:
             log.error("the job sandbox does not work here", extra={"problem": self.sandbox_problem})
+            return
+        # A linter that cannot run fails every job of its language: say so now, one line each.
+        self.linters = await probe_linters(self.runner.limits)
+        for language, (works, text) in self.linters.items():
+            if not works:
+                log.error("%s jobs will fail: %s", language.value, text)
 
     async def readiness(self) -> dict[str, str]:
         problems = await super().readiness()
@@ -58,7 +65,8 @@ class GenesisService(Service):
         return problems
 
     def details(self) -> dict[str, str]:
-        return {"job_bounds": job_bounds_in_force()}
+        lint = {f"lint_{lang.value}": text if ok else f"error: {text}" for lang, (ok, text) in self.linters.items()}
+        return {"job_bounds": job_bounds_in_force(), **lint}
 
     async def handle(self, delivery: Delivery[c.JobRequest]) -> None:
         request = delivery.message

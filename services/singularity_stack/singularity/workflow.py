@@ -261,6 +261,10 @@ class TaskRun:
             verdict = await self.job("refinement", f"validate-round-{attempt + 1}", code)
             if verdict.status in ACCEPTED_JOB_STATUSES:
                 break
+            if verdict.status is c.JobStatus.ERROR:
+                # Genesis could not check the code (a linter that cannot run, a broken sandbox): that says
+                # nothing about the code, so neither a model's fix nor acceptance is the answer.
+                raise StepFailed(f"refinement: Genesis could not check the code: {verdict.error or 'no reason given'}")
             if attempt == self.ctx.limits.max_fix_attempts:
                 raise StepFailed(
                     f"refinement: the code still fails after {attempt} fix(es): {verdict.status}: {verdict.error or ''}"
