@@ -160,7 +160,7 @@ def test_the_app_image_runs_the_projects_command():
 
 
 def test_the_postgres_image_matches_the_operators_statefulset():
-    [statefulset, _service] = objects.managed_postgres("s", "ns", api.ManagedPostgres())
+    [statefulset, _service] = objects.managed_postgres("s", "ns", api.parse_spec({}))
     pod = statefulset["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 999
     assert args_of(POSTGRES, "USER")[-1] == "999"

@@ -106,7 +106,8 @@ def test_network_policies_give_each_service_only_what_it_needs():
 
 
 def test_managed_postgres_statefulset_fixes_volume_ownership():
-    postgres = objects.managed_postgres("demo", "ns", api.ManagedPostgres(storage="5Gi", storage_class_name="fast"))[0]
+    spec = api.parse_spec({"postgres": {"managed": {"storage": "5Gi", "storageClassName": "fast"}}})
+    postgres = objects.managed_postgres("demo", "ns", spec)[0]
     pod = postgres["spec"]["template"]["spec"]
     assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     claim = postgres["spec"]["volumeClaimTemplates"][0]["spec"]

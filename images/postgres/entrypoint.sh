@@ -15,4 +15,5 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   echo "host all all ::/0 scram-sha-256" >> "$PGDATA/pg_hba.conf"
 fi
 chmod 0700 "$PGDATA"
-exec "$BIN/postgres" -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp
+# The container's arguments come last: the operator sizes max_connections for the stack with them.
+exec "$BIN/postgres" -D "$PGDATA" -c listen_addresses='*' -c unix_socket_directories=/tmp "$@"

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from singularity_stack.provision import budget
+
 GROUP = "singularity.dev"
 VERSION = "v1alpha1"
 KIND = "SingularityStack"
@@ -105,6 +107,24 @@ class CentralCloudSpec(ServiceSpec):
     retention_days: int = Field(90, ge=1, le=3650, description="Archived messages older than this are pruned.")
 
 
+class Connections(Model):
+    """How many connections each service may open, so that the PostgreSQL server can be sized to admit them."""
+
+    service_pool_size: int = Field(
+        budget.SERVICE_POOL_SIZE, ge=1, le=100, description="Each pool of Nexus, Genesis and CentralCloud."
+    )
+    instance_pool_size: int = Field(budget.INSTANCE_POOL_SIZE, ge=1, le=100, description="Each pool of an instance.")
+    headroom: int = Field(
+        budget.HEADROOM, ge=0, le=10_000, description="Connections kept free for the operator and maintenance."
+    )
+
+    def stack_budget(self, instances: int) -> budget.Budget:
+        return budget.stack_budget(instances, self.pools(), self.headroom)
+
+    def pools(self) -> budget.PoolSizes:
+        return budget.PoolSizes(self.service_pool_size, self.instance_pool_size)
+
+
 class StackSpec(Model):
     image: str = Field(DEFAULT_IMAGE, min_length=1, description="The image every service runs from.")
     image_pull_policy: str = Field("IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$")
@@ -113,6 +133,7 @@ class StackSpec(Model):
     nexus: NexusSpec = Field(default_factory=NexusSpec)
     genesis: GenesisSpec = Field(default_factory=GenesisSpec)
     centralcloud: CentralCloudSpec = Field(default_factory=CentralCloudSpec)
+    connections: Connections = Field(default_factory=Connections)
     deletion_policy: DeletionPolicy = Field(
         DeletionPolicy.RETAIN, description="Delete drops the stack's databases and roles with it; Retain keeps them."
     )

@@ -23,6 +23,7 @@ from singularity_operator import api, naming, objects
 from singularity_operator import conditions as cond
 from singularity_operator.kube import Kube
 from singularity_stack.contract import describe_validation_error
+from singularity_stack.provision import budget
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.deprovision import drop_instance, drop_stack
 from singularity_stack.provision.migrations import available_migrations, service_kind
@@ -226,11 +227,19 @@ class StackController:
             return ReconcileOutcome([cond.Verdict(t, False, "InvalidName", name_problem) for t in cond.PARTS])
         if spec.postgres.managed:
             # PostgreSQL itself first: provisioning needs it running.
-            for manifest in objects.managed_postgres(stack, namespace, spec.postgres.managed):
+            for manifest in objects.managed_postgres(stack, namespace, spec):
                 self.adopt(manifest)
                 self.kube.apply(manifest)
         try:
             admin_dsn, public, prefix = self.admin_dsn(stack, namespace, spec)
+            if spec.postgres.external:
+                # Checked before any new instance is provisioned: the running ones keep serving.
+                stack_budget = spec.connections.stack_budget(spec.singularity.replicas)
+                problem = budget.budget_problem(stack_budget, budget.server_max_connections(admin_dsn, CONNECT_TIMEOUT))
+                if problem:
+                    ERRORS.labels("ConnectionBudgetExceeded").inc()
+                    self.event("Warning", "ConnectionBudgetExceeded", problem)
+                    return self._not_ready("ConnectionBudgetExceeded", problem)
             status = self.provision(stack, namespace, spec, admin_dsn, public, prefix)
         except RetryLater as waiting:
             return self._not_ready("Waiting", str(waiting), delay=waiting.delay)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from singularity_operator import api
+from singularity_stack.provision.budget import pool_size_for
 from singularity_stack.topology import instance_id
 
 Manifest = dict[str, Any]
@@ -198,6 +199,8 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
         role = "singularity" if logical.startswith("singularity_") else logical
         if role in API_TOKEN_KEYS:
             env = [*env, *_secret_env(api_token_secret_name(stack, role), API_TOKEN_KEYS[role])]
+        # The pool sizes the connection budget (and so managed PostgreSQL's max_connections) counts on.
+        env = [*env, {"name": "POOL_SIZE", "value": str(pool_size_for(logical, spec.connections.pools()))}]
         return _container(spec, service, role, env, allowed_hosts(stack, namespace, logical))
 
     nexus_env = [*db("nexus"), *_secret_env(ui_secret_name(stack), "NEXUS_UI_TOKEN")]
@@ -274,8 +277,13 @@ def service_account(stack: str, namespace: str) -> Manifest:
 # -- managed PostgreSQL ---------------------------------------------------------------------------------
 
 
-def managed_postgres(stack: str, namespace: str, managed: api.ManagedPostgres) -> list[Manifest]:
+def managed_postgres(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]:
+    assert spec.postgres.managed is not None
+    managed = spec.postgres.managed
     name = postgres_name(stack)
+    # Sized for the most the stack's pools may open (provision/budget.py), in steps of 100 so that a few
+    # more instances do not restart PostgreSQL.
+    max_connections = spec.connections.stack_budget(spec.singularity.replicas).managed_max_connections
     claim: dict[str, Any] = {
         "metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": managed.storage}}},
@@ -291,6 +299,7 @@ def managed_postgres(stack: str, namespace: str, managed: api.ManagedPostgres) -
             *_secret_env(admin_secret_name(stack), "POSTGRES_PASSWORD"),
             {"name": "PGDATA", "value": "/var/lib/postgresql/data/pgdata"},
         ],
+        "args": ["-c", f"max_connections={max_connections}"],
         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/postgresql/data"}],
         "resources": _resources(managed.resources),
         "readinessProbe": {
@@ -426,7 +435,7 @@ def workloads(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]
     """Everything but secrets: the operator writes those only when missing."""
     objects = [service_account(stack, namespace)]
     if spec.postgres.managed:
-        objects += managed_postgres(stack, namespace, spec.postgres.managed)
+        objects += managed_postgres(stack, namespace, spec)
     return (
         objects
         + service_deployments(stack, namespace, spec)

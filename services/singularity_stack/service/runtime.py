@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from singularity_stack.provision.budget import PoolSizes, pool_size_for
 from singularity_stack.service.body_limit import BodyLimit
 from singularity_stack.service.console import LOGIN_PATH, STATIC_PREFIX, ConsoleLogin
 from singularity_stack.service.guard import FormRoute, GuardPolicy, RequestGuard
@@ -97,8 +98,9 @@ class Service:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.queue = SharedQueue(settings.shared_queue_url, max_size=10, name=f"{self.name}-shared-queue")
-        self.db: AsyncConnectionPool = connection_pool(settings.database_url, max_size=10, name=f"{self.name}-db")
+        size = settings.pool_size or pool_size_for(self.name, PoolSizes())
+        self.queue = SharedQueue(settings.shared_queue_url, max_size=size, name=f"{self.name}-shared-queue")
+        self.db: AsyncConnectionPool = connection_pool(settings.database_url, max_size=size, name=f"{self.name}-db")
         self.stop_event = asyncio.Event()
         self._consumers: list[Consumer[Any]] = []
         self._listener: NotifyListener | None = None

@@ -34,6 +34,9 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(
         DEFAULT_MAX_BODY_BYTES, ge=1, validation_alias=AliasChoices("MAX_BODY_BYTES", "max_body_bytes")
     )
+    # Connections in each of the service's two pools (its database, the shared queue); unset: the
+    # default for its kind (provision/budget.py), which the operator's max_connections budget assumes.
+    pool_size: int | None = Field(None, ge=1, le=100, validation_alias=AliasChoices("POOL_SIZE", "pool_size"))
 
     def allowed_host_names(self) -> frozenset[str]:
         return frozenset(name.strip().lower().strip("[]") for name in self.allowed_hosts.split(",") if name.strip())

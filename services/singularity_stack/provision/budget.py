@@ -1,0 +1,80 @@
+"""How many connections a stack may open to its PostgreSQL server: the number max_connections must fit.
+
+Every service opens two pools (its own database and the shared queue) and one LISTEN connection;
+CentralCloud also reads the archives through a small pool and opens one short-lived connection for
+queue checks and pruning. Pools open lazily, so an idle stack uses far fewer, but the server must
+admit the most the stack can ask for, or a busy moment ends in "too many clients" with nothing saying why.
+Deployments are recreated (never surged), so a rollout does not add a second set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+
+from singularity_stack.topology import SHARED_SERVICES
+
+SERVICE_POOL_SIZE = 10  # per pool, for each of Nexus, Genesis and CentralCloud
+INSTANCE_POOL_SIZE = 4  # per pool, for each Singularity instance: N of them share the server
+LISTEN_CONNECTIONS = 1
+CENTRALCLOUD_EXTRA = 2 + 1  # the analytics pool, and one connection for queue checks and pruning
+SUPERUSER_RESERVED = 3  # PostgreSQL's superuser_reserved_connections default
+HEADROOM = 10  # the operator's provisioning, migrations, a psql session
+MANAGED_STEP = 100  # managed max_connections is rounded up to this: a few more instances never restart it
+
+
+@dataclass(frozen=True)
+class PoolSizes:
+    service: int = SERVICE_POOL_SIZE
+    instance: int = INSTANCE_POOL_SIZE
+
+
+@dataclass(frozen=True)
+class Budget:
+    instances: int
+    stack: int  # what the stack's services may open at most
+    headroom: int
+
+    @property
+    def required(self) -> int:
+        """The max_connections a server needs for this stack alone."""
+        return self.stack + self.headroom + SUPERUSER_RESERVED
+
+    @property
+    def managed_max_connections(self) -> int:
+        return -(-self.required // MANAGED_STEP) * MANAGED_STEP
+
+    def describe(self) -> str:
+        return (
+            f"{self.instances} Singularity instance(s) and the three services may open {self.stack} connections; "
+            f"with {self.headroom} kept free and {SUPERUSER_RESERVED} reserved for superusers the server needs "
+            f"max_connections >= {self.required}"
+        )
+
+
+def stack_budget(instances: int, pools: PoolSizes = PoolSizes(), headroom: int = HEADROOM) -> Budget:
+    per_service = 2 * pools.service + LISTEN_CONNECTIONS
+    per_instance = 2 * pools.instance + LISTEN_CONNECTIONS
+    total = len(SHARED_SERVICES) * per_service + CENTRALCLOUD_EXTRA + instances * per_instance
+    return Budget(instances, total, headroom)
+
+
+def pool_size_for(logical: str, pools: PoolSizes) -> int:
+    """The size of each pool the service `logical` (a service name or an instance id) opens."""
+    return pools.service if logical in SHARED_SERVICES else pools.instance
+
+
+def server_max_connections(admin_dsn: str, connect_timeout: int = 5) -> int:
+    """An existing server's max_connections (other users of the server share it too)."""
+    with psycopg.connect(admin_dsn, connect_timeout=connect_timeout) as conn:
+        row = conn.execute("SELECT current_setting('max_connections')::int").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def budget_problem(budget: Budget, max_connections: int) -> str | None:
+    """Why a server with `max_connections` cannot take this stack; None when it can."""
+    if budget.required <= max_connections:
+        return None
+    return f"{budget.describe()}, but the server allows {max_connections}: raise it, lower the pool sizes or N"
