@@ -96,11 +96,22 @@ class LlmRequest(Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
 
+class AnsweredQuestion(BaseModel):
+    """A question the task asked a human before it asked for approval, and the answer it went on with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    question: NonEmpty
+    answer: NonEmpty
+    answered_by: str = ""
+
+
 class ApprovalRequest(Request):
     queue: ClassVar[str] = "approval_requests"
     file_path: NonEmpty
     diff: str
     description: str = ""
+    # What the reviewer should know the change was built on (shown on the approval card).
+    answered: list[AnsweredQuestion] = Field(default_factory=list)
 
 
 class QuestionRequest(Request):

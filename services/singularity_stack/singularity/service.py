@@ -9,17 +9,19 @@ import uuid
 from typing import Any
 
 import psycopg
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from singularity_stack import contract as c
+from singularity_stack.service.console import ConsoleLogin
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.service.text import RequiredText, StorableText
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, Unavailable
+from singularity_stack.singularity.console import TaskConsole, base_url
 from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
 from singularity_stack.singularity.workflow import Context, TaskLimits, TaskRun
@@ -37,6 +39,13 @@ class SingularitySettings(ServiceSettings):
     human_timeout_seconds: float = Field(86400.0, validation_alias=AliasChoices("HUMAN_TIMEOUT_SECONDS"))
     daily_budget_usd: float = Field(10.0, validation_alias=AliasChoices("DAILY_LLM_BUDGET_USD"))
     requests_per_minute: int = Field(60, validation_alias=AliasChoices("LLM_REQUESTS_PER_MINUTE"))
+    # Nexus's review page (e.g. http://127.0.0.1:8002): a task page links to its pending card. Unset: no link.
+    nexus_console_url: str = Field("", validation_alias=AliasChoices("NEXUS_CONSOLE_URL", "nexus_console_url"))
+
+    @field_validator("nexus_console_url")
+    @classmethod
+    def _nexus_url(cls, value: str) -> str:
+        return base_url(value, "NEXUS_CONSOLE_URL")
 
     @model_validator(mode="after")
     def _instance_from_database(self) -> SingularitySettings:
@@ -77,6 +86,9 @@ class SingularityService(Service):
         self.context = Context(settings.instance_id, self.store, self.queue, self.waiter, settings.limits())
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.interrupted: set[uuid.UUID] = set()  # workflows a database outage ended: replayed once it is back
+        instance = settings.instance_id
+        self.login = ConsoleLogin(settings.api_token, instance, f"Singularity · {instance}", landing="/")
+        self.pages = TaskConsole(self.store, instance)
 
     # -- tasks -----------------------------------------------------------------------------------
 
@@ -144,6 +156,9 @@ class SingularityService(Service):
     def api_token(self) -> str | None:
         return self.settings.api_token
 
+    def console(self) -> ConsoleLogin:
+        return self.login
+
     async def create(self, request: Request) -> Response:
         try:
             body = await parse_body(request, NewTask)
@@ -162,9 +177,16 @@ class SingularityService(Service):
         task = await self.store.task(task_id)
         if task is None:
             return error_response(404, f"no task {task_id}")
-        steps = await self.store.steps(task_id)
+        steps = [step | {"review_url": self._review_url(step)} for step in await self.store.steps(task_id)]
         models = sorted({s["model"] for s in steps if s["model"]})
         return json_response(task | {"steps": steps, "models_used": models, "instance": self.context.instance})
+
+    def _review_url(self, step: dict[str, Any]) -> str | None:
+        """The Nexus card a human step waits on, when Nexus's page is known (the card is gone once decided)."""
+        nexus = self.settings.nexus_console_url
+        if not nexus or step["kind"] not in ("approval", "question") or step["state"] != "waiting":
+            return None
+        return f"{nexus}/#request-{step['request_id']}"
 
     async def index(self, request: Request) -> Response:
         return json_response(await self.store.tasks())
@@ -174,4 +196,5 @@ class SingularityService(Service):
             Route("/tasks", self.create, methods=["POST"]),
             Route("/tasks", self.index, methods=["GET"]),
             Route("/tasks/{task_id}", self.show, methods=["GET"]),
+            *self.pages.routes(),
         ]

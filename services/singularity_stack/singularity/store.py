@@ -102,10 +102,19 @@ class TaskStore:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
                 "SELECT seq, phase, name, kind, request_id, state, model, cost_usd, error, started_at, finished_at, "
-                "reply FROM steps WHERE task_id = %s ORDER BY seq",
+                # The database's clock, so a browser's own clock cannot make a wait look negative.
+                "extract(epoch FROM coalesce(finished_at, clock_timestamp()) - started_at)::float8 AS waited_seconds, "
+                "request, reply FROM steps WHERE task_id = %s ORDER BY seq",
                 (task_id,),
             )
             return await cur.fetchall()
+
+    async def task_of_request(self, request_id: uuid.UUID) -> uuid.UUID | None:
+        """The task whose step sent `request_id` (a reviewer's card names the request, not the task)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT task_id FROM steps WHERE request_id = %s", (request_id,))
+            row = await cur.fetchone()
+            return row[0] if row else None
 
     async def add_step(self, task_id: uuid.UUID, phase: str, name: str, kind: str, request: c.Request) -> None:
         """Record a step after the task's last one (one workflow runs a task at a time)."""

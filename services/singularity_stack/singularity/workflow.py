@@ -191,13 +191,17 @@ class TaskRun:
             c.JobResult,
         )
 
-    async def approval(self, phase: str, name: str, file_path: str, diff: str) -> c.ApprovalResponse:
+    async def approval(
+        self, phase: str, name: str, file_path: str, diff: str, answered: list[c.AnsweredQuestion]
+    ) -> c.ApprovalResponse:
         return await self._ask(
             phase,
             name,
             "approval",
             self.ctx.limits.human_timeout,
-            lambda common: c.ApprovalRequest(**common, file_path=file_path, diff=diff, description=self.description),
+            lambda common: c.ApprovalRequest(
+                **common, file_path=file_path, diff=diff, description=self.description, answered=answered
+            ),
             c.ApprovalResponse,
         )
 
@@ -233,12 +237,12 @@ class TaskRun:
         brief = self.description
         files = "".join(f"\n--- {path} ---\n{content}" for path, content in self.files.items())
         vague = ambiguity(self.description)
+        answered: list[c.AnsweredQuestion] = []  # the reviewer of the change sees what it was built on
         if vague:
-            clarification = await self.question(
-                "specification",
-                "clarify",
-                f"Could you say more about what this task should do? ({vague})",
-                f"Task: {self.description}",
+            asked = f"Could you say more about what this task should do? ({vague})"
+            clarification = await self.question("specification", "clarify", asked, f"Task: {self.description}")
+            answered.append(
+                c.AnsweredQuestion(question=asked, answer=clarification.response, answered_by=clarification.answered_by)
             )
             brief = f"{self.description}\nClarification from a human: {clarification.response}"
 
@@ -280,7 +284,7 @@ class TaskRun:
 
         review = await self.llm("completion", "review", "qa", f"Review this {self.language} code:\n{code}")
         diff = unified_diff(self.target_path, self.files.get(self.target_path, ""), code)
-        decision = await self.approval("completion", "approval", self.target_path, diff)
+        decision = await self.approval("completion", "approval", self.target_path, diff, answered)
         if not decision.approved:
             who = decision.decided_by or "a reviewer"
             raise StepFailed(f"completion: rejected by {who}: {decision.reason}")
