@@ -6,21 +6,25 @@ own requests and finds its cards by request id. Nothing is downloaded: Playwrigh
 
 from __future__ import annotations
 
-import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, Dialog, Page, async_playwright, expect
+from screenshots import save_screenshot
 from starlette.applications import Starlette
 from support import CHROMIUM, CHROMIUM_ARGS, Stack
 from test_nexus_hitl import TOKEN, approval, deliver, question, replies, rows, serving
 
+from singularity_stack.contract import AnsweredQuestion
 from singularity_stack.nexus.hitl import Hitl
 from singularity_stack.nexus.reviewers import ReviewerFile, Reviewers
 
 REVIEWERS = ("alice", "bob", "carol", "dora", "erin")
+# singularity_1's console is known to this Nexus; singularity_2's is not (its cards get no link).
+CONSOLE_URLS = {"singularity_1": "http://singularity-one.test:8101"}
 
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
@@ -51,7 +55,7 @@ async def ui(provision_stack, tmp_path_factory) -> AsyncIterator[Ui]:
     hitl = Hitl(await stack.db_pool("nexus"), await stack.queue("nexus"))
     file = ReviewerFile(tmp_path_factory.mktemp("nexus") / "reviewers.json")
     tokens = {name: file.add(name) for name in REVIEWERS}
-    app = Starlette(routes=hitl.routes(TOKEN, Reviewers(file.path)))
+    app = Starlette(routes=hitl.routes(TOKEN, Reviewers(file.path), CONSOLE_URLS))
     try:
         async with serving(app) as host, async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -200,6 +204,7 @@ async def test_html_in_a_request_is_shown_as_text_and_never_runs(ui):
         await dialog.dismiss()
 
     page.on("dialog", dismiss)
+    await page.evaluate(WATCH_ELEMENTS)
     path = "<img src=x onerror=\"window.__pwned=1;alert('path')\">"
     description = "<script>window.__pwned = 1; alert('description')</script>"
     diff = "@@ -1 +1 @@\n-<b>old</b>\n+<img src=x onerror=alert('diff')>\n"
@@ -216,9 +221,97 @@ async def test_html_in_a_request_is_shown_as_text_and_never_runs(ui):
     await expect(q.locator(".question-text")).to_have_text("<script>alert('q')</script>")
     await expect(q.locator(".context")).to_have_text("<img src=x onerror=alert('ctx')>")
     assert await page.locator("main img, main script, main b, main i").count() == 0
-    await asyncio.sleep(0.3)  # an image error handler would have fired by now
+    # Recorded as it happened: not one element was ever made from the request's text, even for a moment,
+    # so there was never an image whose error handler could run (and CSP forbids inline handlers anyway).
+    assert await page.evaluate("window.__madeFromData") == []
     assert await page.evaluate("typeof window.__pwned") == "undefined"
     assert dialogs == []
+    await page.context.close()
+
+
+# Every IMG, SCRIPT, B or I element ever added to the page (even if removed again), from now on.
+WATCH_ELEMENTS = """() => {
+  window.__madeFromData = [];
+  new MutationObserver((records) => {
+    for (const record of records) {
+      for (const node of record.addedNodes) {
+        if (node.nodeType !== Node.ELEMENT_NODE) continue;
+        for (const made of [node, ...node.querySelectorAll("img, script, b, i")]) {
+          if (["IMG", "SCRIPT", "B", "I"].includes(made.tagName)) window.__madeFromData.push(made.outerHTML);
+        }
+      }
+    }
+  }).observe(document, { childList: true, subtree: true });
+}"""
+
+
+async def test_the_card_shows_the_answered_question_the_change_was_built_on(ui):
+    page = await open_page(ui, "alice")
+    await page.evaluate(WATCH_ELEMENTS)
+    answered = [
+        AnsweredQuestion(
+            question="Could you say more? (<b>vague</b>)", answer="<img src=x> print hi", answered_by="bob"
+        )
+    ]
+    request = approval(file_path="src/asked.py", answered=answered)
+    plain = approval(file_path="src/not-asked.py")
+    await deliver(ui.hitl, request)
+    await deliver(ui.hitl, plain)
+    shown = card(page, request.request_id)
+    await expect(shown.locator(".answered-question")).to_have_text("Could you say more? (<b>vague</b>)")
+    await expect(shown.locator(".answered-answer")).to_have_text("<img src=x> print hi — bob")
+    await expect(card(page, plain.request_id)).to_be_visible()
+    assert await card(page, plain.request_id).locator(".answered").count() == 0
+    assert await page.evaluate("window.__madeFromData") == []
+    pending = await ui.hitl.snapshot()
+    (listed,) = [c for c in pending["approvals"] if c["request_id"] == str(request.request_id)]
+    assert listed["answered"] == [
+        {"question": answered[0].question, "answer": answered[0].answer, "answered_by": "bob"}
+    ]
+    await page.context.close()
+
+
+async def test_a_card_links_to_its_task_when_its_instances_console_is_known(ui):
+    page = await open_page(ui, "alice")
+    known = approval(file_path="src/linked.py")
+    unknown = approval(file_path="src/unlinked.py", reply_to="singularity_2")
+    await deliver(ui.hitl, known)
+    await deliver(ui.hitl, unknown)
+    link = card(page, known.request_id).locator("a.task-link")
+    await expect(link).to_have_attribute("href", f"{CONSOLE_URLS['singularity_1']}/console/requests/{known.request_id}")
+    await expect(card(page, unknown.request_id)).to_be_visible()
+    assert await card(page, unknown.request_id).locator("a").count() == 0  # no link rather than a broken one
+    await page.context.close()
+
+
+async def test_a_link_to_a_card_finds_it_when_it_arrives(ui):
+    page = await open_page(ui, "erin")
+    request = approval(file_path="src/targeted.py")
+    await page.goto(f"{ui.url}/#request-{request.request_id}")
+    await expect(page.locator("#connection")).to_have_text("live")
+    await deliver(ui.hitl, request)
+    await expect(card(page, request.request_id)).to_have_class(re.compile(r"\btargeted\b"))
+    await page.context.close()
+
+
+async def test_a_400_character_diff_line_wraps_and_stays_in_view(ui):
+    page = await open_page(ui, "dora")
+    long_line = ("+x = '" + "abcdefghij" * 40)[:399] + "'"
+    assert len(long_line) == 400
+    request = approval(file_path="src/long.py", diff=f"@@ -0,0 +1 @@\n{long_line}\n")
+    await deliver(ui.hitl, request)
+    shown = card(page, request.request_id)
+    line = shown.locator(".line.add")
+    await expect(line).to_have_text(long_line)
+    fits = "e => [e.scrollWidth, e.clientWidth]"
+    for element in (line, shown.locator(".diff"), page.locator("html")):
+        scroll_width, client_width = await element.evaluate(fits)
+        assert scroll_width <= client_width, (await element.evaluate("e => e.className"), scroll_width, client_width)
+    box, viewport = await shown.bounding_box(), page.viewport_size
+    assert box is not None and viewport is not None and box["x"] + box["width"] <= viewport["width"]
+    assert (await line.bounding_box() or {})["height"] > 3 * 16  # it wrapped onto several lines
+    await shown.scroll_into_view_if_needed()
+    await save_screenshot(page, "nexus-long-diff", full_page=False)
     await page.context.close()
 
 

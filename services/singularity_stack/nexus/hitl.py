@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -142,6 +142,8 @@ def card(row: dict[str, Any]) -> Card:
             "file_path": payload.get("file_path", ""),
             "description": payload.get("description", ""),
             "diff": payload.get("diff", ""),
+            # The questions the task asked a human before this change, with their answers.
+            "answered": payload.get("answered", []),
         }
     else:
         result |= {"question": payload.get("question", ""), "context": payload.get("context", "")}
@@ -377,10 +379,13 @@ class Hitl:
 
     # -- web ---------------------------------------------------------------------------------------
 
-    def routes(self, token: str, reviewers: Reviewers | None = None) -> list[BaseRoute]:
-        """The reviewer UI and its API, for the named `reviewers` and the shared `token` (see hitl_web)."""
+    def routes(
+        self, token: str, reviewers: Reviewers | None = None, console_urls: Mapping[str, str] | None = None
+    ) -> list[BaseRoute]:
+        """The reviewer UI and its API, for the named `reviewers` and the shared `token` (see hitl_web);
+        `console_urls` (instance → its console's base URL) link each card to the task that sent it."""
         # Imported here: hitl_web builds on this module's classes.
         from singularity_stack.nexus.hitl_web import hitl_routes
         from singularity_stack.nexus.reviewers import Reviewers
 
-        return hitl_routes(self, token, reviewers if reviewers is not None else Reviewers(None))
+        return hitl_routes(self, token, reviewers if reviewers is not None else Reviewers(None), console_urls or {})

@@ -28,7 +28,7 @@ import hmac
 import html
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import parse_qs, urlsplit
@@ -41,7 +41,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from singularity_stack.nexus.hitl import RESYNC, Event, Hitl, HitlError
+from singularity_stack.nexus.hitl import RESYNC, Card, Event, Hitl, HitlError
 from singularity_stack.nexus.reviewers import SHARED_IDENTITY, Reviewers
 from singularity_stack.service.guard import FormRoute
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
@@ -188,9 +188,23 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 class HitlWeb:
-    def __init__(self, hitl: Hitl, token: str, reviewers: Reviewers) -> None:
+    def __init__(self, hitl: Hitl, token: str, reviewers: Reviewers, console_urls: Mapping[str, str]) -> None:
         self.hitl = hitl
         self.auth = Auth(token, reviewers)
+        self.console_urls = dict(console_urls)
+
+    # -- links to the tasks ------------------------------------------------------------------------
+
+    def _linked(self, card: Card) -> Card:
+        """The card with `task_url`, the page of the task that sent it, when that instance's console is known.
+
+        Singularity finds the task by the request id (GET /console/requests/{id}), the one thing both know.
+        """
+        base = self.console_urls.get(card["instance"])
+        return card | {"task_url": f"{base}/console/requests/{card['request_id']}" if base else None}
+
+    async def _snapshot(self) -> dict[str, list[Card]]:
+        return {kind: [self._linked(c) for c in cards] for kind, cards in (await self.hitl.snapshot()).items()}
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -287,7 +301,7 @@ class HitlWeb:
         return endpoint
 
     async def pending(self, request: Request, reviewer: str) -> Response:
-        return json_response(await self.hitl.snapshot())
+        return json_response(await self._snapshot())
 
     async def decide(self, request: Request, reviewer: str) -> Response:
         request_id = path_uuid(request, "request_id")
@@ -327,7 +341,7 @@ class HitlWeb:
                     await pump
 
     async def _send_snapshot(self, websocket: WebSocket, reviewer: str) -> None:
-        await websocket.send_json({"type": "snapshot", **await self.hitl.snapshot(), "reviewer": reviewer})
+        await websocket.send_json({"type": "snapshot", **await self._snapshot(), "reviewer": reviewer})
 
     async def _pump(self, websocket: WebSocket, inbox: asyncio.Queue[Event]) -> None:
         try:
@@ -340,6 +354,8 @@ class HitlWeb:
                     return
                 if event is RESYNC:
                     await self._send_snapshot(websocket, reviewer[0])
+                elif "card" in event:  # shared by every subscriber: linked in a copy
+                    await websocket.send_json(event | {"card": self._linked(event["card"])})
                 else:
                     await websocket.send_json(event)
         except (WebSocketDisconnect, RuntimeError, OSError) as error:
@@ -351,5 +367,5 @@ class HitlWeb:
             pass
 
 
-def hitl_routes(hitl: Hitl, token: str, reviewers: Reviewers) -> list[BaseRoute]:
-    return HitlWeb(hitl, token, reviewers).routes()
+def hitl_routes(hitl: Hitl, token: str, reviewers: Reviewers, console_urls: Mapping[str, str]) -> list[BaseRoute]:
+    return HitlWeb(hitl, token, reviewers, console_urls).routes()

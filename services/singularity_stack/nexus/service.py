@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from starlette.routing import BaseRoute
 
 from singularity_stack import contract as c
@@ -29,6 +31,27 @@ class NexusSettings(ServiceSettings):
     routing_config: Path | None = Field(None, validation_alias=AliasChoices("NEXUS_ROUTING_CONFIG", "routing_config"))
     max_concurrent_llm: int = Field(8, ge=1, validation_alias=AliasChoices("NEXUS_MAX_CONCURRENT_LLM"))
     expiry_interval_seconds: float = Field(30.0, validation_alias=AliasChoices("HITL_EXPIRY_INTERVAL_SECONDS"))
+    # {"singularity_1": "http://127.0.0.1:8003", ...}: each card links to its task there. Unset: no links.
+    singularity_console_urls: dict[str, str] = Field(
+        default_factory=dict,
+        validation_alias=AliasChoices("NEXUS_SINGULARITY_CONSOLE_URLS", "singularity_console_urls"),
+    )
+
+    @field_validator("singularity_console_urls")
+    @classmethod
+    def _console_urls(cls, urls: dict[str, str]) -> dict[str, str]:
+        checked = {}
+        for instance, url in urls.items():
+            if not re.fullmatch(r"singularity_[1-9][0-9]{0,3}", instance):
+                raise ValueError(f"NEXUS_SINGULARITY_CONSOLE_URLS: {instance!r} is not an instance (singularity_N)")
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+                raise ValueError(
+                    f"NEXUS_SINGULARITY_CONSOLE_URLS: {instance}: {url!r} is not an http(s) base URL "
+                    "such as http://127.0.0.1:8003"
+                )
+            checked[instance] = url.strip().rstrip("/")
+        return checked
 
 
 class NexusService(Service):
@@ -91,4 +114,4 @@ class NexusService(Service):
         return [lambda stop: every(self.settings.expiry_interval_seconds, stop, self.hitl.expire_overdue, "expiry")]
 
     def routes(self) -> list[BaseRoute]:
-        return self.hitl.routes(self.settings.ui_token, self.reviewers)
+        return self.hitl.routes(self.settings.ui_token, self.reviewers, self.settings.singularity_console_urls)

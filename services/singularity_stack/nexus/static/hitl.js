@@ -52,7 +52,7 @@
   function diffView(diff) {
     const box = el("pre", "diff");
     box.tabIndex = 0; // scrollable with the keyboard
-    // Lines sit in one block as wide as the longest line, so colours reach the end when scrolled.
+    // Long lines wrap (hitl.css): every character stays in view, however long the line.
     const body = el("div", "diff-lines");
     box.append(body);
     const lines = diff.split("\n");
@@ -84,10 +84,36 @@
     return head;
   }
 
+  // Only links to web pages: a URL in a card never becomes javascript: or data:.
+  function safeUrl(value) {
+    return typeof value === "string" && /^https?:\/\//i.test(value) ? value : null;
+  }
+
   function meta(card) {
     const line = el("p", "meta");
     line.append("from agent ", el("strong", "agent", card.agent_id), " on ", el("strong", "instance", card.instance));
+    const url = safeUrl(card.task_url);
+    if (url) {
+      const link = el("a", "task-link", "open the task");
+      link.href = url;
+      line.append(" · ", link);
+    }
     return line;
+  }
+
+  // The questions the task asked before this change, and the answers it was built on.
+  function answeredView(answered) {
+    const box = el("section", "answered");
+    box.append(el("h3", "answered-title", "Asked before this change"));
+    for (const item of answered) {
+      const entry = el("div", "answered-item");
+      entry.append(el("p", "answered-question", item.question));
+      const answer = el("p", "answered-answer", item.answer);
+      if (item.answered_by) answer.append(el("span", "answered-by", ` — ${item.answered_by}`));
+      entry.append(answer);
+      box.append(entry);
+    }
+    return box;
   }
 
   function errorBox() {
@@ -118,6 +144,7 @@
     actions.append(approve, reason, reject);
     root.append(header(card, el("code", "file-path", card.file_path)), meta(card));
     if (card.description) root.append(el("p", "description", card.description));
+    if (Array.isArray(card.answered) && card.answered.length) root.append(answeredView(card.answered));
     root.append(diffView(card.diff || ""), actions, errorBox());
     return root;
   }
@@ -148,6 +175,7 @@
     if (cards.has(card.request_id)) return; // already shown (snapshot and event may overlap)
     const element = card.kind === "approval" ? approvalCard(card) : questionCard(card);
     element.dataset.requestId = card.request_id;
+    element.id = `request-${card.request_id}`; // a task page links here: <nexus>/#request-<id>
     const receivedLocal = Date.now();
     // The server's clock, estimated from its own figures, so deadlines count down correctly even
     // when this computer's clock is off.
@@ -157,6 +185,11 @@
     insertInOrder(lists[card.kind], entry);
     updateTiming(entry, Date.now());
     updateCounts();
+    if (window.location.hash === `#${element.id}`) {
+      // The card arrived after the page loaded, so the browser could not scroll to it by itself.
+      element.classList.add("targeted");
+      element.scrollIntoView({ block: "start" });
+    }
   }
 
   function insertInOrder(list, entry) {
