@@ -11,6 +11,8 @@ scripts/setup.sh --test
 # tests must run, not skip.
 scripts/build-kubernetes.sh
 export SINGULARITY_REQUIRE_KUBE=1
+# nats-server comes with the test packages (scripts/debian-test-packages.txt): the NATS tests must run too.
+export SINGULARITY_REQUIRE_NATS=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 # Types: mypy strict (pydantic plugin) over singularity_stack and singularity_operator, [tool.mypy] in pyproject.toml.

@@ -16,8 +16,9 @@ from singularity_stack.provision.provisioner import Provisioner, ProvisionResult
 from singularity_stack.topology import StackLayout
 from singularity_stack_testing.postgres import throwaway_cluster
 
-# A real Kubernetes API server for the operator tests (tests/kube_fixture.py).
-pytest_plugins = ["kube_fixture", "sandbox_support"]
+# A real Kubernetes API server for the operator tests (tests/kube_fixture.py); a real nats-server for the
+# NATS migration tests (tests/nats_fixture.py).
+pytest_plugins = ["kube_fixture", "sandbox_support", "nats_fixture"]
 _prefixes = itertools.count(1)
 
 
