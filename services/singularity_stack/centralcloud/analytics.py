@@ -1,43 +1,25 @@
-"""Analytics over the shared_queue archives, read through CentralCloud's read-only role.
-
-Requests and their replies are joined on request_id: replies live in each instance's own
-reply queue, so their archives are read together (`a_llm_results_singularity_1`, `_2`, ...).
-"""
+"""Analytics over the shared_queue archives, read through CentralCloud's read-only role."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import psycopg
-from psycopg import sql
+from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from singularity_stack.centralcloud import archives, timeseries
 
 
-def _archives_of(conn: psycopg.Connection, kind: str) -> sql.Composable:
-    """A UNION ALL over the archives of every instance's `kind` reply queue (dead-letter queues excluded)."""
-    names = [
-        r[0]
-        for r in conn.execute(
-            "SELECT queue_name FROM pgmq.meta WHERE queue_name LIKE %s AND queue_name NOT LIKE '%%\\_dlq' "
-            "ORDER BY queue_name",
-            (f"{kind}\\_singularity\\_%",),
-        )
-    ]
-    if not names:
-        return sql.SQL("(SELECT NULL::jsonb AS message WHERE false)")
-    parts = [sql.SQL("SELECT message FROM {}").format(sql.Identifier("pgmq", f"a_{name}")) for name in names]
-    return sql.SQL("(") + sql.SQL(" UNION ALL ").join(parts) + sql.SQL(")")
+async def _rows(conn: AsyncConnection, query: sql.Composed) -> list[dict[str, Any]]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query)
+        return await cur.fetchall()
 
 
-def _rows(conn: psycopg.Connection, query: sql.Composed) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(query)
-        return cur.fetchall()
-
-
-def llm_usage(conn: psycopg.Connection) -> list[dict[str, Any]]:
+async def llm_usage(conn: AsyncConnection, llm_results: sql.Composable) -> list[dict[str, Any]]:
     """LLM requests by task type, complexity and model: how many, what they cost."""
-    return _rows(
+    return await _rows(
         conn,
         sql.SQL(
             """
@@ -51,13 +33,13 @@ def llm_usage(conn: psycopg.Connection) -> list[dict[str, Any]]:
             LEFT JOIN {} r ON r.message->>'request_id' = q.message->>'request_id'
             GROUP BY 1, 2, 3 ORDER BY requests DESC, task_type
             """
-        ).format(_archives_of(conn, "llm_results")),
+        ).format(llm_results),
     )
 
 
-def approvals(conn: psycopg.Connection) -> dict[str, Any]:
+async def approvals(conn: AsyncConnection, responses: sql.Composable) -> dict[str, Any]:
     """Approval rate and how long humans took to decide (request creation → response creation)."""
-    rows = _rows(
+    rows = await _rows(
         conn,
         sql.SQL(
             """
@@ -74,16 +56,16 @@ def approvals(conn: psycopg.Connection) -> dict[str, Any]:
             FROM pgmq.a_approval_requests q
             LEFT JOIN {} r ON r.message->>'request_id' = q.message->>'request_id'
             """
-        ).format(_archives_of(conn, "approval_responses")),
+        ).format(responses),
     )
     report = rows[0]
     report["approval_rate"] = report["approved"] / report["decided"] if report["decided"] else None
     return report
 
 
-def job_outcomes(conn: psycopg.Connection) -> list[dict[str, Any]]:
+async def job_outcomes(conn: AsyncConnection, job_results: sql.Composable) -> list[dict[str, Any]]:
     """Genesis jobs by language and outcome."""
-    return _rows(
+    return await _rows(
         conn,
         sql.SQL(
             """
@@ -95,12 +77,31 @@ def job_outcomes(conn: psycopg.Connection) -> list[dict[str, Any]]:
             LEFT JOIN {} r ON r.message->>'request_id' = q.message->>'request_id'
             GROUP BY 1, 2 ORDER BY language, jobs DESC
             """
-        ).format(_archives_of(conn, "job_results")),
+        ).format(job_results),
     )
 
 
-def report(analytics_url: str) -> dict[str, Any]:
-    """The whole report, in one read-only transaction so its parts agree."""
-    with psycopg.connect(analytics_url) as conn:
-        conn.read_only = True
-        return {"llm": llm_usage(conn), "approvals": approvals(conn), "jobs": job_outcomes(conn)}
+async def fingerprint(pool: AsyncConnectionPool) -> dict[str, str]:
+    async with pool.connection() as conn:
+        return await archives.fingerprint(conn)
+
+
+async def report(pool: AsyncConnectionPool) -> dict[str, Any]:
+    """The whole report, in one read-only repeatable-read transaction so its parts (and the archives'
+    fingerprint it carries, to tell later whether they changed since) agree."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        llm_results = await archives.replies_of(conn, "llm_results")
+        responses = await archives.replies_of(conn, "approval_responses")
+        job_results = await archives.replies_of(conn, "job_results")
+        width = await timeseries.bucket_seconds(conn)
+        return {
+            "llm": await llm_usage(conn, llm_results),
+            "approvals": await approvals(conn, responses),
+            "jobs": await job_outcomes(conn, job_results),
+            "bucket_seconds": width,
+            "llm_over_time": await timeseries.llm_over_time(conn, llm_results, width),
+            "approval_decisions": await timeseries.approval_decisions(conn, responses, width),
+            "response_times": await timeseries.response_times(conn, responses),
+            "archives": await archives.fingerprint(conn),
+        }

@@ -1,34 +1,20 @@
-"""The small read-only analytics page: server-rendered, every value escaped."""
+"""CentralCloud's console page: a static page whose scripts fetch /analytics and draw it with Chart.js.
+
+The HTML holds no data (every value arrives as JSON and is drawn on a canvas or set as textContent), so
+nothing from a queue or a model name can become markup. Chart.js is vendored in static/vendor/.
+"""
 
 from __future__ import annotations
 
-from html import escape
-from typing import Any
+from pathlib import Path
+
+from starlette.responses import HTMLResponse
+
+from singularity_stack.service.console import static_page
+
+STATIC = Path(__file__).parent / "static"
+STATIC_PREFIX = "/static"
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p class='empty'>nothing yet</p>"
-    head = "".join(f"<th>{escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{escape(str(v))}</td>" for v in row.values()) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render(report: dict[str, Any] | None, computed_at: str | None) -> str:
-    if report is None:
-        content = "<p>No analytics run has finished yet.</p>"
-    else:
-        content = (
-            f"<p>Computed {escape(computed_at or '')} from the shared_queue archives.</p>"
-            f"<h2>LLM requests by task type, complexity and model</h2>{_table(report['llm'])}"
-            f"<h2>Approvals</h2>{_table([report['approvals']])}"
-            f"<h2>Jobs by language and outcome</h2>{_table(report['jobs'])}"
-        )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>CentralCloud analytics</title>"
-        "<style>body{font-family:system-ui,sans-serif;margin:2rem;color:#222}"
-        "table{border-collapse:collapse;margin-bottom:1.5rem}td,th{border:1px solid #ccc;padding:.3rem .6rem}"
-        "th{background:#f3f3f3;text-align:left}.empty{color:#888}</style></head>"
-        f"<body><h1>CentralCloud analytics</h1>{content}"
-        "<p><a href='/analytics'>JSON</a> · <a href='/metrics'>metrics</a></p></body></html>"
-    )
+def console_page() -> HTMLResponse:
+    return static_page(STATIC / "index.html")

@@ -10,16 +10,19 @@ import psycopg
 from prometheus_client import Counter, Gauge
 from pydantic import AliasChoices, Field
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from singularity_stack.centralcloud import analytics, page
 from singularity_stack.centralcloud.retention import prune_archives
 from singularity_stack.centralcloud.store import CentralCloudStore
 from singularity_stack.provision.queues import ensure_queues
-from singularity_stack.service.http import json_response
+from singularity_stack.service.console import ConsoleLogin
+from singularity_stack.service.http import error_response, json_response
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
+from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.topology import StackLayout
 
 log = logging.getLogger(__name__)
@@ -28,18 +31,37 @@ QUEUE_DEPTH = Gauge("singularity_queue_depth", "Messages in a queue (pgmq.metric
 QUEUE_VISIBLE = Gauge("singularity_queue_visible", "Messages ready to be read now", ["queue"])
 OLDEST_AGE = Gauge("singularity_queue_oldest_message_age_seconds", "Age of the oldest message", ["queue"])
 PRUNED = Counter("singularity_archive_pruned_total", "Archived messages pruned by retention", ["queue"])
+RECOMPUTED = Counter("centralcloud_analytics_runs_total", "Analytics recomputed, by what asked", ["trigger"])
 
 
 class CentralCloudSettings(ServiceSettings):
-    # The analytics page and API need 'Authorization: Bearer <token>'; up and the operator generate it.
+    # The console, the analytics API and /prune-runs need 'Authorization: Bearer <token>' or a console
+    # session (logged in with the same token); up and the operator generate it.
     api_token: str = Field(min_length=16, validation_alias=AliasChoices("CENTRALCLOUD_API_TOKEN", "api_token"))
     analytics_url: str = Field(validation_alias=AliasChoices("SHARED_QUEUE_ANALYTICS_URL", "analytics_url"))
     retention_days: int = Field(90, ge=1, validation_alias=AliasChoices("SHARED_QUEUE_RETENTION_DAYS"))
     singularity_instances: int = Field(1, ge=1, validation_alias=AliasChoices("SINGULARITY_INSTANCES"))
     stack_prefix: str = Field("", validation_alias=AliasChoices("STACK_PREFIX"))
-    prune_interval_seconds: float = Field(3600.0, validation_alias=AliasChoices("PRUNE_INTERVAL_SECONDS"))
-    analytics_interval_seconds: float = Field(60.0, validation_alias=AliasChoices("ANALYTICS_INTERVAL_SECONDS"))
-    metrics_interval_seconds: float = Field(10.0, validation_alias=AliasChoices("METRICS_INTERVAL_SECONDS"))
+    prune_interval_seconds: float = Field(
+        3600.0, ge=1, le=86400, validation_alias=AliasChoices("PRUNE_INTERVAL_SECONDS")
+    )
+    # A full recompute however quiet the archives; a change to them recomputes within the check interval.
+    analytics_interval_seconds: float = Field(
+        60.0, ge=1, le=86400, validation_alias=AliasChoices("ANALYTICS_INTERVAL_SECONDS")
+    )
+    archive_check_interval_seconds: float = Field(
+        2.0, ge=0.1, le=3600, validation_alias=AliasChoices("ARCHIVE_CHECK_INTERVAL_SECONDS")
+    )
+    metrics_interval_seconds: float = Field(
+        10.0, ge=1, le=3600, validation_alias=AliasChoices("METRICS_INTERVAL_SECONDS")
+    )
+    queue_sample_retention_hours: float = Field(
+        24.0, ge=1, le=90 * 24, validation_alias=AliasChoices("QUEUE_SAMPLE_RETENTION_HOURS")
+    )
+    # How often the console's page fetches the newest report.
+    console_refresh_seconds: float = Field(
+        15.0, ge=1, le=3600, validation_alias=AliasChoices("CONSOLE_REFRESH_SECONDS")
+    )
 
 
 class CentralCloudService(Service):
@@ -50,10 +72,19 @@ class CentralCloudService(Service):
         super().__init__(settings)
         self.layout = StackLayout(settings.singularity_instances, settings.stack_prefix)
         self.store = CentralCloudStore(self.db)
+        self.archives = connection_pool(settings.analytics_url, max_size=2, name="centralcloud-analytics")
+        self._console = ConsoleLogin(settings.api_token, "centralcloud", "CentralCloud")
+        self._learning = asyncio.Lock()
+        self._fingerprint: dict[str, str] | None = None  # of the archives the newest report was computed from
 
     async def on_start(self) -> None:
+        await self.archives.open()
         created = await asyncio.to_thread(self._ensure_queues)
         log.info("queues checked", extra={"queues_created": created, "queues": len(self.layout.queues)})
+
+    async def stop(self) -> None:
+        await super().stop()
+        await self.archives.close()
 
     def _ensure_queues(self) -> list[str]:
         with psycopg.connect(self.settings.shared_queue_url) as conn:
@@ -68,24 +99,39 @@ class CentralCloudService(Service):
         for queue, count in pruned.items():
             PRUNED.labels(queue).inc(count)
         log.info("pruned archives", extra={"retention_days": days, "pruned": sum(pruned.values()), "by_queue": pruned})
+        if pruned:  # the archives' fingerprint does not see deletions
+            await self.learn("prune")
         return pruned
 
-    async def learn(self) -> dict[str, Any]:
-        report = await asyncio.to_thread(analytics.report, self.settings.analytics_url)
-        await self.store.add_report(report)
+    async def learn(self, trigger: str = "interval") -> dict[str, Any]:
+        async with self._learning:
+            report = await analytics.report(self.archives)
+            await self.store.add_report(report)
+            self._fingerprint = report["archives"]
+        RECOMPUTED.labels(trigger).inc()
         return report
 
+    async def learn_if_archives_changed(self) -> None:
+        """Recompute as soon as something is archived, so the page never lags a decision by a whole interval."""
+        if self._learning.locked():
+            return
+        if await analytics.fingerprint(self.archives) != self._fingerprint:
+            await self.learn("archives changed")
+
     async def observe_queues(self) -> None:
-        for metrics in await self.queue.metrics_all():
-            QUEUE_DEPTH.labels(metrics.queue).set(metrics.length)
-            QUEUE_VISIBLE.labels(metrics.queue).set(metrics.visible)
-            OLDEST_AGE.labels(metrics.queue).set(metrics.oldest_age_seconds or 0)
+        metrics = await self.queue.metrics_all()
+        for m in metrics:
+            QUEUE_DEPTH.labels(m.queue).set(m.length)
+            QUEUE_VISIBLE.labels(m.queue).set(m.visible)
+            OLDEST_AGE.labels(m.queue).set(m.oldest_age_seconds or 0)
+        await self.store.record_queue_samples(metrics, self.settings.queue_sample_retention_hours)
 
     def jobs(self) -> list[Job]:
         s = self.settings
         return [
             lambda stop: every(s.prune_interval_seconds, stop, self.prune, "prune"),
             lambda stop: every(s.analytics_interval_seconds, stop, self.learn, "analytics"),
+            lambda stop: every(s.archive_check_interval_seconds, stop, self.learn_if_archives_changed, "archive-check"),
             lambda stop: every(s.metrics_interval_seconds, stop, self.observe_queues, "queue-metrics"),
         ]
 
@@ -94,19 +140,49 @@ class CentralCloudService(Service):
     def api_token(self) -> str | None:
         return self.settings.api_token
 
-    async def analytics_json(self, request: Request) -> Response:
-        report, computed_at = await self.store.latest_report()
-        return json_response({"computed_at": computed_at, "report": report})
+    def console(self) -> ConsoleLogin:
+        return self._console
 
-    async def analytics_page(self, request: Request) -> Response:
-        return HTMLResponse(page.render(*await self.store.latest_report()))
+    async def _analytics(self) -> dict[str, Any]:
+        report, computed_at = await self.store.latest_report()
+        s = self.settings
+        return {
+            "computed_at": computed_at,
+            "report": report,
+            "queues": await self.store.queue_series(),
+            "dead_letters": await self.store.dead_letters(),
+            "settings": {
+                "console_refresh_seconds": s.console_refresh_seconds,
+                "analytics_interval_seconds": s.analytics_interval_seconds,
+                "archive_check_interval_seconds": s.archive_check_interval_seconds,
+                "metrics_interval_seconds": s.metrics_interval_seconds,
+                "queue_sample_retention_hours": s.queue_sample_retention_hours,
+            },
+        }
+
+    async def analytics_json(self, request: Request) -> Response:
+        return json_response(await self._analytics())
+
+    async def recompute(self, request: Request) -> Response:
+        """POST /analytics/recompute: the report and the queue samples now, then the same answer as GET."""
+        body = (await request.body()).strip()
+        if body not in (b"", b"{}"):
+            return error_response(422, "body: takes no fields (send {} or nothing)")
+        await self.learn("on demand")
+        await self.observe_queues()
+        return json_response(await self._analytics())
+
+    async def console_page(self, request: Request) -> Response:
+        return page.console_page()
 
     async def prune_runs(self, request: Request) -> Response:
         return json_response(await self.store.prune_runs())
 
     def routes(self) -> list[BaseRoute]:
         return [
-            Route("/", self.analytics_page),
+            Route("/", self.console_page),
             Route("/analytics", self.analytics_json),
+            Route("/analytics/recompute", self.recompute, methods=["POST"]),
             Route("/prune-runs", self.prune_runs),
+            Mount(page.STATIC_PREFIX, StaticFiles(directory=page.STATIC), name="centralcloud-static"),
         ]
