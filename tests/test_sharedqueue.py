@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -215,9 +214,28 @@ async def test_a_failed_handler_leaves_no_claim_so_the_retry_runs(sq, store):
     assert rows == [(request.request_id,)]
 
 
+class CountingReads:
+    """Wraps a client's `read`: how many reads finished, and an event set when one came back empty."""
+
+    def __init__(self, client) -> None:
+        self.finished = 0
+        self.came_back_empty = asyncio.Event()
+        real = client.read
+
+        async def read(*args, **kwargs):
+            rows = await real(*args, **kwargs)
+            self.finished += 1
+            if not rows:
+                self.came_back_empty.set()
+            return rows
+
+        client.read = read
+
+
 async def test_notify_wakes_the_consumer_without_polling(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
+    reads = CountingReads(nexus)
     listener = NotifyListener(sq.url("nexus"), ["llm_requests"])
     listening = asyncio.create_task(listener.run())
     got = asyncio.Event()
@@ -237,31 +255,43 @@ async def test_notify_wakes_the_consumer_without_polling(sq, store):
     stop = asyncio.Event()
     await asyncio.wait_for(listener.connected.wait(), 10)
     consuming = asyncio.create_task(consumer.run(stop))
-    await asyncio.sleep(0.2)  # the consumer has read nothing and now waits (an hour, were it polling)
+    # The consumer has read the empty queue: its next read comes after an hour, or a notification.
+    await asyncio.wait_for(reads.came_back_empty.wait(), 10)
+    assert reads.finished == 1
     await singularity.publish(llm_request())
     await asyncio.wait_for(got.wait(), 10)
+    assert reads.finished >= 2  # the read that found it was woken, not polled (the poll is an hour away)
     stop.set()
     await asyncio.wait_for(consuming, 10)
     listening.cancel()
 
 
-async def test_graceful_stop_finishes_the_message_in_hand(sq, store):
+async def test_graceful_stop_finishes_the_batch_in_hand_and_takes_no_more(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")
-    await singularity.publish(llm_request())
+    ids = await singularity.publish_batch([llm_request(agent_id=f"a{n}") for n in range(4)])
     started, release = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
 
     async def slow(delivery: Delivery[c.LlmRequest]) -> None:
         started.set()
         await release.wait()
+        await effect(delivery, delivery.message.agent_id)
+        handled.append(delivery.msg_id)
 
     stop = asyncio.Event()
-    task = asyncio.create_task(Consumer(nexus, "llm_requests", c.LlmRequest, slow, store=store).run(stop))
-    await asyncio.wait_for(started.wait(), 10)
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, slow, store=store, batch_size=2)
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.wait_for(started.wait(), 10)  # the first batch (two messages) is in hand
     stop.set()
     release.set()
     await asyncio.wait_for(task, 10)
-    assert sq.owner_query("SELECT count(*) FROM pgmq.a_llm_requests") == [(1,)]
+    assert handled == ids[:2]  # the batch in hand, finished
+    assert sq.owner_query("SELECT msg_id FROM pgmq.a_llm_requests ORDER BY msg_id") == [(i,) for i in ids[:2]]
+    assert service_rows(sq, "SELECT note FROM effects ORDER BY note") == [("a0",), ("a1",)]
+    # The rest was never taken: visible, unread.
+    rest = sq.owner_query("SELECT msg_id, read_ct, vt <= now() FROM pgmq.q_llm_requests ORDER BY msg_id")
+    assert rest == [(i, 0, True) for i in ids[2:]]
 
 
 async def test_cancelled_consumer_makes_in_flight_messages_visible_at_once(sq, store):
@@ -286,13 +316,22 @@ async def test_cancelled_consumer_makes_in_flight_messages_visible_at_once(sq, s
 
 async def test_metrics_show_depth_and_age(sq):
     singularity = await sq.queue("singularity_1")
+    nexus = await sq.queue("nexus")
     owner = await sq.queue("centralcloud")
-    await singularity.publish_batch([llm_request() for _ in range(3)])
+    ids = await singularity.publish_batch([llm_request() for _ in range(3)])
+    # The oldest message has waited two minutes, the others ten seconds.
+    sq.owner_query(
+        "UPDATE pgmq.q_llm_requests SET enqueued_at = now() - CASE WHEN msg_id = %s THEN interval '120 s' "
+        "ELSE interval '10 s' END RETURNING 1",
+        (ids[0],),
+    )
+    await nexus.read("llm_requests", visibility_timeout=60, limit=1)  # one in flight: queued, not visible
     metrics = {m.queue: m for m in await owner.metrics_all()}
-    assert metrics["llm_requests"].length == 3
-    assert metrics["job_requests"].length == 0
-    assert json.dumps(sorted(metrics))  # every queue reported, serialisable for /metrics
-    assert "llm_results_singularity_1_dlq" in metrics
+    llm = metrics["llm_requests"]
+    assert (llm.length, llm.visible, llm.total_messages) == (3, 2, 3)
+    assert 120 <= llm.oldest_age_seconds < 180
+    assert (metrics["job_requests"].length, metrics["job_requests"].oldest_age_seconds) == (0, None)
+    assert "llm_results_singularity_1_dlq" in metrics  # every queue reported, dead-letter queues too
 
 
 async def test_concurrency_bounds_handlers_in_flight_within_a_batch(sq, store):
@@ -584,3 +623,59 @@ async def test_a_retried_dead_letter_move_writes_one_letter(sq):
     assert await nexus.dead_letter("llm_requests", raw, "invalid", "first") is not None
     assert await nexus.dead_letter("llm_requests", raw, "invalid", "again") is None
     assert sq.owner_query("SELECT message->>'error' FROM pgmq.q_llm_requests_dlq") == [("first",)]
+
+
+async def test_a_message_read_more_often_than_its_attempts_is_dead_lettered_unhandled(sq, store):
+    """Consumers that died holding it (each read counted, no verdict) leave `read_ct` above `max_attempts`:
+    the next consumer dead-letters it as attempts_exhausted instead of handing it to a handler again."""
+    request = llm_request()
+    msg_id = await (await sq.queue("singularity_1")).publish(request)
+    nexus = await sq.queue("nexus")
+    for _ in range(FAST_RETRY.max_attempts):  # three consumers read it and died; its timeout passed each time
+        [raw] = await nexus.read("llm_requests", visibility_timeout=0, limit=1)
+    assert raw.read_ct == FAST_RETRY.max_attempts
+    handled: list[int] = []
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        handled.append(delivery.msg_id)
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store, policy=FAST_RETRY)
+    assert await consumer.run_once() == 1
+    assert handled == []
+    [(letter,)] = sq.owner_query("SELECT message FROM pgmq.q_llm_requests_dlq")
+    assert (letter["reason"], letter["attempts"], letter["source_msg_id"]) == ("attempts_exhausted", 4, msg_id)
+    assert letter["error"] == "read 4 times without completing"
+    assert c.LlmRequest.model_validate(letter["message"]) == request
+    assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests") == [(0,)]
+    assert service_rows(sq, "SELECT count(*) FROM processed_messages") == [(0,)]
+
+
+async def test_back_off_grows_exponentially_with_jitter_up_to_its_ceiling(sq, store):
+    """The delays are read from pgmq itself: each failed message's `vt` after its failure."""
+    policy = RetryPolicy(max_attempts=5, base_delay=10.0, max_delay=30.0)
+    singularity = await sq.queue("singularity_1")
+    await singularity.publish_batch([llm_request(agent_id=f"a{n}") for n in range(20)])
+    nexus = await sq.queue("nexus")
+
+    async def fails(delivery: Delivery[c.LlmRequest]) -> None:
+        raise ConnectionResetError("provider hiccup")
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, fails, store=store, policy=policy, batch_size=20)
+    delays: dict[int, list[float]] = {}
+    for attempt in (1, 2, 3, 4):
+        assert await consumer.run_once() == 20
+        rows = sq.owner_query(
+            "SELECT read_ct, extract(epoch FROM vt - clock_timestamp())::float FROM pgmq.q_llm_requests"
+        )
+        assert {read_ct for read_ct, _ in rows} == {attempt}
+        delays[attempt] = [delay for _, delay in rows]
+        sq.owner_query("UPDATE pgmq.q_llm_requests SET vt = now() RETURNING 1")  # let the back-off pass
+    # Attempt n waits between half and all of min(30, 10 * 2^(n-1)) seconds.
+    for attempt, ceiling in [(1, 10.0), (2, 20.0), (3, 30.0), (4, 30.0)]:
+        assert all(ceiling / 2 - 0.5 <= d <= ceiling for d in delays[attempt]), (attempt, delays[attempt])
+    assert min(delays[2]) > max(delays[1]) - 0.5  # it grows: every second wait is longer than any first one
+    medians = [sorted(delays[attempt])[10] for attempt in (1, 2, 3)]
+    assert medians[0] < medians[1] < medians[2]
+    for attempt in (1, 2, 3, 4):
+        assert len({round(d, 2) for d in delays[attempt]}) >= 10, attempt  # jittered: 20 messages, 20 delays
+    assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests_dlq") == [(0,)]

@@ -337,6 +337,13 @@ class Consumer(Generic[M]):
         self._batch_seconds.observe(time.perf_counter() - started)
         return len(raws)
 
+    def _committed(self) -> frozenset[Outcome]:
+        """Outcomes whose claim is already committed when a batch is cut short: with concurrency 1 none (the
+        batch is one transaction); with more, each handled message committed in its own."""
+        if self.concurrency == 1:
+            return frozenset({Outcome.DEAD, Outcome.RETRY})
+        return frozenset(Outcome)
+
     def _record(self, batch: _Batch) -> None:
         for outcome, count in collections.Counter(batch.outcomes.values()).items():
             self._settled[outcome].inc(count)
@@ -345,10 +352,14 @@ class Consumer(Generic[M]):
         """Make what did not settle visible again at once instead of after the timeout, and give back the
         read it cost: trouble that was not the message's (a database away, a shutdown) never uses up its
         attempts. A batch that did not commit has settled only its dead letters and retries: its handled
-        messages go back too."""
-        unsettled = [r.msg_id for r in raws if batch.outcomes.get(r.msg_id) not in (Outcome.DEAD, Outcome.RETRY)]
-        batch.outcomes = {i: o for i, o in batch.outcomes.items() if o in (Outcome.DEAD, Outcome.RETRY)}
+        messages go back too. Messages handled in transactions of their own (concurrency > 1) committed:
+        they are archived, as a finished batch's are."""
+        kept = self._committed()
+        batch.outcomes = {i: o for i, o in batch.outcomes.items() if o in kept}
+        unsettled = [r.msg_id for r in raws if r.msg_id not in batch.outcomes]
+        done = [i for i, o in batch.outcomes.items() if o in (Outcome.HANDLED, Outcome.DUPLICATE)]
         try:
+            await self.client.archive(self.queue, done)
             await self.client.give_back(self.queue, unsettled)
             log.info("queue %s released %d in-flight messages", self.queue, len(unsettled))
         except (Unavailable, psycopg.Error) as error:
