@@ -20,6 +20,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
 from litellm.router import Router
+from litellm.types.router import AllowedFailsPolicy
 from pydantic import BaseModel, ConfigDict, Field
 
 from singularity_stack.contract import ChatMessage, Complexity
@@ -41,6 +42,18 @@ MODEL_GROUP_HEADER = "x-litellm-model-group"
 # The prefix matters: litellm also files a deployment's model_info in its global price map under the id, and a
 # bare model_name such as "gpt-4o" would land on the real model's entry.
 DEPLOYMENT_ID_PREFIX = "nexus:"
+# litellm cools down the only deployment of a model group (every model here is a group of its own, its
+# fallbacks given per call) only for failure kinds a policy names: these, the provider's side of a failure.
+# A bad request (the prompt's fault) never rests a model.
+COOLED_DOWN_FAILURES = (
+    "AuthenticationError",
+    "TimeoutError",
+    "RateLimitError",
+    "InternalServerError",
+    "ServiceUnavailableError",
+    "BadGatewayError",
+    "NotFoundError",
+)
 
 
 class RoutingError(RuntimeError):
@@ -90,6 +103,9 @@ class LlmRouter:
             num_retries=settings.num_retries,
             cooldown_time=settings.cooldown_time,
             allowed_fails=settings.allowed_fails,
+            allowed_fails_policy=AllowedFailsPolicy(
+                **{f"{kind}AllowedFails": settings.allowed_fails for kind in COOLED_DOWN_FAILURES}
+            ),
             timeout=settings.timeout,
             # litellm stops after 5 fallbacks by default; a route may list more.
             max_fallbacks=max(1, _longest_route(self.config) - 1),
