@@ -95,7 +95,7 @@ def _owner(uid: int) -> str:
         return str(uid)
 
 
-def _usable_root(root: Path, account: Account) -> bool:
+def usable_root(root: Path, account: Account) -> bool:
     """Make `root` (mode 0755, ours) or check an existing one is a real directory of ours nobody else may change."""
     with contextlib.suppress(FileExistsError):
         root.mkdir(mode=0o755, parents=True)
@@ -106,29 +106,32 @@ def _usable_root(root: Path, account: Account) -> bool:
     return blocked(root, account, os.X_OK) is None
 
 
-def reachable_copy(sources: Iterable[Path], anchor: Path, account: Account, label: str) -> Path:
+def reachable_copy(
+    sources: Iterable[Path], anchor: Path, account: Account, label: str, *, follow_symlinks: bool = False
+) -> Path:
     """Copies of the trees or files `sources` (each inside `anchor`, kept at the same place relative to it)
     in a root-owned 0755 directory `account` can reach; returns the copy of `anchor`.
 
     Content-addressed (name, size and mtime of every file): the same sources reuse one copy across
     restarts and processes. A copy appears only once complete (built beside it, then renamed).
+    `follow_symlinks` copies what links point to (they may point back into the private directory).
     """
     sources = [Path(s) for s in sources]
     digest = hashlib.sha256()
     for source in sources:
         for file in sorted(_files(source)):
-            info = os.lstat(file)
+            info = os.stat(file) if os.path.exists(file) else os.lstat(file)
             digest.update(f"{file.relative_to(anchor)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
     name = f"{label}-{digest.hexdigest()[:16]}"
     errors: list[str] = []
     for root in CACHE_ROOTS:
         try:
-            if not _usable_root(root, account):
+            if not usable_root(root, account):
                 errors.append(f"{root}: not a root-owned directory {account.describe()} can reach")
                 continue
             target = root / name
             if not target.is_dir():
-                _build(sources, anchor, root, target)
+                _build(sources, anchor, root, target, follow_symlinks)
             return target
         except OSError as error:
             errors.append(f"{root}: {error.strerror or error}")
@@ -138,17 +141,17 @@ def reachable_copy(sources: Iterable[Path], anchor: Path, account: Account, labe
 def _files(source: Path) -> list[Path]:
     if not source.is_dir():
         return [source]
-    return [Path(d) / f for d, _, names in os.walk(source) for f in names]
+    return [Path(d) / f for d, _, names in os.walk(source, followlinks=True) for f in names]
 
 
-def _build(sources: list[Path], anchor: Path, root: Path, target: Path) -> None:
+def _build(sources: list[Path], anchor: Path, root: Path, target: Path, follow_symlinks: bool) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
         for source in sources:
             dest = staging / source.relative_to(anchor)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if source.is_dir():
-                shutil.copytree(source, dest, symlinks=True)
+                shutil.copytree(source, dest, symlinks=not follow_symlinks)
             else:
                 shutil.copy2(source, dest)
         for directory, dirs, files in os.walk(staging):

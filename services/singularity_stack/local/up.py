@@ -10,7 +10,9 @@ every child is stopped (services first, PostgreSQL last) and the exit status say
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from singularity_stack.local import lifecycle
 from singularity_stack.local.supervisor import PostgresProcess, Supervisor, plan_services, stop_recorded, write_state
 from singularity_stack.postgres.cluster import ClusterError, LocalCluster, free_port, server_account
+from singularity_stack.reachable import Account, blocked, usable_root
 from singularity_stack.securefile import private_dir, read_private, write_private
 
 
@@ -62,6 +65,34 @@ def choose_ports(state: Path, names: list[str], base: int | None) -> dict[str, i
     return ports
 
 
+# PostgreSQL's data, when its account cannot pass through the state directory's parents.
+OUTSIDE_DATA_ROOT = Path("/var/lib/singularity-stack")
+
+
+def postgres_dir(state: Path) -> tuple[Path, str | None]:
+    """Where PostgreSQL's data directory is, and why it is not `<state>/postgres` (None when it is).
+
+    As root the server runs as its own account, which must pass through every parent of its data directory.
+    A state directory under a private one (a checkout in root's home, 0700) is out of its reach: the data
+    then lives in a directory of this state directory's own (named by a hash of its path) under
+    OUTSIDE_DATA_ROOT, which that account can reach.
+    """
+    server = server_account()
+    if server is None:
+        return state / "postgres", None
+    account = Account(server.pw_uid, server.pw_gid, server.pw_name)
+    problem = blocked(state, account, os.X_OK)
+    if problem is None:
+        return state / "postgres", None
+    name = "postgres-" + hashlib.sha256(str(state.resolve()).encode()).hexdigest()[:16]
+    if not usable_root(OUTSIDE_DATA_ROOT, account):
+        raise lifecycle.UpError(
+            f"PostgreSQL runs as {account.describe()}, who cannot reach {state} ({problem}), and "
+            f"{OUTSIDE_DATA_ROOT} is no root-owned directory it can reach: pass a --state-dir it can reach"
+        )
+    return OUTSIDE_DATA_ROOT / name, f"{account.name} cannot reach {state} ({problem})"
+
+
 def service_names(instances: int) -> list[str]:
     """The services in the order `plan_services` starts them."""
     return ["centralcloud", "genesis", "nexus", *(f"singularity_{i}" for i in range(1, instances + 1))]
@@ -103,8 +134,9 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
     from singularity_stack.nexus.reviewers import ReviewerFile
 
     left = stop_recorded(state / "children.json", say)
+    datadir, moved = (state / "postgres", None) if args.admin_dsn else postgres_dir(state)
     if not args.admin_dsn:  # before the ports are chosen: a leftover server holds PostgreSQL's
-        leftover = LocalCluster(state / "postgres", port=0)  # status and stop need no port
+        leftover = LocalCluster(datadir, port=0)  # status and stop need no port
         if leftover.initialized and leftover.running:  # an earlier `up`'s, left running (or started by hand)
             by = " by an earlier `up`" if left else ""
             say(f"  stopping the PostgreSQL left running in {leftover.datadir}{by}")
@@ -114,11 +146,13 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
     ports = choose_ports(state, names, args.port_base)
     admin_dsn = args.admin_dsn
     if not admin_dsn:
-        cluster = LocalCluster(state / "postgres", port=ports["postgres"])
+        cluster = LocalCluster(datadir, port=ports["postgres"])
         say(
             f"[1/3] starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
             f"in {cluster.datadir} on port {cluster.port}"
         )
+        if moved:
+            say(f"  its data directory is outside the state directory: {moved}")
         cluster.init()
         supervisor.start_all(timeout=90, services=[PostgresProcess(cluster)])
         if stop.check():

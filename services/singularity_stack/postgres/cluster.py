@@ -20,7 +20,8 @@ from urllib.parse import quote
 
 import psycopg
 
-from singularity_stack.postgres.installation import PostgresInstallation, find_installation
+from singularity_stack.postgres.installation import PostgresInstallation, find_installation, reachable_by
+from singularity_stack.reachable import Account, blocked
 from singularity_stack.securefile import write_private
 
 SUPERUSER = "postgres"
@@ -98,11 +99,18 @@ class LocalCluster:
         settings: Mapping[str, str] | None = None,
     ) -> None:
         self.datadir = Path(datadir)
+        self._account = _run_as_user()
         self.installation = installation or find_installation()
+        if self._account:  # the server's account must reach the binaries, or gets a copy it can reach
+            self.installation = reachable_by(self.installation, self._reach_account)
         self.port = port or free_port()
         self.settings = {"max_connections": "300", **(settings or {})}
         self.host = "127.0.0.1"
-        self._account = _run_as_user()
+
+    @property
+    def _reach_account(self) -> Account:
+        assert self._account is not None
+        return Account(self._account.pw_uid, self._account.pw_gid, self._account.pw_name)
 
     @property
     def account(self) -> pwd.struct_passwd | None:
@@ -169,6 +177,11 @@ class LocalCluster:
         if self.initialized:
             return
         self.datadir.mkdir(parents=True, exist_ok=True)
+        if self._account and (problem := blocked(self.datadir.parent, self._reach_account, os.X_OK)):
+            raise ClusterError(
+                f"PostgreSQL runs as {self._reach_account.describe()}, who cannot reach {self.datadir} ({problem}): "
+                "put the data directory under a directory others may traverse"
+            )
         self.datadir.chmod(0o700)
         self._give_to_account(self.datadir)
         # The data directory is the server account's: nothing it planted there is written through.

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from singularity_stack.reachable import Account, CopyFailed, blocked, reachable_copy
+
 BINDIR_ENV = "SINGULARITY_PG_BINDIR"
 SERVER_TOOLS = ("postgres", "initdb", "pg_ctl")
 
@@ -121,4 +123,48 @@ def find_installation() -> PostgresInstallation:
     raise NoPostgresError(
         "no PostgreSQL server binaries found: install Debian's postgresql package, "
         "the pgserver wheel, or set " + BINDIR_ENV
+    )
+
+
+def _out_of_reach(installation: PostgresInstallation, account: Account) -> str | None:
+    """The first file of `installation` the server's account cannot use, and why; None when it can use all."""
+    wanted = [(installation.tool(tool), os.X_OK) for tool in SERVER_TOOLS]
+    for directory in (installation.sharedir, installation.pg_config("pkglibdir"), *installation.library_path):
+        wanted.append((directory, os.X_OK))
+    for path, access in wanted:
+        if problem := blocked(path, account, access):
+            return f"{path} ({problem})"
+    return None
+
+
+def reachable_by(installation: PostgresInstallation, account: Account) -> PostgresInstallation:
+    """`installation`, or a copy of it in a root-owned 0755 directory when `account` cannot reach its files.
+
+    initdb refuses to run as root, so as root the server runs as another account (cluster.py); the `pgserver`
+    wheel inside a checkout under a private directory (root's home, 0700) is out of that account's reach.
+    The copy keeps the layout around the binaries (PostgreSQL finds its share and lib directories relative
+    to them, and the wheel's binaries their libpq via $ORIGIN) and is made once per content (reachable.py).
+    Raises NoPostgresError, naming the path in the way and the fix, when no copy can be made.
+    """
+    problem = _out_of_reach(installation, account)
+    if problem is None:
+        return installation
+    prefix = installation.bindir.resolve().parent
+    libraries = {Path(os.path.normpath(p)) for p in installation.library_path}
+    libraries |= {Path(os.path.normpath(p)) for p in private_library_dirs(installation.tool("initdb"))}
+    libraries = {p for p in libraries if not p.is_relative_to(prefix)}
+    sources = [prefix, *sorted(libraries)]
+    anchor = Path(os.path.commonpath(sources))
+    try:
+        copy = reachable_copy(sources, anchor, account, "postgres", follow_symlinks=True)
+    except CopyFailed as error:
+        raise NoPostgresError(
+            f"PostgreSQL runs as {account.describe()}, who cannot reach {problem}, and no copy could be made "
+            f"where it can ({error}): install Debian's postgresql package or move the checkout under a "
+            "directory others may traverse"
+        ) from None
+    return PostgresInstallation(
+        copy / installation.bindir.resolve().relative_to(anchor),
+        f"{installation.source}, copied where {account.name} can reach it",
+        tuple(copy / p.relative_to(anchor) for p in sorted(libraries)),
     )
