@@ -17,6 +17,7 @@ from yoyo.migrations import MigrationList
 
 from singularity_stack import contract as c
 from singularity_stack.centralcloud.service import CentralCloudService, CentralCloudSettings
+from singularity_stack.centralcloud.store import REPORTS_KEPT
 from singularity_stack.provision.migrations import MIGRATIONS_ROOT, apply_migrations
 from singularity_stack.service.run import build_service
 from singularity_stack.service.settings import SettingsError
@@ -289,6 +290,20 @@ async def test_a_decision_is_in_the_report_within_the_archive_check_not_the_inte
 
 async def _computed(client: httpx.AsyncClient) -> bool:
     return (await client.get("/analytics")).json()["report"] is not None
+
+
+async def test_only_the_newest_reports_are_kept(sq, central):
+    service, client = central
+    with psycopg.connect(sq.db_url("centralcloud"), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO analytics_reports (report) SELECT jsonb_build_object('old', n) FROM generate_series(1, %s) n",
+            (REPORTS_KEPT + 50,),
+        )
+    await service.learn()
+    with psycopg.connect(sq.db_url("centralcloud")) as conn:
+        [(kept,)] = conn.execute("SELECT count(*) FROM analytics_reports").fetchall()
+    assert kept == REPORTS_KEPT
+    assert "approvals" in (await client.get("/analytics")).json()["report"]  # the newest is the one served
 
 
 async def _sampled(client: httpx.AsyncClient) -> bool:

@@ -152,6 +152,19 @@ async def test_empty_charts_say_what_will_appear(console):
         await expect(page.locator(f'[data-chart-group="{name}"]')).to_be_hidden()
     await expect(page.locator("#tile-approvals")).to_have_text("0 of 0 decided")
     await expect(page.locator("#tile-approvals-note")).to_have_text("no decisions yet")
+    # The page's formatting, value by value: what a person reads instead of null or 23.264014500000002.
+    formatted = await page.evaluate(
+        """() => [ccFormat.money(23.264014500000002), ccFormat.money(0.0042), ccFormat.money(0), ccFormat.money(null),
+                  ccFormat.duration(0.42), ccFormat.duration(1.23), ccFormat.duration(90), ccFormat.duration(7200),
+                  ccFormat.duration(null), ccFormat.ofTotal(3, 5), ccFormat.percent(0.6), ccFormat.percent(null),
+                  ccFormat.when(Date.UTC(2026, 0, 2, 3, 4, 5))]"""
+    )
+    assert formatted == [
+        "$23.26", "$0.0042", "$0.00", "no cost recorded",
+        "420 ms", "1.2 s", "1.5 min", "2 h",
+        "not yet", "3 of 5", "60%", "no decisions yet",
+        "Jan 2, 2026, 08:49:05 AM GMT+5:45",
+    ]  # fmt: skip
     await page.context.close()
 
 
