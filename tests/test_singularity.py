@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from yoyo import get_backend, read_migrations
 
@@ -36,8 +37,9 @@ class AnswersEveryDelivery(IdempotencyStore):
 class StandIns:
     """Consumers that answer Singularity's requests as Nexus and Genesis would, by a script."""
 
-    def __init__(self, stack) -> None:
+    def __init__(self, stack, *, deduplicate: bool = False) -> None:
         self.stack = stack
+        self.deduplicate = deduplicate  # as the real Nexus and Genesis do: a re-sent request_id is a duplicate
         self.llm = lambda r: c.LlmResult(**c.reply_fields(r), result=CODE_ANSWER, model="stand-in", cost_usd=0.001)
         self.job: Callable[[c.JobRequest], c.JobResult] = lambda r: c.JobResult(
             **c.reply_fields(r), status=c.JobStatus.OK, output="hello from the stand-in\n"
@@ -67,8 +69,9 @@ class StandIns:
 
         # Stand-ins answer every delivery, re-sent ones included, as they did before the Consumer needed a
         # store: a request they leave open on purpose must be answerable when it is re-sent after a restart.
-        nexus_store = AnswersEveryDelivery(await self.stack.db_pool("nexus"))
-        genesis_store = AnswersEveryDelivery(await self.stack.db_pool("genesis"))
+        store = IdempotencyStore if self.deduplicate else AnswersEveryDelivery
+        nexus_store = store(await self.stack.db_pool("nexus"))
+        genesis_store = store(await self.stack.db_pool("genesis"))
         consumers = [
             Consumer(
                 nexus,
@@ -111,8 +114,13 @@ class StandIns:
 
 
 @pytest.fixture
-async def world(sq):
-    stand_ins = StandIns(sq)
+def deduplicate() -> bool:
+    return False
+
+
+@pytest.fixture
+async def world(sq, deduplicate):
+    stand_ins = StandIns(sq, deduplicate=deduplicate)
     await stand_ins.start()
     services: list[SingularityService] = []
 
@@ -238,28 +246,214 @@ async def test_failing_code_gets_a_fix_round(world):
     assert "SyntaxError" in stand_ins.seen["llm"][4].messages[-1].content
 
 
-async def test_a_restart_mid_task_resumes_without_repeating_steps(world):
+def genesis_verdicts(stand_ins: StandIns, *verdicts: c.JobStatus) -> None:
+    """Genesis answers the validations with these verdicts, in order."""
+    queued = iter(verdicts)
+    stand_ins.job = lambda r: c.JobResult(
+        **c.reply_fields(r), status=next(queued), error="SyntaxError: invalid syntax", output="ok\n"
+    )
+
+
+async def test_code_that_fails_twice_gets_two_fix_rounds(world):
+    stand_ins, start = world
+    genesis_verdicts(stand_ins, c.JobStatus.SYNTAX_ERROR, c.JobStatus.RUNTIME_ERROR, c.JobStatus.OK)
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Write a program that prints a haiku"))
+    assert task["state"] == "succeeded", task["failure_reason"]
+    assert [s["name"] for s in task["steps"] if s["phase"] == "refinement"] == [
+        "code",
+        "validate-round-1",
+        "fix-round-1",
+        "validate-round-2",
+        "fix-round-2",
+        "validate-round-3",
+    ]
+    fixes = [r for r in stand_ins.seen["llm"] if r.task_type == "coder"]
+    assert [f.messages[-1].content.split(":")[0] for f in fixes] == [
+        "This python code fails with syntax_error",
+        "This python code fails with runtime_error",
+    ]
+
+
+async def test_code_that_still_fails_after_two_fix_rounds_fails_the_task_without_a_third(world):
+    stand_ins, start = world
+    genesis_verdicts(stand_ins, *[c.JobStatus.SYNTAX_ERROR] * 4)  # a fourth verdict would be a third fix's
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Write a program that prints a haiku"))
+    assert task["state"] == "failed"
+    assert task["failure_reason"] == (
+        "refinement: the code still fails after 2 fix(es): syntax_error: SyntaxError: invalid syntax"
+    )
+    names = [s["name"] for s in task["steps"]]
+    assert names[-5:] == ["validate-round-1", "fix-round-1", "validate-round-2", "fix-round-2", "validate-round-3"]
+    assert [r.task_type for r in stand_ins.seen["llm"]].count("coder") == 2
+    assert len(stand_ins.seen["job"]) == 3
+    assert stand_ins.seen["approval"] == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "description", "silent", "reason"),
+    [
+        ("LLM_TIMEOUT_SECONDS", "Write a program that prints a haiku", "llm", "specification: no llm reply within 1s"),
+        ("HUMAN_TIMEOUT_SECONDS", "Write a program that prints a haiku", "approval", "completion: no approval reply"),
+        ("HUMAN_TIMEOUT_SECONDS", "Make it better?", "question", "specification: no question reply within 1s"),
+    ],
+)
+async def test_a_reply_that_does_not_come_in_time_fails_the_task(
+    world, monkeypatch, variable, description, silent, reason
+):
+    stand_ins, start = world
+    setattr(stand_ins, silent, lambda r: None)  # the model, or the human, never answers
+    monkeypatch.setenv(variable, "1")
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, description))
+    assert task["state"] == "failed"
+    assert task["failure_reason"].startswith(reason), task["failure_reason"]
+    last = task["steps"][-1]
+    assert (last["kind"], last["state"]) == (silent, "expired")
+    [request] = stand_ins.seen[silent]
+    assert request.deadline is not None  # the receiver knows it too: a late request is dead-lettered as expired
+    assert 0 < (request.deadline - request.created_at).total_seconds() <= 1.5
+
+
+def backdate_steps(stack, agent_id: str, interval: str) -> None:
+    """Let time pass for an agent's steps (the limits count them by when they started)."""
+    with psycopg.connect(stack.db_url("singularity_1"), autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE steps SET started_at = started_at - interval '{interval}' "
+            "WHERE task_id IN (SELECT id FROM tasks WHERE agent_id = %s)",
+            (agent_id,),
+        )
+
+
+async def test_an_agent_over_its_daily_llm_budget_is_refused_further_calls(world, sq, monkeypatch):
+    stand_ins, start = world  # every LLM answer costs $0.001
+    monkeypatch.setenv("DAILY_LLM_BUDGET_USD", "0.0025")
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Write a program that prints a haiku", agent_id="ann"))
+    assert task["state"] == "failed"
+    assert task["failure_reason"] == "agent ann spent $0.0030 today; its daily LLM budget is $0.0025"
+    assert [(r.agent_id, r.task_type) for r in stand_ins.seen["llm"]] == [
+        ("ann", "planning"),
+        ("ann", "pseudocode"),
+        ("ann", "architect"),
+    ]
+    # Per agent: another agent has a budget of its own ...
+    other = await wait_for_state(client, await submit(client, "Write a program that prints a haiku", agent_id="bo"))
+    assert other["failure_reason"] == "agent bo spent $0.0030 today; its daily LLM budget is $0.0025"
+    assert [r.agent_id for r in stand_ins.seen["llm"]].count("bo") == 3
+    # ... and per day: what ann spent yesterday does not count today.
+    backdate_steps(sq, "ann", "25 hours")
+    again = await wait_for_state(client, await submit(client, "Write a program that prints a haiku", agent_id="ann"))
+    assert again["failure_reason"] == "agent ann spent $0.0030 today; its daily LLM budget is $0.0025"
+    assert [r.agent_id for r in stand_ins.seen["llm"]].count("ann") == 6
+
+
+async def test_an_agent_at_its_requests_per_minute_limit_waits_for_the_minute_to_pass(world, sq, monkeypatch):
+    stand_ins, start = world
+    monkeypatch.setenv("LLM_REQUESTS_PER_MINUTE", "2")
+    service, client = await start()
+    usage = service.store.agent_usage
+    at_the_limit = 0
+
+    async def counted(agent_id: str):
+        nonlocal at_the_limit
+        spent, last_minute = await usage(agent_id)
+        at_the_limit += last_minute >= 2
+        return spent, last_minute
+
+    monkeypatch.setattr(service.store, "agent_usage", counted)
+    task_id = await submit(client, "Write a program that prints a haiku", agent_id="cy")
+    await until(lambda: at_the_limit >= 3)  # the workflow has found the limit reached three times ...
+    assert [r.task_type for r in stand_ins.seen["llm"]] == ["planning", "pseudocode"]  # ... and sent no third
+    task = (await client.get(f"/tasks/{task_id}")).json()
+    assert (task["state"], [s["name"] for s in task["steps"]]) == ("running", ["specification", "pseudocode"])
+    backdate_steps(sq, "cy", "61 seconds")  # the minute passes
+    await until(lambda: len(stand_ins.seen["llm"]) >= 3)
+    assert stand_ins.seen["llm"][2].task_type == "architect"
+
+
+def sent(stack, queue: str) -> list[str]:
+    """The request_id of every message ever sent to `queue`, in order: still queued, or archived."""
+    rows = stack.owner_query(
+        f"SELECT message->>'request_id' FROM (SELECT msg_id, message FROM pgmq.q_{queue} "
+        f"UNION ALL SELECT msg_id, message FROM pgmq.a_{queue}) m ORDER BY msg_id"
+    )
+    return [request_id for (request_id,) in rows]
+
+
+@pytest.mark.parametrize("deduplicate", [True])
+async def test_a_restart_mid_task_resumes_without_repeating_steps(world, sq):
+    """Each step is sent once; the one still open at the restart is re-sent under its request_id, and the
+    receiver (deduplicating as Nexus does) takes the copy for a duplicate: the human still decides once."""
     stand_ins, start = world
     held: list[c.ApprovalRequest] = []
     stand_ins.approval = lambda r: held.append(r)  # the human has not decided yet
     first, client = await start()
     task_id = await submit(client, "Write a program that prints the first ten primes")
-    for _ in range(600):
-        if held:
-            break
-        await asyncio.sleep(0.05)
+    await until(lambda: held)
     await first.stop()  # Singularity goes down while the approval is pending
+    llm_before = sent(sq, "llm_requests")
+    assert len(llm_before) == len(set(llm_before)) == 5  # every LLM step sent once
+    assert sent(sq, "job_requests") == [str(stand_ins.seen["job"][0].request_id)]
+    assert sent(sq, "approval_requests") == [str(held[0].request_id)]
 
     _, client = await start()
-    stand_ins.approval = lambda r: c.ApprovalResponse(**c.reply_fields(r), approved=True, decided_by="dave")
+    # The restarted workflow replays every answered step from the database and re-sends the open one.
+    await until(lambda: len(sent(sq, "approval_requests")) == 2)
+    assert sent(sq, "approval_requests") == [str(held[0].request_id)] * 2
+    await until(lambda: sq.owner_query("SELECT count(*) FROM pgmq.q_approval_requests") == [(0,)])
+    assert len(stand_ins.seen["approval"]) == 1  # the receiver archived the copy as a duplicate
+    assert sent(sq, "llm_requests") == llm_before  # nothing asked twice
+    assert len(sent(sq, "job_requests")) == 1
+    # The reviewer decides (Nexus's HITL publishes the response to the request it holds).
     nexus = await stand_ins.stack.queue("nexus")
     await nexus.publish(c.ApprovalResponse(**c.reply_fields(held[0]), approved=True, decided_by="dave"))
     task = await wait_for_state(client, task_id)
     assert task["state"] == "succeeded"
     assert len(task["steps"]) == 7
-    assert len(stand_ins.seen["llm"]) == 5  # nothing asked twice
     assert task["result"]["approved_by"] == "dave"
-    assert len({r.request_id for r in stand_ins.seen["approval"]}) == 1  # re-sent under the same id
+
+
+@pytest.mark.parametrize("deduplicate", [True])
+async def test_a_request_recorded_but_never_sent_is_sent_after_a_restart(world, sq, monkeypatch):
+    """The step is recorded before its request is published: an instance that stops in between (here its
+    publish fails) leaves a step no receiver ever saw. The restart sends it, under the recorded id."""
+    stand_ins, start = world
+    first, client = await start()
+    publish = first.queue.publish
+    lost: list[c.LlmRequest] = []
+
+    async def publish_dies_at_the_architecture(message, **kwargs):
+        if isinstance(message, c.LlmRequest) and message.task_type == "architect":
+            lost.append(message)
+            await asyncio.Event().wait()  # the process is gone before the send
+        return await publish(message, **kwargs)
+
+    monkeypatch.setattr(first.queue, "publish", publish_dies_at_the_architecture)
+    task_id = await submit(client, "Write a program that prints the first ten primes")
+    await until(lambda: lost)
+    await first.stop()
+    assert str(lost[0].request_id) not in sent(sq, "llm_requests")  # recorded, never sent
+    with psycopg.connect(sq.db_url("singularity_1")) as conn:
+        architecture = conn.execute(
+            "SELECT state, request_id FROM steps WHERE task_id = %s AND name = 'architecture'", (task_id,)
+        ).fetchall()
+    assert architecture == [("waiting", lost[0].request_id)]
+
+    _, client = await start()
+    task = await wait_for_state(client, task_id)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    llm = sent(sq, "llm_requests")
+    assert llm.count(str(lost[0].request_id)) == 1  # sent once, after the restart, under the recorded id
+    assert len(llm) == len(set(llm)) == 5
+    assert [r.task_type for r in stand_ins.seen["llm"]] == [
+        "planning",
+        "pseudocode",
+        "architect",
+        "code_generation",
+        "qa",
+    ]
 
 
 def echoing(request: c.LlmRequest) -> c.LlmResult:
