@@ -118,6 +118,11 @@ class SharedQueue:
 
         return await self._retrying(run)
 
+    async def query(self, query: str | sql.Composed, params: Sequence[Any]) -> list[TupleRow]:
+        """One statement on the shared queue, retried like every call here (for the NATS reader's
+        dead letters and archive rows, which no pgmq function writes)."""
+        return await self._rows(query, params)
+
     # -- publishing ------------------------------------------------------------------------------
 
     async def publish(self, message: Message, *, delay_seconds: int = 0) -> int:
