@@ -585,8 +585,10 @@ async def test_a_request_is_announced_only_after_its_transaction_commits(hitl):
         callbacks: list[Callable[[], object]] = []
         async with hitl.store.pool.connection() as conn, conn.transaction():
             await hitl.receive(conn, request, request.reply_to, callbacks.append)
-            await asyncio.sleep(0.2)
-            assert inbox.empty(), "announced before commit"
+            await conn.execute("SELECT 1")  # a round trip: anything receive() scheduled has had its turn
+            marker = {"type": "marker"}
+            hitl.broadcaster.publish(marker)  # inboxes are FIFO: an earlier announcement would come first
+            assert inbox.get_nowait() == marker, "announced before commit"
         assert inbox.empty() and len(callbacks) == 1
         callbacks[0]()  # what the consumer does once the transaction has committed
         event = await asyncio.wait_for(inbox.get(), 5)

@@ -1,0 +1,146 @@
+"""README claims about the Nexus service as a whole: its `llm_calls` history and its periodic HITL expiry.
+
+NexusService runs in-process with its own consumers and jobs (real PostgreSQL + pgmq, Nexus's own role);
+requests arrive on the queue as Singularity sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import psycopg
+import pytest
+
+from singularity_stack import contract as c
+from singularity_stack.nexus import offline_model as om
+from singularity_stack.nexus.service import NexusService, NexusSettings
+
+PROVIDER_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY")
+
+
+@pytest.fixture
+async def nexus(sq, monkeypatch) -> AsyncIterator[Callable[[], Awaitable[NexusService]]]:
+    """Start NexusService with the settings the environment gives it (set variables first)."""
+    for key in PROVIDER_KEYS:
+        monkeypatch.delenv(key, raising=False)  # the offline model only: no network
+    started: list[NexusService] = []
+
+    async def start() -> NexusService:
+        settings = NexusSettings(
+            database_url=sq.db_url("nexus"), shared_queue_url=sq.url("nexus"), ui_token="nexus-ui-token-for-tests"
+        )
+        service = NexusService(settings)
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        await service.stop()
+
+
+def nexus_rows(sq, query: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(sq.db_url("nexus")) as conn:
+        return conn.execute(query, params).fetchall()
+
+
+async def until(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"{what} never held"
+        await asyncio.sleep(0.05)
+
+
+async def test_every_llm_call_is_recorded_in_the_history(sq, nexus):
+    await nexus()
+    answered = c.LlmRequest(
+        reply_to="singularity_1",
+        agent_id="agent-7",
+        task_type="code_generation",
+        messages=[{"role": "user", "content": "fizzbuzz"}],
+    )
+    failed = c.LlmRequest(
+        reply_to="singularity_1",
+        agent_id="agent-8",
+        task_type="chat",
+        complexity="simple",
+        messages=[{"role": "user", "content": f"hello {om.FAIL_MARKER}"}],
+    )
+    await (await sq.queue("singularity_1")).publish_batch([answered, failed])
+    await until(lambda: len(nexus_rows(sq, "SELECT 1 FROM llm_calls")) == 2, what="two llm_calls rows")
+    history = {
+        row[0]: row[1:]
+        for row in nexus_rows(
+            sq,
+            "SELECT request_id, instance, agent_id, task_type, complexity, complexity_source, model, provider_model, "
+            "cost_usd, prompt_tokens > 0, completion_tokens > 0, latency_ms >= 0, error FROM llm_calls",
+        )
+    }
+    assert history[answered.request_id] == (
+        "singularity_1",
+        "agent-7",
+        "code_generation",
+        "complex",
+        "classifier",
+        "offline",
+        om.OFFLINE_MODEL,
+        Decimal(0),
+        True,
+        True,
+        True,
+        None,
+    )
+    *fields, error = history[failed.request_id]
+    assert fields == ["singularity_1", "agent-8", "chat", "simple", None, None, None, Decimal(0), False, False, None]
+    assert "offline stand-in failed" in error
+    # The history says what the replies said.
+    replies = {r["request_id"]: r for (r,) in sq.owner_query("SELECT message FROM pgmq.q_llm_results_singularity_1")}
+    assert replies[str(answered.request_id)]["model"] == "offline"
+    assert "offline stand-in failed" in replies[str(failed.request_id)]["error"]
+
+
+async def test_the_periodic_job_expires_a_request_at_its_deadline(sq, nexus, monkeypatch):
+    """Nobody calls expire_overdue() here: the service's own job (HITL_EXPIRY_INTERVAL_SECONDS) does."""
+    monkeypatch.setenv("HITL_EXPIRY_INTERVAL_SECONDS", "0.2")
+    service = await nexus()
+    request = c.ApprovalRequest(
+        reply_to="singularity_1",
+        agent_id="agent-7",
+        file_path="app.py",
+        diff="+print(1)\n",
+        description="print one",
+        deadline=datetime.now(UTC) + timedelta(seconds=2),
+    )
+    later = c.QuestionRequest(
+        reply_to="singularity_1",
+        agent_id="agent-7",
+        question="Which port?",
+        context="",
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )
+    with service.hitl.broadcaster.subscribe() as inbox:
+        await (await sq.queue("singularity_1")).publish_batch([request, later])
+        events: list[dict] = []
+        while not any(e.get("type") == "removed" for e in events):
+            events.append(await asyncio.wait_for(inbox.get(), 30))
+    added = [e["card"]["request_id"] for e in events if e["type"] == "added"]
+    assert sorted(added) == sorted([str(request.request_id), str(later.request_id)])
+    assert events[-1] == {"type": "removed", "request_id": str(request.request_id), "state": "expired", "by": "system"}
+    [(state, decided_by, decided_at, deadline)] = nexus_rows(
+        sq,
+        "SELECT state, decided_by, decided_at, deadline FROM hitl_requests WHERE request_id = %s",
+        (request.request_id,),
+    )
+    assert (state, decided_by) == ("expired", "system")
+    assert decided_at >= deadline  # at its deadline, not before
+    audit = nexus_rows(
+        sq, "SELECT action, actor FROM hitl_audit WHERE request_id = %s ORDER BY id", (request.request_id,)
+    )
+    assert audit == [("received", "system"), ("expired", "system")]
+    assert nexus_rows(sq, "SELECT state FROM hitl_requests WHERE request_id = %s", (later.request_id,)) == [
+        ("pending",)
+    ]
+    assert sq.owner_query("SELECT count(*) FROM pgmq.q_approval_responses_singularity_1") == [(0,)]
