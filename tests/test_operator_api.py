@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
 from singularity_operator import api, crd
 from singularity_operator import conditions as cond
+from singularity_operator.controller import describe_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "charts" / "singularity-stack" / "examples" / "singularitystack.yaml"
@@ -86,3 +88,22 @@ def test_ready_summarises_the_parts():
     parts[3] = cond.Verdict(cond.SERVICES, False, "Unavailable", "waiting for s-nexus")
     ready = cond.summary(parts)
     assert (ready.ok, ready.reason, ready.message) == (False, "Unavailable", "ServicesAvailable: waiting for s-nexus")
+
+
+def test_a_failure_the_stack_already_shows_is_not_reported_again():
+    shown = cond.merge([], [cond.Verdict(cond.DATABASES, False, "PostgresUnreachable", "connection refused")], 1)
+    assert cond.already_reported(shown, "PostgresUnreachable", "connection refused")
+    assert not cond.already_reported(shown, "PostgresUnreachable", "timeout expired")  # a new failure
+    assert not cond.already_reported(shown, "ProvisionFailed", "connection refused")
+    healed = cond.merge(shown, [cond.Verdict(cond.DATABASES, True, "PostgresUnreachable", "connection refused")], 1)
+    assert not cond.already_reported(healed, "PostgresUnreachable", "connection refused")  # fails again: news
+
+
+def test_a_failed_reconcile_is_described_in_one_line():
+    refused = ApiException(status=403, reason="Forbidden")
+    refused.body = json.dumps({"kind": "Status", "code": 403, "reason": "Forbidden", "message": "exceeded quota: two"})
+    assert describe_failure(refused) == "403 Forbidden: exceeded quota: two"
+    refused.body = "<html>not a Status</html>"  # a proxy's page, say: the exception's own first line
+    assert describe_failure(refused) == "ApiException: (403)"
+    assert describe_failure(RuntimeError("boom\ntraceback...")) == "RuntimeError: boom"
+    assert describe_failure(KeyError()) == "KeyError"

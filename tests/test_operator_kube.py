@@ -2,6 +2,9 @@
 
 No kubelet runs, so workloads never become available by themselves: tests that need them available
 patch the Deployments' status, as envtest-based suites do. The chart is rendered by Helm and applied first.
+The API server keeps an audit log of every write: what the operator wrote (and in which order) is read
+there, from outside the operator; windows in which nothing may be written end on the operator's reconcile
+counter (so many reconciles have run), never on a clock.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +31,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
+from prometheus_client import REGISTRY
 
 from singularity_stack.postgres.cluster import LocalCluster, free_port
 from singularity_stack_testing.kube.apiserver import SERVICE_ACCOUNT_ISSUER, ControlPlane
@@ -33,6 +40,7 @@ from singularity_stack_testing.postgres import throwaway_cluster
 CHART = Path(__file__).resolve().parents[1] / "charts" / "singularity-stack"
 GROUP, VERSION, PLURAL = "singularity.dev", "v1alpha1", "singularitystacks"
 OPERATOR_SA = "ops-singularity-stack"  # the chart's ServiceAccount for release "ops"
+OPERATOR_USER = f"system:serviceaccount:default:{OPERATOR_SA}"
 _names = itertools.count(1)
 METRICS_PORT, LIVENESS_PORT = free_port(), free_port()
 
@@ -51,28 +59,61 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
 def cluster(kube_binaries) -> Iterator[tuple[ControlPlane, client.ApiClient]]:
     """Its own control plane: the chart applied, then a controller-manager without the Deployment
     controller (it would overwrite the availability the tests simulate)."""
-    plane = ControlPlane(kube_binaries, controllers=("garbagecollector", "namespace")).start()
+    plane = ControlPlane(kube_binaries, controllers=("garbagecollector", "namespace"), audit_writes=True).start()
     api_client = config.new_client_from_config(config_file=str(plane.kubeconfig))
-    rendered = helm.Chart.load(str(CHART)).render({}, name="ops", namespace="default", is_install=True)
-    dynamic = DynamicClient(api_client)
-    for path, text in sorted(rendered.items(), key=lambda item: "crd" not in item[0]):  # the CRD first
-        for doc in yaml.safe_load_all(text) if path.endswith(".yaml") else []:
-            if doc:
-                dynamic.resources.get(api_version=doc["apiVersion"], kind=doc["kind"]).create(
-                    body=doc, namespace=doc["metadata"].get("namespace")
-                )
+    install_chart(api_client, {}, release="ops", namespace="default")
     wait_for("the CRD", lambda: _crd_established(api_client))
     plane.start_controller_manager()  # after the CRD: it discovers new kinds only every 30 s
     yield plane, api_client
     plane.stop()
 
 
-def operator_kubeconfig(plane: ControlPlane, api_client: client.ApiClient) -> Path:
+def install_chart(api_client: client.ApiClient, values: dict[str, Any], release: str, namespace: str) -> None:
+    """What `helm install` creates, rendered by Helm (the CRD first); the operator's own Deployment is left
+    out (no kubelet runs it: the tests run the operator in-process, as that Deployment would)."""
+    rendered = helm.Chart.load(str(CHART)).render(values, name=release, namespace=namespace, is_install=True)
+    dynamic = DynamicClient(api_client)
+    for path, text in sorted(rendered.items(), key=lambda item: "crd" not in item[0]):
+        for doc in yaml.safe_load_all(text) if path.endswith(".yaml") else []:
+            if doc and doc["kind"] != "Deployment":
+                dynamic.resources.get(api_version=doc["apiVersion"], kind=doc["kind"]).create(
+                    body=doc, namespace=doc["metadata"].get("namespace", namespace)
+                )
+
+
+def operator_kubeconfig(
+    plane: ControlPlane, api_client: client.ApiClient, account: str = OPERATOR_SA, namespace: str = "default"
+) -> Path:
     """A kubeconfig with a token of the ServiceAccount the chart gives the operator (TokenRequest API)."""
     request = {"spec": {"audiences": [SERVICE_ACCOUNT_ISSUER], "expirationSeconds": 3600}}
-    token = client.CoreV1Api(api_client).create_namespaced_service_account_token(OPERATOR_SA, "default", request)
-    path = plane.kubeconfig.with_name("operator.kubeconfig")
-    return plane.kubeconfig_for(path, f"system:serviceaccount:default:{OPERATOR_SA}", {"token": token.status.token})
+    token = client.CoreV1Api(api_client).create_namespaced_service_account_token(account, namespace, request)
+    path = plane.kubeconfig.with_name(f"{namespace}-{account}.kubeconfig")
+    return plane.kubeconfig_for(path, f"system:serviceaccount:{namespace}:{account}", {"token": token.status.token})
+
+
+RECONCILES = "singularity_operator_reconciles_total"
+
+
+def reconciles() -> float:
+    """Reconciles the in-process operator has finished (its own Prometheus counter, every result)."""
+    return sum(REGISTRY.get_sample_value(RECONCILES, {"result": r}) or 0.0 for r in ("ok", "not_ready", "error"))
+
+
+def writes(plane: ControlPlane, user: str = OPERATOR_USER, since: int = 0) -> list[dict[str, Any]]:
+    """The writes `user` made (audit log, oldest first), from the `since`-th on; refused ones included."""
+    return plane.api_writes(user)[since:]
+
+
+def describe(found: list[dict[str, Any]]) -> list[str]:
+    return [f"{w['verb']} {w['objectRef']} -> {w['responseStatus']['code']}" for w in found]
+
+
+def writes_while_reconciling(plane: ControlPlane, count: int, user: str = OPERATOR_USER) -> list[dict[str, Any]]:
+    """Every write `user` makes while the operator finishes `count` more reconciles (at least `count` - 1
+    of them whole, with whatever they post afterwards: the window ends on the counter, not on a clock)."""
+    start, done = len(plane.api_writes(user)), reconciles()
+    wait_for(f"{count} more reconciles", lambda: reconciles() >= done + count, timeout=30 + 10 * count)
+    return writes(plane, user, since=start)
 
 
 def _crd_established(api_client: client.ApiClient) -> bool:
@@ -90,13 +131,12 @@ def operator(cluster) -> Iterator[Callable[[], contextlib.AbstractContextManager
 
     plane, api_client = cluster
     # As the chart's ServiceAccount, so that every API call the operator makes is checked against its RBAC.
-    config = OperatorConfig(
-        kubeconfig=operator_kubeconfig(plane, api_client), health_interval_seconds=2, metrics_port=METRICS_PORT
-    )
+    default = operator_kubeconfig(plane, api_client)
 
     @contextlib.contextmanager
-    def running() -> Iterator[KopfRunner]:
-        args = ["run", "--standalone", "--all-namespaces", f"--liveness=http://127.0.0.1:{LIVENESS_PORT}/healthz"]
+    def running(scope: tuple[str, ...] = ("--all-namespaces",), kubeconfig: Path = default) -> Iterator[KopfRunner]:
+        config = OperatorConfig(kubeconfig=kubeconfig, health_interval_seconds=2, metrics_port=METRICS_PORT)
+        args = ["run", "--standalone", *scope, f"--liveness=http://127.0.0.1:{LIVENESS_PORT}/healthz"]
         with KopfRunner(args, timeout=60, registry=handlers.register(config)) as runner:
             yield runner
         assert runner.exception is None, runner.output
@@ -104,22 +144,29 @@ def operator(cluster) -> Iterator[Callable[[], contextlib.AbstractContextManager
     return running
 
 
-@pytest.fixture
-def namespace(cluster) -> Iterator[str]:
-    """A namespace per test, cleared afterwards so later operator runs do not resume its stacks."""
-    _, api_client = cluster
+@contextlib.contextmanager
+def scratch_namespace(api_client: client.ApiClient) -> Iterator[str]:
+    """A new namespace, cleared afterwards so later operator runs do not resume its stacks."""
     name = f"stack-test-{next(_names)}"
     core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
     core.create_namespace({"metadata": {"name": name}})
-    yield name
-    for stack in custom.list_namespaced_custom_object(GROUP, VERSION, name, PLURAL)["items"]:
-        stack_name = stack["metadata"]["name"]
-        custom.patch_namespaced_custom_object(
-            GROUP, VERSION, name, PLURAL, stack_name, {"metadata": {"finalizers": []}}
-        )
-        with contextlib.suppress(ApiException):
-            custom.delete_namespaced_custom_object(GROUP, VERSION, name, PLURAL, stack_name)
-    core.delete_namespace(name)
+    try:
+        yield name
+    finally:
+        for stack in custom.list_namespaced_custom_object(GROUP, VERSION, name, PLURAL)["items"]:
+            stack_name = stack["metadata"]["name"]
+            custom.patch_namespaced_custom_object(
+                GROUP, VERSION, name, PLURAL, stack_name, {"metadata": {"finalizers": []}}
+            )
+            with contextlib.suppress(ApiException):
+                custom.delete_namespaced_custom_object(GROUP, VERSION, name, PLURAL, stack_name)
+        core.delete_namespace(name)
+
+
+@pytest.fixture
+def namespace(cluster) -> Iterator[str]:
+    with scratch_namespace(cluster[1]) as name:
+        yield name
 
 
 class Stacks:
@@ -184,6 +231,19 @@ class Stacks:
         selector = f"involvedObject.name={name},involvedObject.kind=SingularityStack"
         return self.core.list_namespaced_event(self.namespace, field_selector=selector).items
 
+    def wait_event(self, name: str, reason: str, contains: str = "") -> Any:
+        def check() -> Any:
+            return next((e for e in self.events(name) if e.reason == reason and contains in e.message), None)
+
+        try:
+            return wait_for(f"an Event {reason} {contains!r} on {name}", check)
+        except AssertionError:
+            seen = [(e.type, e.reason, e.message[:300]) for e in self.events(name)]
+            raise AssertionError(f"no Event {reason} {contains!r} on {name}; seen: {seen}") from None
+
+    def all_secrets(self) -> dict[str, dict[str, str]]:
+        return {s.metadata.name: dict(s.data or {}) for s in self.core.list_namespaced_secret(self.namespace).items}
+
     def secret(self, name: str) -> dict[str, str]:
         data = self.core.read_namespaced_secret(name, self.namespace).data
         return {k: base64.b64decode(v).decode() for k, v in data.items()}
@@ -209,7 +269,7 @@ def databases(cluster: LocalCluster, prefix: str) -> set[str]:
 
 
 def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operator, namespace, pg_cluster):
-    _, api_client = cluster
+    plane, api_client = cluster
     stacks = Stacks(api_client, namespace)
     stacks.admin_secret(pg_cluster)
     with operator():
@@ -255,20 +315,41 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         # every step left an Event on the stack; the operator is alive and counts its reconciles
         reasons = wait_for("events", lambda: {e.reason for e in stacks.events("alpha")} >= {"Provisioned", "Created"})
         assert reasons
+        # and no failure on the way (the timer's reconciles never raced the first one)
+        assert [(e.reason, e.message) for e in stacks.events("alpha") if e.type != "Normal"] == []
         assert httpx.get(f"http://127.0.0.1:{LIVENESS_PORT}/healthz", timeout=5).status_code == 200
         metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
         assert 'singularity_operator_reconciles_total{result="ok"}' in metrics
 
-        # an idle reconcile (the 2 s timer) writes nothing: the status and its transition time stay put
-        before = stacks.get("alpha")
-        time.sleep(5)
-        after = stacks.get("alpha")
-        assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+        # idle reconciles (the 2 s timer) write nothing at all: no status patch, no Event, no object
+        assert len(stacks.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]) == 1  # all ticks: alpha's
+        idle = writes_while_reconciling(plane, 4)
+        assert idle == [], describe(idle)
 
-        # scale 1 → 3: new instances get their own databases first, then their workloads
+        # scale 1 → 3: the new instances' databases are provisioned (roles, databases, their credentials'
+        # Secrets, migrations) before any Deployment is written, new or existing
+        since = len(writes(plane))
         stacks.patch_spec("alpha", {"singularity": {"replicas": 3}})
         wait_for("three instances", lambda: len([d for d in stacks.deployments("alpha") if "singularity" in d]) == 3)
+        scaling = writes(plane, since=since)
+        order = [(w["verb"], w["objectRef"]["resource"], w["objectRef"].get("name")) for w in scaling]
+        new_secrets = [order.index(("create", "secrets", f"alpha-singularity-{i}-db")) for i in (2, 3)]
+        first_deployment = next(i for i, (_, kind, _) in enumerate(order) if kind == "deployments")
+        assert max(new_secrets) < first_deployment, order
+        created = {name for verb, kind, name in order if verb == "create" and kind == "deployments"}
+        assert created == {"alpha-singularity-2", "alpha-singularity-3"}, order
+        # the new databases were migrated before their Deployments were created (same clock: one machine)
+        for i in (2, 3):
+            name = f"alpha-singularity-{i}"
+            deployment_created = next(_audit_time(w) for w in scaling if w["objectRef"] == {
+                "resource": "deployments", "namespace": namespace, "name": name, "apiGroup": "apps", "apiVersion": "v1"
+            })  # fmt: skip
+            with psycopg.connect(stacks.secret(f"alpha-singularity-{i}-db")["DATABASE_URL"]) as conn:
+                (migrated,) = conn.execute("SELECT max(applied_at_utc) FROM _yoyo_migration").fetchone()
+            assert migrated.replace(tzinfo=UTC) < deployment_created
         assert prefix + "singularity_3" in databases(pg_cluster, prefix)
+        stacks.wait_event("alpha", "Provisioned", f"created database {prefix}singularity_3")  # Events for changes
+        stacks.wait_event("alpha", "Created", "Deployment alpha-singularity-3")
         assert stacks.secret("alpha-singularity-1-db") == creds  # an existing password is never regenerated
         assert {s: stacks.secret(f"alpha-{s}-api") for s in api_tokens} == api_tokens  # nor a token
         assert stacks.secret("alpha-nexus-reviewers") == {"reviewers.json": admins}  # nor the reviewers
@@ -276,10 +357,16 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         stacks.patch_spec("alpha", {"singularity": {"replicas": 1}})
         wait_for("one instance", lambda: len([d for d in stacks.deployments("alpha") if "singularity" in d]) == 1)
         assert prefix + "singularity_3" in databases(pg_cluster, prefix)
+        stacks.wait_event("alpha", "ScaledDown", "instance 3")
 
         stacks.delete("alpha")
         wait_for("the stack to be gone", lambda: not _exists(stacks, "alpha"), timeout=120)
     assert prefix + "shared_queue" in databases(pg_cluster, prefix)  # Retain
+
+
+def _audit_time(write: dict[str, Any]) -> datetime:
+    """When the API server received the request (audit timestamps are UTC, to the microsecond)."""
+    return datetime.fromisoformat(write["requestReceivedTimestamp"].replace("Z", "+00:00"))
 
 
 def _exists(stacks: Stacks, name: str) -> bool:
@@ -293,7 +380,7 @@ def _exists(stacks: Stacks, name: str) -> bool:
 
 
 def test_invalid_specs_are_refused_or_reported(cluster, operator, namespace, pg_cluster):
-    _, api_client = cluster
+    plane, api_client = cluster
     stacks = Stacks(api_client, namespace)
     with pytest.raises(ApiException) as refused:  # the schema refuses what it can express
         stacks.create("bad", {"singularity": {"replicas": 0}})
@@ -303,6 +390,11 @@ def test_invalid_specs_are_refused_or_reported(cluster, operator, namespace, pg_
         ready = stacks.wait_condition("both", "Ready", "False")
         assert ready["reason"] == "InvalidSpec"
         assert "exactly one of managed and external" in ready["message"]
+        # reported by an Event once, when it was found: the idle reconciles after it write nothing
+        stacks.wait_event("both", "InvalidSpec", "exactly one of managed and external")
+        idle = writes_while_reconciling(plane, 4)
+        assert idle == [], describe(idle)
+        assert [e.type for e in stacks.events("both") if e.reason == "InvalidSpec"] == ["Warning"]
         stacks.delete("both")  # and it never blocks deletion
         wait_for("deletion", timeout=120, check=lambda: not _exists(stacks, "both"))
 
@@ -324,25 +416,57 @@ def test_postgres_unreachable_then_back(cluster, operator, namespace, stopped_cl
         stacks.create("late", external(stopped_cluster))
         waiting = stacks.wait_condition("late", "DatabasesReady", "False")
         assert waiting["reason"] == "PostgresUnreachable"
+        assert stacks.wait_event("late", "PostgresUnreachable").type == "Warning"
         stopped_cluster.start()
         stacks.wait_condition("late", "DatabasesReady", "True", timeout=90)
 
 
 def test_operator_restarted_mid_reconcile_recovers_without_duplicates(cluster, operator, namespace, pg_cluster):
-    _, api_client = cluster
+    """The first run is stopped inside its reconcile: databases, roles, every Secret and two of the five
+    Deployments exist (a ResourceQuota, a real API server seam, refuses the third). The next run finishes
+    the same reconcile without generating a password, token or Secret anew."""
+    plane, api_client = cluster
     stacks = Stacks(api_client, namespace)
     stacks.admin_secret(pg_cluster)
+    hard = {"count/deployments.apps": "2"}
+    stacks.core.create_namespaced_resource_quota(namespace, {"metadata": {"name": "two"}, "spec": {"hard": hard}})
+    # No quota controller runs here: its status (which admission enforces and counts up) is set by hand.
+    used = {"hard": hard, "used": {"count/deployments.apps": "0"}}
+    stacks.core.patch_namespaced_resource_quota_status("two", namespace, {"status": used})
+    since = len(writes(plane))
     stacks.create("restart", external(pg_cluster, singularity={"replicas": 2}))
+
+    def refused() -> bool:
+        return any(w["objectRef"]["resource"] == "deployments" and w["responseStatus"]["code"] == 403
+                   for w in writes(plane, since=since))  # fmt: skip
+
     with operator():
-        wait_for("the first credentials", lambda: _secret_exists(stacks, "restart-nexus-db"), timeout=60)
-    # the operator stopped mid-way; a new one picks up where it left off
+        wait_for("the third Deployment to be refused", refused)
+        # the failure is reported on the stack, in the API server's words
+        event = stacks.wait_event("restart", "ReconcileFailed", "exceeded quota")
+        assert event.type == "Warning" and event.message.startswith("403 Forbidden: ")
+        assert {e.reason for e in stacks.events("restart") if e.type != "Normal"} == {"ReconcileFailed"}
+    prefix = f"{namespace}_restart_".replace("-", "_")
+    assert sorted(stacks.deployments("restart")) == ["restart-centralcloud", "restart-nexus"]  # mid-way
+    assert databases(pg_cluster, prefix) == {
+        prefix + n for n in ("shared_queue", "centralcloud", "genesis", "nexus", "singularity_1", "singularity_2")
+    }
+    before = stacks.all_secrets()
+    assert {f"restart-{n}-db" for n in ("nexus", "genesis", "centralcloud", "singularity-1", "singularity-2")} | {
+        "restart-nexus-ui",
+        "restart-singularity-api",
+        "restart-centralcloud-api",
+        "restart-nexus-reviewers",
+    } <= set(before)
+
+    # a new operator picks up where the first stopped
+    stacks.core.delete_namespaced_resource_quota("two", namespace)
     with operator():
-        stacks.wait_condition("restart", "DatabasesReady", "True")
+        wait_for("five Deployments", lambda: len(stacks.deployments("restart")) == 5)
         stacks.make_available("restart")
         stacks.wait_condition("restart", "Ready", "True")
-    secrets = [s.metadata.name for s in stacks.core.list_namespaced_secret(namespace).items]
-    assert len(secrets) == len(set(secrets))
-    for logical in ("nexus", "singularity-1", "singularity-2"):
+    assert stacks.all_secrets() == before  # no Secret written anew, no password or token regenerated
+    for logical in ("centralcloud", "genesis", "nexus", "singularity-1", "singularity-2"):
         with psycopg.connect(stacks.secret(f"restart-{logical}-db")["DATABASE_URL"]):
             pass  # the password the Secret holds is the role's
 
@@ -391,7 +515,8 @@ def test_managed_postgres_runs_as_a_statefulset_and_waits_for_it(cluster, operat
         assert statefulset.metadata.owner_references[0].name == "managed"
         password = stacks.secret("managed-postgres-admin")["POSTGRES_PASSWORD"]
         assert len(password) >= 24
-        time.sleep(3)  # reconciles go on; the generated password stays
+        done = reconciles()
+        wait_for("two more reconciles", lambda: reconciles() >= done + 2)  # the generated password stays
         assert stacks.secret("managed-postgres-admin")["POSTGRES_PASSWORD"] == password
         # The claim the StatefulSet controller would make; the Delete policy drops it with the stack.
         core = stacks.core
@@ -422,31 +547,97 @@ def test_scaling_down_with_delete_policy_drops_the_instance_data(cluster, operat
         wait_for("deletion", timeout=120, check=lambda: not _exists(stacks, "shrink"))
 
 
-@pytest.mark.parametrize("scope", [["--all-namespaces"], ["--namespace", "team-a", "--namespace", "team-b"]])
-def test_the_operator_command_runs_as_the_chart_starts_it(cluster, scope: list[str], tmp_path: Path) -> None:
-    """`singularity-stack operator ...` exactly as the chart's Deployment runs it: up, alive, scrapeable."""
-    import subprocess
-    import sys
-
+def test_a_namespaced_install_reconciles_only_its_namespaces(cluster, operator, pg_cluster):
+    """The chart with `watchNamespaces: [inside]`: its RBAC (a Role in `inside` only) and the operator
+    started as the chart's Deployment starts it (`--namespace=inside`). A stack next door is left alone."""
     plane, api_client = cluster
+    with (
+        scratch_namespace(api_client) as home,
+        scratch_namespace(api_client) as inside,
+        scratch_namespace(api_client) as outside,
+    ):
+        values = {"watchNamespaces": [inside], "crds": {"create": False}}
+        install_chart(api_client, values, release="scoped", namespace=home)
+        account = "scoped-singularity-stack"
+        kubeconfig = operator_kubeconfig(plane, api_client, account, home)
+        ours, theirs = Stacks(api_client, inside), Stacks(api_client, outside)
+        for stacks in (theirs, ours):
+            stacks.admin_secret(pg_cluster)
+            stacks.create("s", external(pg_cluster))
+        untouched = theirs.get("s")
+        user = f"system:serviceaccount:{home}:{account}"
+        since = len(writes(plane, user))
+        with operator(scope=("--namespace", inside), kubeconfig=kubeconfig):
+            ours.wait_condition("s", "DatabasesReady", "True")
+            writes_while_reconciling(plane, 3, user)  # and a few health checks more
+        by_namespace = {w["objectRef"].get("namespace") for w in writes(plane, user, since=since)}
+        assert by_namespace == {inside}  # not even a refused attempt anywhere else
+        assert theirs.get("s") == untouched  # no status, finalizer or annotation: never seen
+        assert databases(pg_cluster, f"{outside}_s_".replace("-", "_")) == set()
+        assert databases(pg_cluster, f"{inside}_s_".replace("-", "_"))
+        rbac = client.RbacAuthorizationV1Api(api_client)
+        rbac.delete_cluster_role_binding("scoped-singularity-stack")
+        rbac.delete_cluster_role("scoped-singularity-stack")
+
+
+@contextlib.contextmanager
+def operator_command(
+    plane: ControlPlane, api_client: client.ApiClient, log: Path, scope: list[str], interval: int = 2
+) -> Iterator[tuple[int, int]]:
+    """`singularity-stack operator ...` exactly as the chart's Deployment runs it, as the chart's
+    ServiceAccount; yields its (liveness, metrics) ports once it answers, and checks it stops cleanly."""
     liveness, metrics = free_port(), free_port()
     cli = Path(sys.executable).with_name("singularity-stack")
     argv = [str(cli), "operator", f"--liveness-port={liveness}", f"--metrics-port={metrics}", *scope]
-    env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig(plane, api_client)), "HEALTH_INTERVAL_SECONDS": "2"}
-    log = (tmp_path / "operator.log").open("w")
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    kubeconfig = str(operator_kubeconfig(plane, api_client))
+    env = {**os.environ, "KUBECONFIG": kubeconfig, "HEALTH_INTERVAL_SECONDS": str(interval)}
+    with log.open("w") as out:
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
 
-        def answers(url: str) -> bool:
-            assert process.poll() is None, (tmp_path / "operator.log").read_text()
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(url, timeout=2).status_code == 200
-            return False
+            def answers() -> bool:
+                assert process.poll() is None, log.read_text()
+                with contextlib.suppress(httpx.HTTPError):
+                    return httpx.get(f"http://127.0.0.1:{liveness}/healthz", timeout=2).status_code == 200
+                return False
 
-        wait_for("the liveness endpoint", lambda: answers(f"http://127.0.0.1:{liveness}/healthz"), 60)
-        assert answers(f"http://127.0.0.1:{metrics}/metrics")
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
-    assert process.returncode == 0, (tmp_path / "operator.log").read_text()
+            wait_for("the liveness endpoint", answers, 60)
+            yield liveness, metrics
+        finally:
+            process.terminate()
+            process.wait(30)
+    assert process.returncode == 0, log.read_text()
+
+
+def scraped_reconciles(metrics: int) -> float:
+    """The operator's reconcile count, as Prometheus scrapes it."""
+    text = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(RECONCILES + "{"))
+
+
+@pytest.mark.parametrize("scope", [["--all-namespaces"], ["--namespace", "team-a", "--namespace", "team-b"]])
+def test_the_operator_command_runs_as_the_chart_starts_it(cluster, scope: list[str], tmp_path: Path) -> None:
+    """Up, alive, scrapeable."""
+    plane, api_client = cluster
+    with operator_command(plane, api_client, tmp_path / "operator.log", scope) as (_, metrics):
+        assert httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=5).status_code == 200
+
+
+def test_the_operator_command_writes_nothing_while_idle(cluster, namespace, pg_cluster, tmp_path: Path) -> None:
+    """As a user runs it (health checks every 4 s): once the stack is Ready, the health checks write
+    nothing at all, Events included (the audit log over the operator's own count of reconciles)."""
+    plane, api_client = cluster
+    stacks = Stacks(api_client, namespace)
+    stacks.admin_secret(pg_cluster)
+    log = tmp_path / "operator.log"
+    with operator_command(plane, api_client, log, ["--all-namespaces"], interval=4) as (_, metrics):
+        stacks.create("idle", external(pg_cluster))
+        stacks.wait_condition("idle", "DatabasesReady", "True")
+        stacks.make_available("idle")
+        stacks.wait_condition("idle", "Ready", "True")
+        assert len(stacks.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)["items"]) == 1
+        start, done = len(writes(plane)), scraped_reconciles(metrics)
+        wait_for("four more health checks", lambda: scraped_reconciles(metrics) >= done + 4, timeout=60)
+        idle = writes(plane, since=start)
+    assert idle == [], describe(idle)
+    assert stacks.events("idle")  # the changes were reported: Events are posted by this command

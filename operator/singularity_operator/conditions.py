@@ -73,3 +73,11 @@ def summary(verdicts: list[Verdict]) -> Verdict:
 
 def with_summary(verdicts: list[Verdict]) -> list[Verdict]:
     return [*verdicts, summary(verdicts)]
+
+
+def already_reported(conditions: list[dict[str, Any]], reason: str, message: str) -> bool:
+    """Whether a condition the stack shows already reports this failure (same reason and message): a
+    failure that persists is reported once, when it starts, not again by every idle reconcile."""
+    return any(
+        c.get("status") != "True" and c.get("reason") == reason and c.get("message") == message for c in conditions
+    )

@@ -8,6 +8,8 @@ queues and migrations through the project's provisioner, a Secret per service an
 from __future__ import annotations
 
 import base64
+import contextlib
+import json
 import logging
 import secrets
 import time
@@ -26,6 +28,7 @@ from singularity_stack.contract import describe_validation_error
 from singularity_stack.provision import budget
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.deprovision import drop_instance, drop_stack
+from singularity_stack.provision.errors import PgmqUpgradeRequired
 from singularity_stack.provision.migrations import available_migrations, service_kind
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError
 from singularity_stack.topology import StackLayout, instance_id
@@ -60,6 +63,18 @@ def _decode(secret: dict[str, Any] | None, key: str) -> str | None:
     if not secret or key not in (secret.get("data") or {}):
         return None
     return base64.b64decode(secret["data"][key]).decode()
+
+
+def describe_failure(error: Exception) -> str:
+    """One line for an Event: the API server's own message for a refused call (not the headers and body
+    the client's exception prints), else the exception's first line."""
+    body = getattr(error, "body", None)
+    if body:
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+            status = json.loads(body)
+            return f"{status.get('code', '')} {status.get('reason', '')}: {status['message']}".strip()
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 class StackController:
@@ -205,8 +220,10 @@ class StackController:
             outcome = self._reconcile(stack, namespace, spec_body)
             RECONCILES.labels("ok" if all(v.ok for v in outcome.verdicts) else "not_ready").inc()
             return outcome
-        except Exception:
+        except Exception as error:  # an API call refused, a bug: said on the stack, then kopf retries
             RECONCILES.labels("error").inc()
+            ERRORS.labels("ReconcileFailed").inc()
+            self.event("Warning", "ReconcileFailed", describe_failure(error))
             raise
         finally:
             DURATION.observe(time.monotonic() - started)
@@ -243,6 +260,10 @@ class StackController:
             status = self.provision(stack, namespace, spec, admin_dsn, public, prefix)
         except RetryLater as waiting:
             return self._not_ready("Waiting", str(waiting), delay=waiting.delay)
+        except PgmqUpgradeRequired as error:
+            ERRORS.labels("PgmqUpgradeRequired").inc()
+            self.event("Warning", "PgmqUpgradeRequired", str(error))
+            return self._queue_not_upgraded(str(error))
         except ProvisionError as error:
             ERRORS.labels("ProvisionFailed").inc()
             self.event("Warning", "ProvisionFailed", str(error))
@@ -262,6 +283,18 @@ class StackController:
             self.services_verdict(stack, namespace, spec),
         ]
         return ReconcileOutcome(verdicts, status)
+
+    @staticmethod
+    def _queue_not_upgraded(message: str) -> ReconcileOutcome:
+        """The databases are there; the shared queue's pgmq needs a hand, and nothing rolls until it has one."""
+        return ReconcileOutcome(
+            [
+                cond.Verdict(cond.DATABASES, True, "Provisioned", "roles and databases exist"),
+                cond.Verdict(cond.QUEUE, False, "PgmqUpgradeRequired", message),
+                cond.Verdict(cond.MIGRATIONS, None, "PgmqUpgradeRequired", "waiting for the shared queue"),
+                cond.Verdict(cond.SERVICES, None, "PgmqUpgradeRequired", "waiting for the shared queue"),
+            ]
+        )
 
     def _not_ready(self, reason: str, message: str, delay: float | None = None) -> ReconcileOutcome:
         outcome = ReconcileOutcome(

@@ -1,13 +1,14 @@
 """kopf handlers: decorators and plumbing only; the logic is in controller.py.
 
 Create, update and resume run the same idempotent reconcile; a timer re-runs it for health and
-drift (it writes nothing when nothing changed); deletion goes through a finalizer. Nothing is
+drift (it writes nothing when nothing changed: no status patch, no Event); deletion goes through a
+finalizer. Nothing is
 registered at import: `register(config)` builds the registry the operator runs with.
 """
 
 from __future__ import annotations
 
-import logging
+import threading
 from typing import Any
 
 import kopf
@@ -56,11 +57,21 @@ def _connection_info(configuration: client.Configuration, settings: kopf.Operato
 
 
 class StackHandlers:
-    """The handlers of one operator run, all reading the one `OperatorConfig` they were given."""
+    """The handlers of one operator run, all reading the one `OperatorConfig` they were given.
+
+    kopf runs a stack's timer alongside its change handlers: two reconciles of one stack at once would
+    race (one sees the roles the other just created, before their Secrets exist). One lock per stack
+    serialises them; a timer tick that finds a reconcile running skips, that reconcile checks as much."""
 
     def __init__(self, config: OperatorConfig) -> None:
         self.config = config
         self._kube: Kube | None = None
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def _lock(self, body: kopf.Body) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(str(body.meta.get("uid")), threading.Lock())
 
     def kube(self) -> Kube:
         if self._kube is None:
@@ -77,7 +88,9 @@ class StackHandlers:
         settings.persistence.finalizer = f"{api.GROUP}/cleanup"
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
-        settings.posting.level = logging.INFO
+        # kopf's own log lines are never Events: every timer tick would post "Timer ... succeeded.". The
+        # controller posts an Event for each change and each failure itself (kopf.event).
+        settings.posting.loggers = False
         settings.watching.server_timeout = 60
         port = self.config.metrics_port
         if port and port not in _metrics_ports:
@@ -85,7 +98,11 @@ class StackHandlers:
             _metrics_ports.add(port)
 
     def _controller(self, body: kopf.Body) -> StackController:
+        shown = (body.get("status") or {}).get("conditions") or []
+
         def event(kind: str, reason: str, message: str) -> None:
+            if kind == "Warning" and cond.already_reported(shown, reason, message):
+                return  # the same failure as last time: the stack already says so, nothing is new
             kopf.event(body, type=kind, reason=reason, message=message[:1000])
 
         return StackController(self.kube(), adopt=lambda obj: kopf.adopt(obj, owner=body), event=event)
@@ -109,16 +126,26 @@ class StackHandlers:
         return outcome
 
     def reconcile(self, body: kopf.Body, **_: Any) -> None:
-        outcome = self._reconcile(body)
+        with self._lock(body):
+            outcome = self._reconcile(body)
         delay = outcome.status.get("retryAfter")
         if delay:
             raise kopf.TemporaryError(outcome.verdicts[0].message, delay=delay)
 
     def check_health_and_drift(self, body: kopf.Body, **_: Any) -> None:
-        self._reconcile(body)
+        lock = self._lock(body)
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            self._reconcile(body)
+        finally:
+            lock.release()
 
     def delete(self, body: kopf.Body, **_: Any) -> None:
-        self._controller(body).cleanup(body.meta["name"], body.meta["namespace"], dict(body.spec))
+        with self._lock(body):
+            self._controller(body).cleanup(body.meta["name"], body.meta["namespace"], dict(body.spec))
+        with self._locks_lock:
+            self._locks.pop(str(body.meta.get("uid")), None)
 
 
 def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
