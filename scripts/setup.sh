@@ -30,6 +30,14 @@ else
   progress "[2/3] virtualenv .venv exists"
 fi
 
+if [[ -n "$extras" ]]; then
+  # An older pgmq's SQL (pgmq 1.11.1, in the PyPI package 1.1.3), which tests/test_pgmq_upgrade.py upgrades from.
+  old_pgmq=.venv/share/old-pgmq
+  if [[ ! -f $old_pgmq/pgmq-1.1.3-py3-none-any.whl ]]; then
+    .venv/bin/python -m pip download -qq --no-deps --dest "$old_pgmq" pgmq==1.1.3
+  fi
+fi
+
 stamp=.venv/.setup-stamp
 digest=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ -f "$stamp" ]]; then

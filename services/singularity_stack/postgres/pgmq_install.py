@@ -6,6 +6,7 @@ Tests, the local stack and the operator all install pgmq through `ensure_pgmq`.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -66,8 +67,12 @@ def ensure_pgmq(conn: psycopg.Connection, prefer: Method | None = None) -> PgmqI
     return PgmqInstall("sql", version, True)
 
 
-def with_pgmq_extension(base: PostgresInstallation, dest: Path) -> PostgresInstallation:
+def with_pgmq_extension(
+    base: PostgresInstallation, dest: Path, other_versions: Mapping[str, str] | None = None
+) -> PostgresInstallation:
     """A copy of `base` whose share directory also holds the pgmq extension (control file + SQL).
+
+    `other_versions` (version -> install SQL) adds older versions one can `CREATE EXTENSION pgmq VERSION`.
 
     PostgreSQL finds its share directory relative to its own executable, so the server
     binaries are copied into a mirror of the original layout under `dest`; everything else
@@ -103,6 +108,8 @@ def with_pgmq_extension(base: PostgresInstallation, dest: Path) -> PostgresInsta
             "superuser = true\n"
         )
         (extdir / f"pgmq--{version}.sql").write_text(get_embedded_install_sql())
+        for other, script in (other_versions or {}).items():
+            (extdir / f"pgmq--{other}.sql").write_text(script)
         for path in [dest, *dest.rglob("*")]:
             if not path.is_symlink():
                 path.chmod(path.stat().st_mode | 0o055)  # readable by the unprivileged server account

@@ -21,15 +21,13 @@ from psycopg import sql
 from singularity_stack.postgres.pgmq_install import Method, PgmqInstall, ensure_pgmq
 from singularity_stack.provision import privileges
 from singularity_stack.provision.credentials import ServiceCredentials, generate_password, postgres_url
+from singularity_stack.provision.errors import ProvisionError as ProvisionError  # re-exported: callers import it here
 from singularity_stack.provision.migrations import apply_migrations, service_kind
+from singularity_stack.provision.pgmq_upgrade import ensure_current_pgmq
 from singularity_stack.provision.queues import ensure_queues
 from singularity_stack.topology import StackLayout
 
 log = logging.getLogger(__name__)
-
-
-class ProvisionError(RuntimeError):
-    """Provisioning cannot go on; the message says what to do."""
 
 
 @dataclass
@@ -140,6 +138,12 @@ class Provisioner:
             installed = ensure_pgmq(conn, prefer=self.pgmq_method)
             if installed.newly_installed:
                 self._changed(f"installed pgmq {installed.version} ({installed.method})")
+            else:
+                # In the same transaction as the privileges and queues below: all of it lands, or none.
+                current = ensure_current_pgmq(conn, layout, installed)
+                if current.version != installed.version:
+                    self._changed(f"upgraded pgmq {installed.version} -> {current.version} ({installed.method})")
+                installed = current
             for statement in privileges.schema_statements(layout):
                 conn.execute(statement)
             conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(layout.role("centralcloud"))))

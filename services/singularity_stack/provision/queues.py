@@ -43,9 +43,14 @@ END
 """
 
 
-def ensure_sender_stamps(conn: psycopg.Connection, layout: StackLayout) -> list[str]:
+def ensure_sender_stamps(
+    conn: psycopg.Connection, layout: StackLayout, already_stamped: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
     """(Re)create the stamping function if its body differs and add the trigger to every request
-    queue that lacks it; returns the queues that got it. Runs as the queue tables' owner."""
+    queue that lacks it; returns the queues that got it. Runs as the queue tables' owner.
+
+    `already_stamped`: queues whose messages were stamped by this trigger before (a pgmq upgrade copied
+    them into a new table), so they are not marked unvouched."""
     current = conn.execute("SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure('pgmq.stamp_sender()')").fetchone()
     if current is None or current[0] != STAMP_SENDER_BODY:
         conn.execute(
@@ -70,6 +75,9 @@ def ensure_sender_stamps(conn: psycopg.Connection, layout: StackLayout) -> list[
         )
         # Messages already queued were never stamped: whatever sender they name is unvouched. The
         # trigger's lock holds off new inserts until commit, so none slips in between.
+        if queue in already_stamped:
+            stamped.append(queue)
+            continue
         conn.execute(
             sql.SQL(
                 "UPDATE {} SET headers = jsonb_build_object('unvouched', headers) "
