@@ -266,6 +266,40 @@ async def test_notify_wakes_the_consumer_without_polling(sq, store):
     listening.cancel()
 
 
+async def test_a_message_that_sends_no_notification_is_found_by_the_fallback_poll(sq, store):
+    """A delayed message notifies at its insert, while still invisible: only the fallback poll finds it."""
+    singularity = await sq.queue("singularity_1")
+    nexus = await sq.queue("nexus")
+    reads = CountingReads(nexus)
+    listener = NotifyListener(sq.url("nexus"), ["llm_requests"])
+    listening = asyncio.create_task(listener.run())
+    got = asyncio.Event()
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        got.set()
+
+    consumer = Consumer(
+        nexus,
+        "llm_requests",
+        c.LlmRequest,
+        handle,
+        store=store,
+        poll_interval=0.3,
+        wakeup=listener.event("llm_requests"),
+    )
+    stop = asyncio.Event()
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    consuming = asyncio.create_task(consumer.run(stop))
+    await asyncio.wait_for(reads.came_back_empty.wait(), 10)
+    await singularity.publish(llm_request(), delay_seconds=1)
+    published_after = reads.finished
+    await asyncio.wait_for(got.wait(), 10)
+    assert reads.finished - published_after >= 2  # the notified read found nothing; a later poll found it
+    stop.set()
+    await asyncio.wait_for(consuming, 10)
+    listening.cancel()
+
+
 async def test_graceful_stop_finishes_the_batch_in_hand_and_takes_no_more(sq, store):
     singularity = await sq.queue("singularity_1")
     nexus = await sq.queue("nexus")

@@ -295,6 +295,7 @@ async def test_code_that_still_fails_after_two_fix_rounds_fails_the_task_without
     ("variable", "description", "silent", "reason"),
     [
         ("LLM_TIMEOUT_SECONDS", "Write a program that prints a haiku", "llm", "specification: no llm reply within 1s"),
+        ("JOB_TIMEOUT_SECONDS", "Write a program that prints a haiku", "job", "refinement: no job reply within 1s"),
         ("HUMAN_TIMEOUT_SECONDS", "Write a program that prints a haiku", "approval", "completion: no approval reply"),
         ("HUMAN_TIMEOUT_SECONDS", "Make it better?", "question", "specification: no question reply within 1s"),
     ],
