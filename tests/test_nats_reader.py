@@ -171,3 +171,18 @@ def test_storable_replaces_what_jsonb_refuses():
     assert c.DeadLetter(
         source_queue="q", source_msg_id=-1, attempts=1, reason="invalid", error="e", message=storable("\ud800")
     ).model_dump_json()
+
+
+async def test_streams_and_consumers_are_made_once(dual):
+    """ensure_streams (run by CentralCloud's user) is idempotent: a stream per work queue, made the first time."""
+    from singularity_stack.sharedqueue.nats_streams import ensure_streams
+
+    owner = await dual.nats.connect("centralcloud")
+    assert await ensure_streams(owner.jetstream(), dual.layout) == []
+    names = [name async for name in _stream_names(owner.jetstream())]
+    assert sorted(names) == sorted(dual.layout.prefix + q for q in dual.layout.work_queues)
+
+
+async def _stream_names(js):
+    for name in await js.streams_info():
+        yield name.config.name
