@@ -130,7 +130,7 @@ async def open_dual(open_stack, nats_for, instances: int = 2, ack_wait: float = 
     nexus_queue = await stack.queue("nexus")
     store = await stack.store("nexus")
     nexus_nc = await nats.connect("nexus")
-    router = ReplyRouter(nexus_queue, NatsReplies(nexus_nc.jetstream(), stack.result.layout))
+    router = ReplyRouter(nexus_queue, NatsReplies(nexus_nc.jetstream(), stack.result.layout, nexus_queue))
     return Dual(stack, nats, nexus_queue, store, nexus_nc, router)
 
 

@@ -61,6 +61,12 @@ async def test_pgmq_and_nats_publishers_side_by_side_replies_on_their_own_path(d
     assert by_path["nats"][1]["sender"] == "singularity_2"
     assert by_path["nats"][1]["sender_role"] == dual.layout.role("singularity_2")
     assert nats_settled("llm_requests", "handled") == handled_before + 1
+    # The NATS reply, which reaches no pgmq queue, is in its pgmq archive too, written by Nexus.
+    reply_archive = dual.stack.owner_query(
+        "SELECT msg_id, message->>'request_id', headers->>'path' FROM pgmq.a_llm_results_singularity_2"
+    )
+    assert [(request_id, path) for _, request_id, path in reply_archive] == [(str(by_nats.request_id), "nats")]
+    assert reply_archive[0][0] < 0
     # The request stream kept nothing: the acknowledged message is gone (work-queue retention).
     assert await dual.stream_messages("llm_requests") == 0
 

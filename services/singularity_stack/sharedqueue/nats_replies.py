@@ -6,17 +6,25 @@ A reply to a NATS request goes to the subject derived from its recipient, `<root
 instance's reply subjects, so obeying it would let one instance have its replies sent where it likes.
 JetStream keeps the reply in the instance's reply stream and drops a second copy with the same
 `Nats-Msg-Id` (its duplicate window): a handler retried after a rollback replies once.
+
+Such a reply reaches no pgmq queue, so nobody would archive it there: the replier writes it into the reply
+queue's pgmq archive itself once JetStream has stored it (a grant of its own, provision/privileges.py), under
+a negative msg_id derived from the queue and request_id, so writing it again changes nothing, with
+`"path": "nats"` in its headers. The history and CentralCloud's analytics see both paths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import time
 from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
+from psycopg import sql
 
 from singularity_stack.contract import Reply
 from singularity_stack.sharedqueue import nats_subjects as subjects
@@ -24,17 +32,21 @@ from singularity_stack.sharedqueue.client import SharedQueue
 from singularity_stack.sharedqueue.consumer import Delivery
 from singularity_stack.sharedqueue.errors import Unavailable
 from singularity_stack.sharedqueue.nats_reader import NatsDelivery
-from singularity_stack.topology import StackLayout
+from singularity_stack.topology import StackLayout, reply_queue
 
 log = logging.getLogger(__name__)
 
 
 class NatsReplies:
-    """Publishes replies on NATS, retrying through a nats-server restart for `retry_for` seconds."""
+    """Publishes replies on NATS, retrying through a nats-server restart for `retry_for` seconds, and
+    archives each in pgmq through `archive` (the replier's own shared-queue client)."""
 
-    def __init__(self, js: JetStreamContext, layout: StackLayout, *, retry_for: float = 60.0) -> None:
+    def __init__(
+        self, js: JetStreamContext, layout: StackLayout, archive: SharedQueue, *, retry_for: float = 60.0
+    ) -> None:
         self.js = js
         self.layout = layout
+        self.archive = archive
         self.retry_for = retry_for
 
     async def publish(self, reply: Reply) -> int:
@@ -47,13 +59,33 @@ class NatsReplies:
         while True:
             try:
                 ack = await self.js.publish(subject, payload, timeout=2.0, headers=headers)
-                return int(ack.seq)
+                break
             except (TimeoutError, nats.errors.Error, OSError) as error:
                 if time.monotonic() >= deadline:
                     raise Unavailable(f"NATS: {error.__class__.__name__}: {error}") from error
                 log.warning("NATS unavailable (%s); retrying the reply in %.2fs", error.__class__.__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        await self._archive(reply, subject, int(ack.seq))
+        return int(ack.seq)
+
+    async def _archive(self, reply: Reply, subject: str, seq: int) -> None:
+        queue = reply_queue(reply.queue, reply.recipient)
+        headers = {"path": "nats", "nats_subject": subject, "nats_stream_seq": seq}
+        await self.archive.query(
+            sql.SQL(
+                "INSERT INTO {} (msg_id, read_ct, enqueued_at, vt, message, headers) "
+                "VALUES (%s, 0, clock_timestamp(), clock_timestamp(), %s::jsonb, %s::jsonb) "
+                "ON CONFLICT (msg_id) DO NOTHING RETURNING msg_id"
+            ).format(sql.Identifier("pgmq", f"a_{queue}")),
+            (reply_archive_id(queue, str(reply.request_id)), reply.model_dump_json(), json.dumps(headers)),
+        )
+
+
+def reply_archive_id(queue: str, request_id: str) -> int:
+    """A negative msg_id (62 bits of a hash), the same for every copy of one reply: never one of pgmq's."""
+    digest = hashlib.blake2b(f"{queue}:{request_id}".encode(), digest_size=8).digest()
+    return -(int.from_bytes(digest, "big") >> 2) - 1
 
 
 class ReplyRouter:
