@@ -2,31 +2,62 @@
 Singularity instances, on the single-node cluster the e2e suite uses; and the cluster's start-up and
 teardown times.
 
-    sudo .venv/bin/python bench/local_node_bench.py [--instances 1 5]
+    sudo .venv/bin/python bench/local_node_bench.py [--instances 1 5] [--samples 3] [--warmup 1]
 
 Builds the images first (scripts/build-images.sh, from its layer cache after the first run), starts the
-local node (singularity_stack_testing.kube.localnode), installs the chart (the operator runs as a Pod), then for each N
-applies the example stack with managed PostgreSQL and N instances, waits, and deletes it (policy Delete).
+local node (singularity_stack_testing.kube.localnode), installs the chart (the operator runs as a Pod), then
+applies the example stack with managed PostgreSQL, N instances, in rounds interleaved over the Ns (N=1, N=5,
+N=1, N=5 ...; bench/samples.py) after `--warmup` rounds that are not counted; every stack is waited for,
+measured and deleted (policy Delete) before the next. Each sample is about a minute (Ready, 10 s to settle
+before reading memory, deletion). The cluster's own timings are one run each: they are reported, not compared.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from singularity_stack_testing.cluster import TIMINGS, wait_until
+from samples import interleave, ratio
+
+from singularity_stack_testing.cluster import TIMINGS, Cluster, wait_until
 from singularity_stack_testing.providers import install_chart, local_cluster
 from singularity_stack_testing.stacks import NAMESPACE, OTHER_PODS, example, stack_pods, wait_ready
+
+MiB = 2**20
+
+
+def apply_to_ready(cluster: Cluster, count: int, memory: list[dict[str, int]]) -> Callable[[], float]:
+    """One sample: a fresh stack of `count` instances from apply to Ready, its memory, then its deletion."""
+    serial = itertools.count()
+
+    def measure() -> float:
+        name = f"bench-{count}-{next(serial)}"  # a fresh name: nothing of an earlier stack can be reused
+        started = time.monotonic()
+        cluster.apply(example(name, replicas=count, deletion_policy="Delete"))
+        wait_ready(cluster, name, OTHER_PODS + count)
+        seconds = time.monotonic() - started
+        time.sleep(10)  # let start-up settle before reading memory
+        memory.append(cluster.memory_rss())
+        print(f"    N={count}: apply -> Ready=True, all {OTHER_PODS + count} Pods Running: {seconds:.1f} s", flush=True)
+        cluster.kubectl("delete", "singularitystack", name, "-n", NAMESPACE, "--timeout=5m")
+        wait_until(f"{name}'s Pods to go", lambda: not stack_pods(cluster, name), 300)
+        return seconds
+
+    return measure
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--samples", type=int, default=3, help="measured rounds (one stack per N per round)")
+    parser.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted")
     args = parser.parse_args()
-    results: dict[int, float] = {}
-    memory: dict[int, dict[str, int]] = {}
+    memory: dict[int, list[dict[str, int]]] = {count: [] for count in args.instances}
     with tempfile.TemporaryDirectory(prefix="local-node-bench-") as tmp:
         clusters = local_cluster(Path(tmp), TIMINGS)
         cluster = next(clusters)
@@ -34,31 +65,32 @@ def main() -> None:
             started = time.monotonic()
             install_chart(cluster)
             TIMINGS["chart install -> operator Ready"] = time.monotonic() - started
-            for count in args.instances:
-                name = f"bench-{count}"
-                started = time.monotonic()
-                cluster.apply(example(name, replicas=count, deletion_policy="Delete"))
-                wait_ready(cluster, name, OTHER_PODS + count)
-                results[count] = time.monotonic() - started
-                print(f"N={count}: apply -> Ready=True, all {OTHER_PODS + count} Pods Running: {results[count]:.1f} s")
-                time.sleep(10)  # let start-up settle before reading memory
-                memory[count] = cluster.memory_rss()
-                cluster.kubectl("delete", "singularitystack", name, "-n", NAMESPACE, "--timeout=5m")
-                wait_until(f"{name}'s Pods to go", lambda name=name: not stack_pods(cluster, name), 300)
+            print(f"apply -> Ready; {args.samples} rounds after {args.warmup} warm-up, interleaved over N:")
+            benches = {f"N={count}": apply_to_ready(cluster, count, memory[count]) for count in args.instances}
+            results = interleave(benches, samples=args.samples, warmup=args.warmup)
         finally:
             next(clusters, None)
-    print("\nlocal node, figures in seconds")
+    print("\nlocal node, one run each, seconds")
     for step, seconds in TIMINGS.items():
         print(f"  {step:<40} {seconds:7.1f}")
-    for count, seconds in results.items():
-        print(f"  {'apply -> Ready, N=' + str(count):<40} {seconds:7.1f}")
-    for count, usage in memory.items():
-        pods = usage.pop("pods", 0)
-        print(f"\nresident memory with N={count} ({OTHER_PODS + count} stack Pods + the operator), MiB:")
-        print(f"  {'all Pods':<40} {pods / 2**20:7.0f}")
-        print(f"  {'cluster components':<40} {sum(usage.values()) / 2**20:7.0f}")
-        for name, rss in sorted(usage.items(), key=lambda item: -item[1]):
-            print(f"    {name:<38} {rss / 2**20:7.0f}")
+    print("apply -> Ready=True with every Pod Running:")
+    for label, taken in results.items():
+        print(f"  {label:<8} {taken.format('s', '{:.1f}')}")
+    first = results[f"N={args.instances[0]}"]
+    for label, taken in list(results.items())[1:]:
+        print(f"  {label} / {first.name}, per round: {ratio(taken, first).format(number='{:.2f}')}")
+    for count, readings in memory.items():
+        measured = readings[args.warmup :]  # the warm-up rounds' readings come first
+        pods = statistics.median(r.get("pods", 0) for r in measured)
+        components = {
+            name: statistics.median(r.get(name, 0) for r in measured) for name in measured[0] if name != "pods"
+        }
+        print(f"\nresident memory with N={count} ({OTHER_PODS + count} stack Pods + the operator), MiB, median of "
+              f"{len(measured)}:")  # fmt: skip
+        print(f"  {'all Pods':<40} {pods / MiB:7.0f}")
+        print(f"  {'cluster components':<40} {sum(components.values()) / MiB:7.0f}")
+        for name, rss in sorted(components.items(), key=lambda item: -item[1]):
+            print(f"    {name:<38} {rss / MiB:7.0f}")
 
 
 if __name__ == "__main__":
