@@ -4,10 +4,12 @@ nats-server with JetStream, real PostgreSQL + pgmq), with the pgmq Consumer's co
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from nats_support import Dual, llm_request, nats_settled, open_dual, until
+from prometheus_client import REGISTRY
 from support import settled
 
 from singularity_stack import contract as c
@@ -31,6 +33,7 @@ async def test_pgmq_and_nats_publishers_side_by_side_replies_on_their_own_path(d
     await dual.nats_publish(by_nats)
     consumer, reader = dual.consumer(), dual.reader()
     handled_before = nats_settled("llm_requests", "handled")
+    started = time.time()
 
     async def step() -> None:
         await consumer.run_once()
@@ -61,6 +64,8 @@ async def test_pgmq_and_nats_publishers_side_by_side_replies_on_their_own_path(d
     assert by_path["nats"][1]["sender"] == "singularity_2"
     assert by_path["nats"][1]["sender_role"] == dual.layout.role("singularity_2")
     assert nats_settled("llm_requests", "handled") == handled_before + 1
+    last = REGISTRY.get_sample_value("singularity_nats_last_message_timestamp_seconds", {"queue": "llm_requests"})
+    assert last is not None and last >= started
     # The NATS reply, which reaches no pgmq queue, is in its pgmq archive too, written by Nexus.
     reply_archive = dual.stack.owner_query(
         "SELECT msg_id, message->>'request_id', headers->>'path' FROM pgmq.a_llm_results_singularity_2"
