@@ -64,6 +64,7 @@ class HostProcess:
     held: int  # what it alone holds (anonymous and shared memory), not the libraries it shares
     pid_namespace: str | None  # None for a zombie: the kernel has dropped its namespaces
     cmdline: str
+    name: str  # the kernel's name for it (comm), which a process may set itself
 
     @property
     def argv(self) -> list[str]:
@@ -93,6 +94,7 @@ def _read_process(entry: Path) -> HostProcess | None:
         held=held_kib * 1024,
         pid_namespace=namespace,
         cmdline=cmdline,
+        name=fields.get("Name", "").strip(),
     )
 
 

@@ -18,15 +18,14 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sandbox_support import LANGUAGES, require_language
+from sandbox_support import LANGUAGES, JobWatch, assert_nothing_left_running, job_processes, require_language
 
 from singularity_stack.genesis import sandbox, seccomp
 from singularity_stack.genesis.runner import NUL_STANDIN, JobRunner, JobStatus
-from singularity_stack.genesis.sandbox import SANDBOX_UID, Limits, MiB
+from singularity_stack.genesis.sandbox import Limits, MiB
 
 pytestmark = pytest.mark.usefixtures("sandbox_ready")
 PROC_MODES = ["on", "off"]
@@ -36,66 +35,6 @@ PROC_MODES = ["on", "off"]
 def proc_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(sandbox.PROC_ENV, request.param)
     return str(request.param)
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("NEEDS ROOT: jobs are told apart from other processes by the sandbox uid, used only as root")
-
-
-@dataclass(frozen=True)
-class HostProcess:
-    ppid: int
-    uid: int
-    held: int  # what it alone holds (anonymous and shared memory), not the libraries it shares
-    pid_namespace: str
-    cmdline: str
-
-
-def host_processes() -> dict[int, HostProcess]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            namespace = os.readlink(entry / "ns" / "pid")
-        except OSError:
-            continue  # exited while we looked
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        held_kib = sum(int(fields.get(key, "0 kB").split()[0]) for key in ("RssAnon", "RssShmem"))
-        uid, ppid = int(fields["Uid"].split()[0]), int(fields["PPid"])
-        found[int(entry.name)] = HostProcess(ppid, uid, held_kib * 1024, namespace, cmdline)
-    return found
-
-
-def job_processes(root: int | None = None) -> dict[int, HostProcess]:
-    """The sandboxed processes of jobs started by `root` (this test process by default), as the host sees
-    them: bwrap and its descendants, and everything in their sandboxes' pid namespaces (a daemon that
-    left its parent is still in there). Other test runs' jobs on the machine are not counted."""
-    processes = host_processes()
-    descendants, frontier = set(), {root or os.getpid()}
-    while frontier:
-        descendants |= frontier
-        frontier = {pid for pid, p in processes.items() if p.ppid in frontier} - descendants
-    own_namespace = os.readlink("/proc/self/ns/pid")
-    namespaces = {processes[p].pid_namespace for p in descendants if p in processes} - {own_namespace}
-    return {
-        pid: p
-        for pid, p in processes.items()
-        if p.uid == SANDBOX_UID and (pid in descendants or p.pid_namespace in namespaces)
-    }
-
-
-def still_running(seen: dict[int, HostProcess]) -> list[str]:
-    """Which of the processes seen earlier, or others in their sandboxes, are still there."""
-    namespaces = {p.pid_namespace for p in seen.values()} - {os.readlink("/proc/self/ns/pid")}
-    return [
-        f"{pid}: {p.cmdline[:80]}"
-        for pid, p in host_processes().items()
-        if p.uid == SANDBOX_UID and (pid in seen or p.pid_namespace in namespaces)
-    ]
 
 
 def in_every_language(python_code: str, language: str) -> str:
@@ -266,7 +205,7 @@ def memory_hog(language: str) -> str:
 
 
 class PeakSampler:
-    """The largest total memory held by the sandbox uid's processes, sampled while a job runs."""
+    """The largest total memory held by this test's job processes, sampled from the host while a job runs."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -293,7 +232,6 @@ def require_job_cgroups() -> None:
 
 @pytest.mark.parametrize("language", LANGUAGES)
 async def test_memory_is_bounded_for_the_job_as_a_whole(language: str, proc_mode: str) -> None:
-    require_root()
     require_language(language)
     require_job_cgroups()
     limits = Limits(wall_time_s=20, memory_bytes=160 * MiB, job_memory_bytes=JOB_BOUND)
@@ -395,7 +333,6 @@ async def test_a_sandbox_killed_under_the_job_is_the_jobs_result_not_a_setup_fai
 ) -> None:
     """The OOM killer may pick bwrap itself in the job's cgroup. That must come back as the job's result:
     never as a "sandbox failure" carrying the job's words, which once also switched /proc off for good."""
-    require_root()
     monkeypatch.setattr(sandbox, "_proc_refused", False)
     monkeypatch.delenv(sandbox.PROC_ENV, raising=False)
     job = asyncio.get_running_loop().create_task(
@@ -404,10 +341,14 @@ async def test_a_sandbox_killed_under_the_job_is_the_jobs_result_not_a_setup_fai
 
     def run_phase_monitors() -> list[int]:
         """bwrap of the job's run (not of its syntax check or lint): its command ends with the program."""
-        return [pid for pid, p in job_processes().items() if p.cmdline.rstrip().endswith("python3 -u main.py")]
+        return [
+            pid
+            for pid, p in job_processes().items()
+            if p.argv[0].endswith("/bwrap") and p.cmdline.endswith("python3 -u main.py")
+        ]
 
     deadline = time.monotonic() + 30
-    while not (monitors := [pid for pid in run_phase_monitors() if "bwrap" in job_processes()[pid].cmdline]):
+    while not (monitors := run_phase_monitors()):
         assert time.monotonic() < deadline, "the job never started"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
@@ -452,16 +393,13 @@ print("daemonised", flush=True)
 
 @pytest.mark.parametrize("language", LANGUAGES)
 async def test_a_daemon_left_behind_is_gone_when_the_job_ends(language: str, proc_mode: str) -> None:
-    require_root()
     require_language(language)
-    outcome = await JobRunner(1, Limits(wall_time_s=20)).run(
-        in_every_language(DAEMON.format(tail=""), language), language
-    )
+    async with JobWatch() as watch:
+        outcome = await JobRunner(1, Limits(wall_time_s=20)).run(
+            in_every_language(DAEMON.format(tail=""), language), language
+        )
     assert "daemonised" in outcome.stdout, outcome
-    assert job_processes() == {}
-    tree = sandbox.job_cgroup_tree().tree
-    if tree is not None:
-        assert all(list(base.glob("job-*")) == [] for base in tree.bases)
+    assert_nothing_left_running(watch)
 
 
 GENESIS_STAND_IN = """
@@ -486,8 +424,9 @@ def genesis_process() -> Iterator[list[subprocess.Popen[bytes]]]:
 async def test_every_process_of_a_job_dies_with_genesis_even_by_sigkill(
     language: str, proc_mode: str, cgroups: str, genesis_process: list[subprocess.Popen[bytes]]
 ) -> None:
-    require_root()
     require_language(language)
+    if cgroups == "auto":
+        require_job_cgroups()  # otherwise it is the "off" case again
     code = in_every_language(DAEMON.format(tail="time.sleep(100)"), language)
     env = {**os.environ, "GENESIS_SANDBOX_CGROUP": cgroups}
     process = subprocess.Popen([sys.executable, "-c", GENESIS_STAND_IN, language], stdin=subprocess.PIPE, env=env)
@@ -495,18 +434,20 @@ async def test_every_process_of_a_job_dies_with_genesis_even_by_sigkill(
     assert process.stdin is not None
     process.stdin.write(code.encode())
     process.stdin.close()
+    watch = JobWatch(root=process.pid)
     deadline = time.monotonic() + 30
-    while not any("main." in p.cmdline for p in job_processes(process.pid).values()):
+    while not any("main." in p.cmdline for p in watch.sample().values()):
         assert time.monotonic() < deadline, "the job never started"
         await asyncio.sleep(0.05)
-    while len(seen := job_processes(process.pid)) < 4:  # bwrap, the init, the job, the daemon
+    while len(seen := watch.sample()) < 4:  # bwrap, the init, the job, the daemon
         assert time.monotonic() < deadline, f"the daemon never started: {seen}"
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)  # and has detached
+    watch.sample()
     process.send_signal(signal.SIGKILL)
     process.wait()
     deadline = time.monotonic() + 5
-    while left := still_running(seen):
+    while left := watch.left_running():
         assert time.monotonic() < deadline, f"left running after Genesis died: {left}"
         await asyncio.sleep(0.05)
     tree = sandbox.job_cgroup_tree().tree
