@@ -42,7 +42,7 @@ def test_the_budget_counts_every_pool_the_operator_configures():
 def test_managed_postgres_admits_50_instances_and_a_few_more_do_not_restart_it():
     def max_connections(replicas: int) -> int:
         spec = api.parse_spec({"singularity": {"replicas": replicas}})
-        [container] = objects.managed_postgres("s", "ns", spec)[0]["spec"]["template"]["spec"]["containers"]
+        [container, _exporter] = objects.managed_postgres("s", "ns", spec)[0]["spec"]["template"]["spec"]["containers"]
         [flag, setting] = container["args"]
         assert flag == "-c"
         return int(setting.removeprefix("max_connections="))
@@ -99,7 +99,7 @@ def test_managed_postgres_gets_the_max_connections_of_50_instances(api_client, n
     spec = {"singularity": {"replicas": 50}}
     controller(api_client, events).reconcile("fifty", namespace, spec)  # waits for PostgreSQL to run
     statefulset = client.AppsV1Api(api_client).read_namespaced_stateful_set("fifty-postgres", namespace)
-    [container] = statefulset.spec.template.spec.containers
+    [container, _exporter] = statefulset.spec.template.spec.containers
     assert container.args == [
         "-c",
         f"max_connections={api.parse_spec(spec).connections.stack_budget(50).managed_max_connections}",

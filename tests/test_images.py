@@ -164,9 +164,13 @@ def test_the_postgres_image_matches_the_operators_statefulset():
     pod = statefulset["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == 999
     assert args_of(POSTGRES, "USER")[-1] == "999"
-    [container] = pod["containers"]
+    [container, exporter] = pod["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["PGDATA"] == env_of(POSTGRES)["PGDATA"]
+    # the metrics sidecar runs Debian's exporter from the same image
+    assert exporter["image"] == container["image"]
+    assert exporter["command"][0] == "/usr/bin/prometheus-postgres-exporter"
+    assert re.search(r"apt-get install[^&]*\bprometheus-postgres-exporter\b", run_commands(POSTGRES))
     assert env["PGDATA"].startswith(container["volumeMounts"][0]["mountPath"] + "/")
     probe = container["readinessProbe"]["exec"]["command"][0]
     assert probe == "/usr/lib/postgresql/15/bin/pg_isready"

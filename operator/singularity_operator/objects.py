@@ -16,6 +16,7 @@ from singularity_stack.topology import instance_id
 Manifest = dict[str, Any]
 HTTP_PORT = 8000
 POSTGRES_PORT = 5432
+POSTGRES_METRICS_PORT = 9187  # prometheus-postgres-exporter, beside managed PostgreSQL
 APP = "singularity-stack"
 SERVICE_UID = 10001
 ROUTING_MOUNT = "/etc/singularity/routing"
@@ -308,6 +309,24 @@ def managed_postgres(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
         },
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
+    # PostgreSQL's own metrics (connections, sizes, locks, replication) for a team's Prometheus, from
+    # Debian's exporter in the same image; it connects over loopback, so it needs no network policy to reach it.
+    exporter = {
+        "name": "metrics",
+        "image": managed.image,
+        "command": ["/usr/bin/prometheus-postgres-exporter", f"--web.listen-address=:{POSTGRES_METRICS_PORT}"],
+        "env": [
+            {"name": "DATA_SOURCE_URI", "value": f"127.0.0.1:{POSTGRES_PORT}/postgres?sslmode=disable"},
+            {"name": "DATA_SOURCE_USER", "value": "postgres"},
+            {
+                "name": "DATA_SOURCE_PASS",
+                "valueFrom": {"secretKeyRef": {"name": admin_secret_name(stack), "key": "POSTGRES_PASSWORD"}},
+            },
+        ],
+        "ports": [{"name": "metrics", "containerPort": POSTGRES_METRICS_PORT}],
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
     return [
         {
             "apiVersion": "apps/v1",
@@ -327,7 +346,7 @@ def managed_postgres(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
                             "fsGroup": 999,
                             "fsGroupChangePolicy": "OnRootMismatch",
                         },
-                        "containers": [container],
+                        "containers": [container, exporter],
                     },
                 },
                 "volumeClaimTemplates": [claim],
@@ -339,7 +358,10 @@ def managed_postgres(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
             "metadata": _meta(stack, namespace, name, "postgres"),
             "spec": {
                 "selector": selector(stack, "postgres"),
-                "ports": [{"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres"}],
+                "ports": [
+                    {"name": "postgres", "port": POSTGRES_PORT, "targetPort": "postgres"},
+                    {"name": "metrics", "port": POSTGRES_METRICS_PORT, "targetPort": "metrics"},
+                ],
             },
         },
     ]
@@ -423,7 +445,9 @@ def network_policies(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
                             },
                         ],
                         "ports": [{"protocol": "TCP", "port": POSTGRES_PORT}],
-                    }
+                    },
+                    # metrics only, from wherever the team's Prometheus runs (like the services' /metrics)
+                    {"ports": [{"protocol": "TCP", "port": POSTGRES_METRICS_PORT}]},
                 ],
                 [],
             )

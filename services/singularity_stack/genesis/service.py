@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pydantic import AliasChoices, Field
 
 from singularity_stack import contract as c
@@ -18,6 +18,7 @@ from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
 
 log = logging.getLogger(__name__)
 JOBS = Counter("singularity_genesis_jobs_total", "Jobs run by Genesis, by language and status", ["language", "status"])
+SANDBOX_READY = Gauge("singularity_genesis_sandbox_ready", "1 when the job sandbox works here, 0 when it does not")
 
 
 class GenesisSettings(ServiceSettings):
@@ -49,6 +50,7 @@ class GenesisService(Service):
     async def on_start(self) -> None:
         # A host (or Pod) where bubblewrap cannot build a sandbox must not look ready: say why instead.
         self.sandbox_problem = await probe_sandbox()
+        SANDBOX_READY.set(0 if self.sandbox_problem else 1)
         if self.sandbox_problem:
             log.error("the job sandbox does not work here", extra={"problem": self.sandbox_problem})
             return

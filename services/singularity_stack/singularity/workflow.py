@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from prometheus_client import Counter
+
 from singularity_stack import contract as c
 from singularity_stack.sharedqueue import SharedQueue
 from singularity_stack.singularity.code import ambiguity, extract_code, unified_diff
@@ -28,6 +30,9 @@ from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
 
 log = logging.getLogger(__name__)
+TASKS = Counter("singularity_tasks_total", "Tasks that ended, by outcome", ["outcome"])
+for _outcome in ("succeeded", "failed"):  # exported from the start, so a failure ratio has a denominator at once
+    TASKS.labels(_outcome)
 R = TypeVar("R", bound=c.Reply)
 Build = Callable[[dict[str, Any]], c.Request]  # from the fields every request shares to the request
 
@@ -229,8 +234,10 @@ class TaskRun:
         except StepFailed as failure:
             log.info("task %s failed: %s", self.task_id, failure)
             await self.ctx.store.fail(self.task_id, str(failure))
+            TASKS.labels("failed").inc()
             return
         await self.ctx.store.finish(self.task_id, result)
+        TASKS.labels("succeeded").inc()
         log.info("task %s succeeded", self.task_id)
 
     async def _sparc(self) -> dict[str, Any]:
