@@ -233,3 +233,93 @@ async def test_open_files_are_capped_at_256_per_process(job_watch: JobWatch) -> 
     assert held == 256, held
     assert cap.split()[3:5] == ["256", "256"], cap
     assert_nothing_left_running(job_watch)
+
+
+# -- the stated limits, as the host sees them on a running job --------------------------------------------
+
+LOWER_OWN_OOM_SCORE = """
+try:
+    with open("/proc/self/oom_score_adj", "w") as handle:
+        handle.write("0")
+    print("lowered")
+except OSError as error:
+    print(errno.errorcode[error.errno])
+ready()
+"""
+RLIMITS = {  # /proc/<pid>/limits: the README's figures, soft and hard
+    "Max cpu time": ["5", "6"],
+    "Max data size": [str(256 * MiB)] * 2,
+    "Max file size": [str(10 * MiB)] * 2,
+    "Max processes": ["64", "64"],
+    "Max open files": ["256", "256"],
+    "Max core file size": ["0", "0"],
+}
+
+
+def rlimits_of(pid: int) -> dict[str, list[str]]:
+    found = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        name = line[:26].strip()
+        if name in RLIMITS:
+            found[name] = line[26:].split()[:2]
+    return found
+
+
+def holds_cap_sys_resource() -> bool:
+    """Whether this process (Genesis here) may set an oom_score_adj floor: root without it may not."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return bool(int(status["CapEff"], 16) >> 24 & 1)  # CAP_SYS_RESOURCE is capability 24
+
+
+def oom_score_adj(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+
+
+def cgroup_values(job: Path) -> dict[str, str]:
+    names = ("memory.max", "memory.limit_in_bytes", "memory.kmem.tcp.limit_in_bytes", "pids.max")
+    names += ("cpu.max", "cpu.cfs_quota_us", "cpu.cfs_period_us")
+    return {name: (job / name).read_text().strip() for name in names if (job / name).exists()}
+
+
+async def test_the_stated_limits_are_in_force_on_every_process_of_a_job(
+    job_watch: JobWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defaults the README states, read from the host on the job, its sandbox's init and bwrap."""
+    monkeypatch.setenv(sandbox.PROC_ENV, "on")  # the job writes its own /proc/self/oom_score_adj
+    async with job_holding_its_state(LOWER_OWN_OOM_SCORE, Limits(), job_watch) as job:
+        processes = job_watch.sample()
+        init = processes[job.pid].ppid
+        bwrap = processes[init].ppid
+        assert processes[bwrap].argv[0].endswith("/bwrap"), processes[bwrap]
+        limits = {pid: rlimits_of(pid) for pid in (job.pid, init)}
+        scores = {name: oom_score_adj(pid) for name, pid in (("job", job.pid), ("init", init), ("bwrap", bwrap))}
+        cgroups = {pid: Path(f"/proc/{pid}/cgroup").read_text() for pid in (job.pid, init, bwrap)}
+        bounds = {job_dir: cgroup_values(job_dir) for job_dir in job_cgroups_left()}  # per hierarchy on v1
+    assert job.outcome is not None and job.outcome.status is JobStatus.OK, job.outcome
+    # CPU 5 s (SIGKILL a second later), data 256 MiB, 64 processes, files of 10 MiB, 256 open files, no core
+    # dumps: on the job and on the init that runs it.
+    assert limits == {job.pid: RLIMITS, init: RLIMITS}, limits
+    # First for the OOM killer. A job may lower its own value only to Genesis's floor: 1000 where Genesis holds
+    # CAP_SYS_RESOURCE (the launcher's write then sets the floor too), 0 otherwise (root in a container that
+    # drops it, or any other account); its init and bwrap keep 1000 either way.
+    held = holds_cap_sys_resource()
+    assert job.outcome.stdout.strip() == ("EACCES" if held else "lowered"), job.outcome
+    assert scores == {"job": 1000 if held else 0, "init": 1000, "bwrap": 1000}, scores
+    tree = sandbox.job_cgroup_tree().tree
+    if tree is None:
+        return  # no cgroup per job here (the README's second row): the rlimits above are the bound
+    # The whole job: 512 MiB (on v1 an eighth of it for TCP buffers), 64 tasks, one CPU; bwrap, the init
+    # and the job are all inside that one cgroup.
+    (name,) = {job_dir.name for job_dir in bounds}
+    assert all(f"/genesis-{os.getpid()}/{name}\n" in text for text in cgroups.values()), cgroups
+    merged = {key: value for values in bounds.values() for key, value in values.items()}
+    assert merged["pids.max"] == "64", merged
+    if tree.v2:
+        assert merged["memory.max"] == str(512 * MiB), merged
+        cpu = merged.get("cpu.max")
+    else:
+        assert merged["memory.limit_in_bytes"] == str(512 * MiB - 64 * MiB), merged
+        assert merged.get("memory.kmem.tcp.limit_in_bytes", str(64 * MiB)) == str(64 * MiB), merged
+        cpu = f"{merged['cpu.cfs_quota_us']} {merged['cpu.cfs_period_us']}" if "cpu.cfs_quota_us" in merged else None
+    if "cpu" in tree.controllers:
+        assert cpu == "100000 100000", merged
