@@ -15,7 +15,7 @@ from singularity_stack.nexus.reviewers import ReviewerFile, ReviewersError
 from singularity_stack.nexus.routing_config import RoutingConfigError
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision import deprovision
-from singularity_stack.provision.migrations import applied_migrations
+from singularity_stack.provision.migrations import applied_migrations, apply_migrations, service_kind
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError, ProvisionResult
 from singularity_stack.securefile import UnsafeFileError, read_private, write_private
 from singularity_stack.service.settings import SettingsError
@@ -91,6 +91,25 @@ def cmd_migrations(args: argparse.Namespace) -> int:
         print(migration_id)
     if not applied:
         print("(no migrations applied)", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Apply this image's migrations for one service to its database, as the role in the URL (its own)."""
+    url = args.database_url or os.environ.get("DATABASE_URL", "")
+    if not url:
+        print("error: migrate needs --database-url or DATABASE_URL (the service's own database)", file=sys.stderr)
+        return 2
+    try:
+        done = apply_migrations(service_kind(args.service), url)
+        applied = applied_migrations(url)
+    except psycopg.Error as error:
+        reason = " ".join(str(error).split())
+        print(f"error: migrating {args.service}: {reason} (the failing migration was rolled back)", file=sys.stderr)
+        return 2
+    for migration_id in done:
+        print(f"applied {migration_id}")
+    print(f"{args.service}: {len(done)} applied now, last applied {applied[-1] if applied else '(none)'}")
     return 0
 
 
@@ -196,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrations", help="list the migrations applied to a service database")
     p.add_argument("--database-url", required=True)
     p.set_defaults(func=cmd_migrations)
+
+    p = sub.add_parser("migrate", help="apply this image's migrations to one service's database, as its role")
+    p.add_argument("service", choices=["singularity", "nexus", "genesis", "centralcloud"])
+    p.add_argument("--database-url", help="the service's own database URL (default: $DATABASE_URL)")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("run", help="run one service (settings from the environment: DATABASE_URL, ...)")
     p.add_argument("service", choices=["singularity", "nexus", "genesis", "centralcloud"])
