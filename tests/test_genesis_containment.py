@@ -24,6 +24,8 @@ import pytest
 from sandbox_support import LANGUAGES, JobWatch, assert_nothing_left_running, job_processes, require_language
 
 from singularity_stack.genesis import sandbox, seccomp
+from singularity_stack.genesis.cgroups import JobCgroups
+from singularity_stack.genesis.cgroups import remove as remove_cgroup_tree
 from singularity_stack.genesis.runner import NUL_STANDIN, JobRunner, JobStatus
 from singularity_stack.genesis.sandbox import Limits, MiB
 
@@ -456,6 +458,30 @@ async def test_every_process_of_a_job_dies_with_genesis_even_by_sigkill(
     while leftover := [p for p in leftover if p.exists()]:
         assert time.monotonic() < deadline, f"job cgroups left behind: {leftover}"
         await asyncio.sleep(0.05)
+
+
+def test_the_next_genesis_removes_the_job_cgroups_a_dead_one_left() -> None:
+    """A Genesis killed before its watchdog could act leaves `genesis-<pid>/job-N` behind, maybe with a
+    process in it: the next Genesis on the host (a fresh detect) kills what is there and removes them."""
+    require_job_cgroups()
+    tree = sandbox.job_cgroup_tree().tree
+    assert tree is not None
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a Genesis that is gone: its pid names no process now
+    stale = [base.parent / f"genesis-{gone.pid}" / "job-1" for base in tree.bases]
+    survivor = subprocess.Popen(["sleep", "120"])  # what a job of it left running
+    try:
+        for job in stale:
+            job.mkdir(parents=True)
+            (job / "cgroup.procs").write_text(str(survivor.pid))
+        JobCgroups.detect()
+        assert survivor.wait(timeout=10) == -signal.SIGKILL
+        assert [job.parent for job in stale if job.parent.exists()] == []
+    finally:
+        survivor.kill()
+        survivor.wait()
+        for job in stale:
+            remove_cgroup_tree(job.parent)
 
 
 # -- whatever a job prints comes back ---------------------------------------------------------------
