@@ -8,13 +8,16 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from nats_support import Dual, llm_request, nats_settled, open_dual, until
+from nats_support import Dual, llm_request, nats_settled, open_dual, path_of, until
 from prometheus_client import REGISTRY
 from support import settled
 
 from singularity_stack import contract as c
-from singularity_stack.sharedqueue import Permanent
-from singularity_stack.sharedqueue.nats_reader import archive_id, storable
+from singularity_stack.sharedqueue import Permanent, RetryPolicy
+from singularity_stack.sharedqueue import nats_subjects as subjects
+from singularity_stack.sharedqueue.nats_reader import NatsReader, archive_id, storable
+from singularity_stack.sharedqueue.nats_replies import NatsReplies, ReplyRouter
+from singularity_stack.sharedqueue.nats_streams import ensure_streams
 
 
 @pytest.fixture
@@ -158,8 +161,6 @@ async def test_a_failed_nats_message_is_retried_and_a_permanent_one_dead_lettere
             failures["left"] -= 1
             raise RuntimeError("transient trouble")
 
-    from singularity_stack.sharedqueue import RetryPolicy
-
     reader = dual.reader(flaky, policy=RetryPolicy(max_attempts=3, base_delay=0.01, max_delay=0.05))
     retried = llm_request("singularity_1")
     await dual.nats_publish(retried)
@@ -186,7 +187,6 @@ def test_storable_replaces_what_jsonb_refuses():
 
 async def test_streams_and_consumers_are_made_once(dual):
     """ensure_streams (run by CentralCloud's user) is idempotent: a stream per work queue, made the first time."""
-    from singularity_stack.sharedqueue.nats_streams import ensure_streams
 
     owner = await dual.nats.connect("centralcloud")
     assert await ensure_streams(owner.jetstream(), dual.layout) == []
@@ -197,3 +197,44 @@ async def test_streams_and_consumers_are_made_once(dual):
 async def _stream_names(js):
     for name in await js.streams_info():
         yield name.config.name
+
+
+async def test_genesis_reads_job_requests_from_nats_as_its_own_user(dual):
+    """The same reader for Genesis: its own NATS user and durable consumer, its reply on the instance's job_results
+    subject, archived in both pgmq archives with Genesis's grants."""
+
+    genesis_queue = await dual.stack.queue("genesis")
+    genesis_store = await dual.stack.store("genesis")
+    genesis_nc = await dual.nats.connect("genesis")
+    router = ReplyRouter(genesis_queue, NatsReplies(genesis_nc.jetstream(), dual.layout, genesis_queue))
+    seen = []
+
+    async def run_job(delivery):
+        seen.append((delivery.message.request_id, delivery.sender, path_of(delivery)))
+        reply = c.JobResult(request_id=delivery.message.request_id, recipient=delivery.sender, status="ok", output="1")
+        await router.send(delivery, reply)
+
+    reader = NatsReader(
+        genesis_nc,
+        dual.layout,
+        "genesis",
+        "job_requests",
+        c.JobRequest,
+        run_job,
+        client=genesis_queue,
+        store=genesis_store,
+        fetch_timeout=0.2,
+    )
+    job = c.JobRequest(reply_to="singularity_2", agent_id="a", code="print(1)", language="python")
+    await dual.nats_publish(job)
+    await until(lambda: bool(seen), reader.run_once)
+    assert seen == [(job.request_id, "singularity_2", "nats")]
+    nc = await dual.nats.connect("singularity_2")
+    sub = await nc.jetstream().pull_subscribe_bind(
+        "singularity_2", subjects.stream(dual.layout, "job_results_singularity_2")
+    )
+    [msg] = await sub.fetch(1, timeout=10)
+    assert c.JobResult.model_validate_json(msg.data).request_id == job.request_id
+    for archive in ("job_requests", "job_results_singularity_2"):
+        rows = dual.stack.owner_query(f"SELECT message->>'request_id', headers->>'path' FROM pgmq.a_{archive}")
+        assert rows == [(str(job.request_id), "nats")], archive
