@@ -209,6 +209,7 @@ SETTINGS_ENV: dict[str, frozenset[str]] = {
             "HUMAN_TIMEOUT_SECONDS",
             "DAILY_LLM_BUDGET_USD",
             "LLM_REQUESTS_PER_MINUTE",
+            "NEXUS_CONSOLE_URL",
         }
     ),
     "nexus": frozenset(
@@ -218,6 +219,7 @@ SETTINGS_ENV: dict[str, frozenset[str]] = {
             "NEXUS_ROUTING_CONFIG",
             "NEXUS_MAX_CONCURRENT_LLM",
             "HITL_EXPIRY_INTERVAL_SECONDS",
+            "NEXUS_SINGULARITY_CONSOLE_URLS",
         }
     ),
     "genesis": frozenset({"GENESIS_MAX_CONCURRENT_JOBS", "GENESIS_SANDBOX_PROC"}),

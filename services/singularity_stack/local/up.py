@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from singularity_stack.local import lifecycle
-from singularity_stack.local.supervisor import PostgresProcess, Supervisor, plan_services, stop_recorded, write_state
+from singularity_stack.local.supervisor import (
+    PostgresProcess,
+    ServiceProcess,
+    Supervisor,
+    plan_services,
+    stop_recorded,
+    write_state,
+)
 from singularity_stack.postgres.cluster import ClusterError, LocalCluster, free_port, server_account
 from singularity_stack.reachable import Account, blocked, usable_root
 from singularity_stack.securefile import private_dir, read_private, write_private
@@ -91,6 +98,19 @@ def postgres_dir(state: Path) -> tuple[Path, str | None]:
             f"{OUTSIDE_DATA_ROOT} is no root-owned directory it can reach: pass a --state-dir it can reach"
         )
     return OUTSIDE_DATA_ROOT / name, f"{account.name} cannot reach {state} ({problem})"
+
+
+def link_consoles(services: list[ServiceProcess]) -> dict[str, str]:
+    """Tell Nexus where each Singularity instance's console is and each instance where Nexus's review page is
+    (for links in the pages; neither calls the other). Returns instance → console URL."""
+    consoles = {s.name: s.url for s in services if s.role == "singularity"}
+    nexus = next((s.url for s in services if s.role == "nexus"), None)
+    for service in services:
+        if service.role == "nexus":
+            service.env["NEXUS_SINGULARITY_CONSOLE_URLS"] = json.dumps(consoles)
+        elif service.role == "singularity" and nexus:
+            service.env["NEXUS_CONSOLE_URL"] = nexus
+    return consoles
 
 
 def service_names(instances: int) -> list[str]:
@@ -193,6 +213,7 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
             extra_env=extra_env | {"nexus": {"NEXUS_REVIEWERS_FILE": str(reviewers_file)}},
             ports=ports,
         )
+        consoles = link_consoles(services)
         supervisor.start_all(services=services)
         if stop.check():
             return stop.code
@@ -201,6 +222,7 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
             "services": supervisor.state(),
             "ui": {"url": nexus.url + "/", "token": token, "reviewers_file": str(reviewers_file)},
             "api_tokens": api_tokens,
+            "consoles": {name: url + "/" for name, url in consoles.items()},
             "logs": str(state / "logs"),
         }
         if args.state_file:
@@ -214,6 +236,9 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
             say(f"{role} API token: {value}   (send 'Authorization: Bearer <token>')")
         for service in services:
             say(f"  {service.name:<16} {service.url}")
+        say("Singularity consoles (log in with the singularity API token):")
+        for name, url in consoles.items():
+            say(f"  {name:<16} {url}/")
         say(f"admin DSN: {admin_dsn}")
         say(f"logs in {state / 'logs'}; the stack is up; press Ctrl-C to stop")
     while not stop.wait(1.0):

@@ -185,11 +185,16 @@
     insertInOrder(lists[card.kind], entry);
     updateTiming(entry, Date.now());
     updateCounts();
-    if (window.location.hash === `#${element.id}`) {
-      // The card arrived after the page loaded, so the browser could not scroll to it by itself.
-      element.classList.add("targeted");
-      element.scrollIntoView({ block: "start" });
-    }
+    // A card that arrives after the page loaded: the browser could not scroll to it by itself.
+    if (window.location.hash === `#${element.id}`) showTarget();
+  }
+
+  // <nexus>/#request-<id> (a task page's link): that card is outlined and scrolled to.
+  function showTarget() {
+    const id = window.location.hash.slice(1);
+    for (const entry of cards.values()) entry.element.classList.toggle("targeted", entry.element.id === id);
+    const target = [...cards.values()].find((entry) => entry.element.id === id);
+    if (target) target.element.scrollIntoView({ block: "start" });
   }
 
   function insertInOrder(list, entry) {
@@ -353,6 +358,7 @@
       const now = Date.now();
       for (const entry of cards.values()) updateTiming(entry, now);
     }, 1000);
+    window.addEventListener("hashchange", showTarget);
     connect();
   }
 
