@@ -564,15 +564,26 @@ async def _run_once(
         # The rlimits come before the init, so the sandbox's pid 1 runs under them as well.
         command = [*launch, *sandbox, "--", *_rlimit_argv(prlimit, limits, address_space_bytes), *_INIT, *argv]
         started = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_BWRAP_ENV,
-            pass_fds=fds,
-            start_new_session=True,  # its own process group, for the last-resort killpg in _Bwrap.reap
+        starting = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=_BWRAP_ENV,
+                pass_fds=fds,
+                start_new_session=True,  # its own process group, for the last-resort killpg in _Bwrap.reap
+            )
         )
+        try:
+            proc = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            # Cancelled while asyncio still connects the pipes: the sandbox may run already. asyncio would kill
+            # bwrap itself, leaving the sandbox's init a zombie for the host's init; end it as any job instead.
+            job = _Bwrap(await starting, status_fd, cgroup)
+            job.kill()
+            await job.reap()
+            raise
         job = _Bwrap(proc, status_fd, cgroup)
         out, err, timed_out = await job.supervise(limits)
         elapsed_ms = (time.perf_counter() - started) * 1000
