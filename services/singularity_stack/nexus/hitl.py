@@ -142,9 +142,9 @@ def card(row: dict[str, Any]) -> Card:
             "file_path": payload.get("file_path", ""),
             "description": payload.get("description", ""),
             "diff": payload.get("diff", ""),
-            # The questions the task asked a human before this change, with their answers.
-            "answered": payload.get("answered", []),
         }
+        if payload.get("answered"):  # the questions the task asked a human before this change, and the answers
+            result["answered"] = payload["answered"]
     else:
         result |= {"question": payload.get("question", ""), "context": payload.get("context", "")}
     return result

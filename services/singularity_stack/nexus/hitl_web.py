@@ -201,7 +201,7 @@ class HitlWeb:
         Singularity finds the task by the request id (GET /console/requests/{id}), the one thing both know.
         """
         base = self.console_urls.get(card["instance"])
-        return card | {"task_url": f"{base}/console/requests/{card['request_id']}" if base else None}
+        return card | {"task_url": f"{base}/console/requests/{card['request_id']}"} if base else card
 
     async def _snapshot(self) -> dict[str, list[Card]]:
         return {kind: [self._linked(c) for c in cards] for kind, cards in (await self.hitl.snapshot()).items()}
