@@ -196,7 +196,7 @@ def stop_recorded(path: Path, report: Callable[[str], None], timeout: float = 20
 PROCESS_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LOG_LEVEL"})  # and LC_*
 # Each service's settings: the validation_alias names of its settings class (tests/test_service_env.py
 # checks this table against the classes, which are not imported here: Nexus's pulls in litellm).
-COMMON_SETTINGS_ENV = frozenset({"LOG_LEVEL", "SHUTDOWN_GRACE_SECONDS", "ALLOWED_HOSTS", "MAX_BODY_BYTES"})
+COMMON_SETTINGS_ENV = frozenset({"LOG_LEVEL", "SHUTDOWN_GRACE_SECONDS", "ALLOWED_HOSTS", "MAX_BODY_BYTES", "POOL_SIZE"})
 # A service's connections and address are `up`'s own: set by the plan, never taken from the environment.
 SET_BY_UP_ENV = frozenset({"DATABASE_URL", "SHARED_QUEUE_DB_URL", "SHARED_QUEUE_URL", "HOST", "PORT"})
 SETTINGS_ENV: dict[str, frozenset[str]] = {
@@ -233,6 +233,9 @@ SETTINGS_ENV: dict[str, frozenset[str]] = {
             "PRUNE_INTERVAL_SECONDS",
             "ANALYTICS_INTERVAL_SECONDS",
             "METRICS_INTERVAL_SECONDS",
+            "ARCHIVE_CHECK_INTERVAL_SECONDS",
+            "CONSOLE_REFRESH_SECONDS",
+            "QUEUE_SAMPLE_RETENTION_HOURS",
         }
     ),
 }

@@ -27,6 +27,7 @@ from singularity_stack.local.supervisor import (
     write_state,
 )
 from singularity_stack.postgres.cluster import ClusterError, LocalCluster, free_port, server_account
+from singularity_stack.provision.budget import stack_budget
 from singularity_stack.reachable import Account, blocked, usable_root
 from singularity_stack.securefile import private_dir, read_private, write_private
 
@@ -166,7 +167,9 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
     ports = choose_ports(state, names, args.port_base)
     admin_dsn = args.admin_dsn
     if not admin_dsn:
-        cluster = LocalCluster(datadir, port=ports["postgres"])
+        # Room for every pool the stack may open (provision/budget.py), and never fewer than before.
+        needed = stack_budget(args.singularity_instances).required
+        cluster = LocalCluster(datadir, port=ports["postgres"], settings={"max_connections": str(max(300, needed))})
         say(
             f"[1/3] starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
             f"in {cluster.datadir} on port {cluster.port}"
@@ -239,6 +242,8 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
         say("Singularity consoles (log in with the singularity API token):")
         for name, url in consoles.items():
             say(f"  {name:<16} {url}/")
+        central = next(s for s in services if s.name == "centralcloud")
+        say(f"CentralCloud console: {central.url}/   (log in with the centralcloud API token)")
         say(f"admin DSN: {admin_dsn}")
         say(f"logs in {state / 'logs'}; the stack is up; press Ctrl-C to stop")
     while not stop.wait(1.0):
