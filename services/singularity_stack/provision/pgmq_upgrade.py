@@ -26,7 +26,7 @@ from psycopg import sql
 
 from singularity_stack.postgres.pgmq_install import SQL_INSTALL_MARK, PgmqInstall
 from singularity_stack.provision import privileges
-from singularity_stack.provision.errors import PgmqUpgradeRequired
+from singularity_stack.provision.errors import PgmqUpgradeRequired, ProvisionError
 from singularity_stack.provision.queues import SENDER_TRIGGER, ensure_sender_stamps
 from singularity_stack.topology import StackLayout
 
@@ -161,9 +161,32 @@ def _carry_sequence(conn: psycopg.Connection, queue: str) -> None:
     )
 
 
+def _lock_old_tables(conn: psycopg.Connection, queues: list[QueueCopy], old: str, new: str) -> None:
+    """Hold every old queue and archive table still (ACCESS EXCLUSIVE) before anything is copied.
+
+    Without it a message sent, read or archived by a service between the copy and the DROP would land in
+    the old table only and be dropped with it. Services wait for the swap (at most LOCK_TIMEOUT for it
+    to get its locks) and then resolve pgmq.* to the new tables. When the locks cannot be had in time
+    (long transactions on the queues) or a deadlock with a service's transaction, nothing has changed and
+    the next provisioning run tries again."""
+    tables = [sql.Identifier("pgmq", "meta")]
+    for queue in queues:
+        tables += [sql.Identifier("pgmq", f"q_{queue.name}"), sql.Identifier("pgmq", f"a_{queue.name}")]
+    try:
+        with conn.transaction():  # a savepoint: the caller's transaction is not left aborted by an error here
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.SQL(", ").join(tables)))
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as error:
+        raise ProvisionError(
+            f"pgmq upgrade {old} -> {new} postponed: could not lock the queue tables within {LOCK_TIMEOUT} "
+            f"({type(error).__name__}: transactions on the queues held them); nothing was changed, the next "
+            "provisioning run tries again"
+        ) from error
+
+
 def _swap_sql_install(conn: psycopg.Connection, layout: StackLayout, old: str, new: str) -> None:
     conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
     queues = _queues(conn)
+    _lock_old_tables(conn, queues, old, new)
     conn.execute(sql.SQL("ALTER SCHEMA pgmq RENAME TO {}").format(sql.Identifier(ASIDE)))
     conn.execute(get_embedded_install_sql())
     conn.execute(sql.SQL("COMMENT ON SCHEMA pgmq IS {}").format(sql.Literal(f"pgmq {new} {SQL_INSTALL_MARK}")))

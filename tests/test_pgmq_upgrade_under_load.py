@@ -1,0 +1,128 @@
+"""pgmq upgrades under live traffic: services keep sending, reading and archiving while the next provisioning
+run swaps pgmq 1.11.1 (the real SQL of PyPI pgmq 1.1.3) for the packaged one. Nothing sent is lost, the
+services' long-lived connections (with prepared pgmq.send/read/archive) keep working on the new schema, and
+an upgrade that cannot get its locks says so, changes nothing and succeeds on the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import psycopg
+import pytest
+from test_pgmq_upgrade import NEW, OLD, old_sql, provision_on_old_pgmq  # noqa: F401  (old_sql is a fixture)
+
+from singularity_stack.postgres.pgmq_install import installed_pgmq
+from singularity_stack.provision.errors import ProvisionError
+from singularity_stack.provision.provisioner import Provisioner, with_database
+
+
+class Traffic:
+    """A sender (singularity_1) and a consumer (Nexus), each on one long-lived connection, in a loop."""
+
+    def __init__(self, url: dict[str, str]) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.sent: list[int] = []
+        self.archived: list[int] = []
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._send), threading.Thread(target=self._consume)]
+
+    def _send(self) -> None:
+        with psycopg.connect(self.url["singularity_1"], autocommit=True) as conn:
+            n = 0
+            while not self.stop.is_set():
+                try:
+                    row = conn.execute(
+                        "SELECT * FROM pgmq.send('llm_requests', %s::jsonb)", (json.dumps({"n": n}),), prepare=True
+                    ).fetchone()
+                except psycopg.Error as error:
+                    self.errors.append(f"send: {error}")
+                    time.sleep(0.05)
+                    continue
+                assert row is not None
+                self.sent.append(row[0])
+                n += 1
+
+    def _consume(self) -> None:
+        with psycopg.connect(self.url["nexus"], autocommit=True) as conn:
+            while not self.stop.is_set():
+                try:
+                    ids = [
+                        r[0] for r in conn.execute("SELECT msg_id FROM pgmq.read('llm_requests', 30, 5)", prepare=True)
+                    ]
+                    for msg_id in ids:
+                        done = conn.execute("SELECT pgmq.archive('llm_requests', %s)", (msg_id,), prepare=True)
+                        row = done.fetchone()
+                        if row and row[0]:
+                            self.archived.append(msg_id)
+                except psycopg.Error as error:
+                    self.errors.append(f"consume: {error}")
+                    time.sleep(0.05)
+
+    def __enter__(self) -> Traffic:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "a service connection is stuck"
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_nothing_sent_during_the_upgrade_is_lost_and_prepared_connections_keep_working(
+    admin_dsn,
+    old_sql,
+    monkeypatch,  # noqa: F811
+):
+    old = provision_on_old_pgmq(admin_dsn, "pgload1_", old_sql, monkeypatch)
+    url = {name: creds.shared_queue_url for name, creds in old.credentials.items()}
+    shared = with_database(admin_dsn, old.layout.shared_queue_database)
+    with Traffic(url) as traffic:
+        wait_for(lambda: len(traffic.archived) > 20)  # prepared (psycopg prepares after 5 runs; here at once)
+        again = Provisioner(admin_dsn, old.layout, report=lambda _: None, known_passwords=old.passwords).run()
+        assert again.pgmq.version == NEW
+        sent_at_upgrade, archived_at_upgrade = len(traffic.sent), len(traffic.archived)
+        wait_for(lambda: len(traffic.sent) > sent_at_upgrade + 20 and len(traffic.archived) > archived_at_upgrade + 20)
+    with psycopg.connect(shared) as conn:
+        assert installed_pgmq(conn).version == NEW
+        queued = {r[0] for r in conn.execute("SELECT msg_id FROM pgmq.q_llm_requests")}
+        archived = {r[0] for r in conn.execute("SELECT msg_id FROM pgmq.a_llm_requests")}
+    lost = set(traffic.sent) - queued - archived
+    assert not lost, f"{len(lost)} of {len(traffic.sent)} messages sent during the upgrade are gone"
+    assert not set(traffic.archived) & queued, "a message archived by the consumer is back in the queue"
+    assert not traffic.errors, traffic.errors[:5]
+
+
+def test_an_upgrade_that_cannot_get_its_locks_changes_nothing_and_the_next_run_upgrades(
+    admin_dsn,
+    old_sql,
+    monkeypatch,  # noqa: F811
+):
+    old = provision_on_old_pgmq(admin_dsn, "pgload2_", old_sql, monkeypatch)
+    shared = with_database(admin_dsn, old.layout.shared_queue_database)
+    monkeypatch.setattr("singularity_stack.provision.pgmq_upgrade.LOCK_TIMEOUT", "300ms")
+    url = old.credentials["nexus"].shared_queue_url
+    with psycopg.connect(url) as holder:  # a service's transaction left open on a queue
+        holder.execute("SELECT * FROM pgmq.read('llm_requests', 30, 1)").fetchall()
+        with pytest.raises(ProvisionError) as postponed:
+            Provisioner(admin_dsn, old.layout, report=lambda _: None, known_passwords=old.passwords).run()
+        assert "postponed" in str(postponed.value) and "next provisioning run tries again" in str(postponed.value)
+        holder.execute("SELECT 1")  # the service's connection is unharmed
+        holder.commit()
+    with psycopg.connect(shared) as conn:
+        assert installed_pgmq(conn).version == OLD
+        assert conn.execute("SELECT to_regnamespace('pgmq_before_upgrade')").fetchone()[0] is None
+    again = Provisioner(admin_dsn, old.layout, report=lambda _: None, known_passwords=old.passwords).run()
+    assert again.pgmq.version == NEW
