@@ -1,117 +1,243 @@
 """Operator benchmark: apply → databases provisioned and workloads created, for N Singularity instances;
-and the API writes an idle reconcile makes (goal: 0).
+and the API writes idle reconciles make (goal: 0).
 
-    .venv/bin/python bench/operator_bench.py [--instances 1 10 50]
+    .venv/bin/python bench/operator_bench.py [--instances 1 10 50] [--samples 3] [--warmup 1]
 
 Runs a real kube-apiserver (scripts/build-kubernetes.sh builds it), a throwaway PostgreSQL, and the
-operator in-process (kopf's KopfRunner) with a 2 s health timer. The API writes are counted from outside,
-in the API server's audit log (ControlPlane(audit_writes=True)): every write by the operator's user.
+operator in-process (kopf's KopfRunner) with a 2 s health timer, as a ServiceAccount of its own. The
+sizes are measured interleaved (1, 10, 50, 1, 10, 50, ...; warm-up rounds discarded), each sample a new
+stack (policy Delete, deleted after it), and reported as median and spread. Writes are counted as the
+tests count them: every write request in the API server's audit log (ControlPlane(audit_writes=True)),
+Events included; the idle windows end on the operator's own reconcile counter, not on a clock.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from prometheus_client import REGISTRY
+from samples import Samples, interleave
 
 from singularity_operator import crd
-from singularity_stack_testing.kube.apiserver import ControlPlane
-from singularity_stack_testing.postgres import throwaway_cluster
+from singularity_stack.postgres.cluster import LocalCluster
+from singularity_stack_testing.kube.apiserver import SERVICE_ACCOUNT_ISSUER, ControlPlane
+from singularity_stack_testing.postgres import FAST_SETTINGS
 
 GROUP, VERSION, PLURAL = "singularity.dev", "v1alpha1", "singularitystacks"
+OPERATOR_SA = "bench-operator"
+OPERATOR_USER = f"system:serviceaccount:default:{OPERATOR_SA}"
+_names = itertools.count(1)
 
 
-def wait(check, timeout: float = 600.0) -> float:  # type: ignore[no-untyped-def]
+def wait(what: str, check: Callable[[], object], timeout: float = 600.0) -> float:
     started = time.monotonic()
     while not check():
         if time.monotonic() - started > timeout:
-            raise TimeoutError("gave up waiting")
+            raise TimeoutError(f"gave up waiting for {what}")
         time.sleep(0.1)
     return time.monotonic() - started
+
+
+def reconciles() -> float:
+    name = "singularity_operator_reconciles_total"
+    return sum(REGISTRY.get_sample_value(name, {"result": r}) or 0.0 for r in ("ok", "not_ready", "error"))
+
+
+class Bench:
+    def __init__(self, plane: ControlPlane, postgres: LocalCluster) -> None:
+        self.plane = plane
+        self.postgres = postgres
+        api_client = config.new_client_from_config(config_file=str(plane.kubeconfig))
+        self.core, self.apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+        self.custom, self.rbac = client.CustomObjectsApi(api_client), client.RbacAuthorizationV1Api(api_client)
+        self.extensions = client.ApiextensionsV1Api(api_client)
+        self.writes_per_sample: dict[int, list[float]] = collections.defaultdict(list)  # by N
+
+    def install(self) -> str:
+        """The CRD, and the operator's own identity (cluster-admin): its writes are told from the bench's."""
+        self.extensions.create_custom_resource_definition(crd.build_crd())
+        wait("the CRD", self._crd_established, 60)
+        self.core.create_namespaced_service_account("default", {"metadata": {"name": OPERATOR_SA}})
+        binding = {
+            "metadata": {"name": OPERATOR_SA},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": OPERATOR_SA, "namespace": "default"}],
+        }
+        self.rbac.create_cluster_role_binding(binding)
+        request = {"spec": {"audiences": [SERVICE_ACCOUNT_ISSUER], "expirationSeconds": 7200}}
+        token = self.core.create_namespaced_service_account_token(OPERATOR_SA, "default", request).status.token
+        path = self.plane.kubeconfig.with_name("operator.kubeconfig")
+        return str(self.plane.kubeconfig_for(path, OPERATOR_USER, {"token": token}))
+
+    def _crd_established(self) -> bool:
+        found = self.extensions.read_custom_resource_definition(f"{PLURAL}.{GROUP}")
+        return any(c.type == "Established" and c.status == "True" for c in found.status.conditions or [])
+
+    def create_stack(self, n: int) -> str:
+        namespace = f"bench-{n}-{next(_names)}"
+        self.core.create_namespace({"metadata": {"name": namespace}})
+        password = self.postgres.password
+        secret = {"metadata": {"name": "pg"}, "stringData": {"username": "postgres", "password": password}}
+        self.core.create_namespaced_secret(namespace, secret)
+        external = {"host": "127.0.0.1", "port": self.postgres.port, "adminSecret": {"name": "pg"}}
+        spec = {"postgres": {"external": external}, "singularity": {"replicas": n}, "deletionPolicy": "Delete"}
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SingularityStack", "metadata": {"name": "s"}}
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, {**body, "spec": spec})
+        return namespace
+
+    def condition(self, namespace: str, kind: str) -> bool:
+        status = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "s").get("status") or {}
+        return any(c["type"] == kind and c["status"] == "True" for c in status.get("conditions", []))
+
+    def provisioned(self, namespace: str, n: int) -> bool:
+        return (
+            self.condition(namespace, "DatabasesReady")
+            and len(self.apps.list_namespaced_deployment(namespace).items) == n + 3
+        )
+
+    def wait_provisioned(self, namespace: str, n: int) -> None:
+        try:
+            wait(f"N = {n} provisioned", lambda: self.provisioned(namespace, n))
+        except TimeoutError:
+            stack = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "s")
+            deployments = len(self.apps.list_namespaced_deployment(namespace).items)
+            raise TimeoutError(f"N = {n}: {deployments} Deployments, status {stack.get('status')}") from None
+
+    def make_available(self, namespace: str) -> None:
+        """What a kubelet would do (none runs here): every Deployment reports itself available."""
+        available = {"status": {"replicas": 1, "readyReplicas": 1, "availableReplicas": 1, "updatedReplicas": 1}}
+        for deployment in self.apps.list_namespaced_deployment(namespace).items:
+            self.apps.patch_namespaced_deployment_status(deployment.metadata.name, namespace, available)
+
+    def delete_stack(self, namespace: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "s")
+
+        def gone() -> bool:
+            try:
+                self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "s")
+            except ApiException as error:
+                return error.status == 404
+            return False
+
+        wait("the stack's deletion", gone)
+
+    def apply_to_provisioned(self, n: int) -> Callable[[], float]:
+        """One sample: seconds from the stack's creation to every database and Deployment there."""
+
+        def measure() -> float:
+            started = time.monotonic()
+            namespace = self.create_stack(n)
+            self.wait_provisioned(namespace, n)
+            seconds = time.monotonic() - started
+            # the operator's writes in this stack's namespace until then (Events it is still posting excluded)
+            writes = [w for w in self.plane.api_writes(OPERATOR_USER) if w["objectRef"].get("namespace") == namespace]
+            self.writes_per_sample[n].append(len(writes))
+            self.delete_stack(namespace)
+            return seconds
+
+        return measure
+
+    def idle_window(self, stacks: int, ticks: int) -> tuple[list[dict[str, Any]], float]:
+        """Every write (anyone's) while each of `stacks` idle stacks is reconciled about `ticks` times."""
+        since, done, started = len(self.plane.api_writes()), reconciles(), time.monotonic()
+        wait("the idle reconciles", lambda: reconciles() >= done + stacks * ticks, 120)
+        return self.plane.api_writes()[since:], time.monotonic() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--idle-windows", type=int, default=3)
     args = parser.parse_args()
-    postgres = throwaway_cluster().start()
+    # Every instance's pools count against max_connections (the provisioner refuses a stack that could
+    # exhaust it): room for the largest N.
+    connections = max(300, 12 * max(args.instances) + 100)
+    datadir = Path(tempfile.mkdtemp(prefix="singularity-pg-"))
+    postgres = LocalCluster(datadir, settings={**FAST_SETTINGS, "max_connections": str(connections)}).start()
     plane = ControlPlane(audit_writes=True).start()
     try:
-        api_client = config.new_client_from_config(config_file=str(plane.kubeconfig))
-        client.ApiextensionsV1Api(api_client).create_custom_resource_definition(crd.build_crd())
-        time.sleep(2)
-        core, apps, custom = (
-            client.CoreV1Api(api_client),
-            client.AppsV1Api(api_client),
-            client.CustomObjectsApi(api_client),
-        )
+        bench = Bench(plane, postgres)
+        kubeconfig = bench.install()
 
         from kopf.testing import KopfRunner
 
         from singularity_operator import handlers
         from singularity_operator.config import OperatorConfig
 
-        operator = handlers.register(
-            OperatorConfig(kubeconfig=plane.kubeconfig, health_interval_seconds=2, metrics_port=0)
-        )
-
-        print(f"kube-apiserver 1.20.2 (no kubelet), PostgreSQL {postgres.installation.version}, operator in-process")
-        lines: list[str] = []
-        with KopfRunner(["run", "--standalone", "--all-namespaces"], registry=operator):
-            for n in args.instances:
-                namespace = f"bench-{n}"
-                core.create_namespace({"metadata": {"name": namespace}})
-                core.create_namespaced_secret(
-                    namespace,
-                    {"metadata": {"name": "pg"}, "stringData": {"username": "postgres", "password": postgres.password}},
-                )
-                spec = {
-                    "postgres": {
-                        "external": {"host": "127.0.0.1", "port": postgres.port, "adminSecret": {"name": "pg"}}
-                    },
-                    "singularity": {"replicas": n},
-                }
-                body = {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": "SingularityStack",
-                    "metadata": {"name": "s"},
-                    "spec": spec,
-                }
-                custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
-                def provisioned(namespace: str = namespace, n: int = n) -> bool:
-                    status = (
-                        custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "s").get("status") or {}
-                    )
-                    done = any(
-                        c["type"] == "DatabasesReady" and c["status"] == "True" for c in status.get("conditions", [])
-                    )
-                    return done and len(apps.list_namespaced_deployment(namespace).items) == n + 3
-
-                seconds = wait(provisioned)
-                queues = 2 * (4 + 4 * n)
-                lines.append(
-                    f"  N = {n:>3}: {n + 4} databases, {queues} queues, {n + 3} Deployments in {seconds:6.1f} s"
-                )
-            time.sleep(3)  # let every stack's first timer pass
-            # The bench writes nothing from here on: whatever the operator's user (the admin) writes is the operator's.
-            before = len(plane.api_writes(plane.admin_user))
-            time.sleep(10)  # five idle health checks per stack
-            idle = plane.api_writes(plane.admin_user)[before:]
-            lines.append(
-                f"  API writes by idle reconciles of {len(args.instances)} stacks over 10 s: {len(idle)} (goal: 0)"
-            )
-            kinds = collections.Counter(f"{w['verb']} {w['objectRef'].get('resource', '?')}" for w in idle)
-            lines.extend(f"    {count} x {what}" for what, count in kinds.most_common())
-        # KopfRunner captures stdout while the operator runs: report afterwards.
-        print("\n".join(lines))
+        operator = handlers.register(OperatorConfig(kubeconfig=kubeconfig, health_interval_seconds=2, metrics_port=0))
+        header = f"kube-apiserver 1.20.2 (no kubelet), PostgreSQL {postgres.installation.version}, operator in-process"
+        runner = KopfRunner(["run", "--standalone", "--all-namespaces"], registry=operator)
+        try:
+            measured = run(bench, runner, args)
+        except Exception:
+            print(runner.output[-6000:])  # what the operator logged (KopfRunner captures it)
+            raise
+        report(header, args, bench, *measured)
     finally:
         plane.stop()
         postgres.stop("immediate")
         shutil.rmtree(postgres.datadir, ignore_errors=True)
+
+
+Window = tuple[list[dict[str, Any]], float]
+
+
+def run(bench: Bench, runner: Any, args: argparse.Namespace) -> tuple[dict[str, Samples], list[Window], int]:
+    with runner:
+        measures = {str(n): bench.apply_to_provisioned(n) for n in args.instances}
+        times = interleave(measures, samples=args.samples, warmup=args.warmup)
+        # Idle: one Ready stack of each size, reconciled by the 2 s timer; the bench writes nothing meanwhile.
+        idle_stacks = [(bench.create_stack(n), n) for n in args.instances]
+        for namespace, n in idle_stacks:
+            bench.wait_provisioned(namespace, n)
+            bench.make_available(namespace)
+        for namespace, _ in idle_stacks:
+            wait("Ready", lambda namespace=namespace: bench.condition(namespace, "Ready"))
+        bench.idle_window(len(idle_stacks), 1)  # let a tick pass after the last status write
+        windows = [bench.idle_window(len(idle_stacks), 5) for _ in range(args.idle_windows)]
+    return times, windows, len(idle_stacks)
+
+
+def report(
+    header: str, args: argparse.Namespace, bench: Bench, times: dict[str, Samples], windows: list[Window], stacks: int
+) -> None:
+    """Printed once the operator has stopped: KopfRunner captures stdout while it runs."""
+    print(header)
+    print(f"apply → databases provisioned and Deployments created ({args.samples} samples each, interleaved):")
+    for n in args.instances:
+        writes = Samples("writes", bench.writes_per_sample[n][args.warmup :])
+        print(
+            f"  N = {n:>3}: {n + 4} databases, {2 * (4 + 4 * n)} queues, {n + 3} Deployments: "
+            f"{times[str(n)].format('s', '{:.1f}')}; API writes {writes.format()}"
+        )
+    anyone = Samples("anyone", [float(len(found)) for found, _ in windows])
+    operator = [float(sum(w["user"]["username"] == OPERATOR_USER for w in found)) for found, _ in windows]
+    spans = Samples("seconds", [span for _, span in windows])
+    sizes = ", ".join(map(str, args.instances))
+    print(
+        f"idle: {stacks} Ready stacks (N = {sizes}), 5 health checks each per window ({spans.format('s', '{:.1f}')}):"
+    )
+    print(f"  API writes per window, anyone's: {anyone.format()}; the operator's: {Samples('op', operator).format()}")
+    print("  (the API server's own: its endpoints reconciler retries the `kubernetes` Endpoints it cannot create here)")
+    kinds = collections.Counter(
+        f"{w['user']['username']}: {w['verb']} {w['objectRef'].get('resource', '?')}"
+        for found, _ in windows
+        for w in found
+    )
+    for what, count in kinds.most_common():
+        print(f"    {count} x {what}")
 
 
 if __name__ == "__main__":
