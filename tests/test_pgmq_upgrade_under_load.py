@@ -9,14 +9,23 @@ from __future__ import annotations
 import json
 import threading
 import time
+import zipfile
 
 import psycopg
 import pytest
-from test_pgmq_upgrade import NEW, OLD, old_sql, provision_on_old_pgmq  # noqa: F401  (old_sql is a fixture)
+from test_pgmq_upgrade import NEW, OLD, OLD_WHEEL, provision_on_old_pgmq
 
 from singularity_stack.postgres.pgmq_install import installed_pgmq
 from singularity_stack.provision.errors import ProvisionError
 from singularity_stack.provision.provisioner import Provisioner, with_database
+
+
+@pytest.fixture(scope="module")
+def old_sql() -> str:
+    if not OLD_WHEEL.exists():
+        pytest.fail(f"{OLD_WHEEL} is missing: run scripts/setup.sh --test (it downloads pgmq 1.1.3)", pytrace=False)
+    with zipfile.ZipFile(OLD_WHEEL) as wheel:
+        return wheel.read("pgmq/sql/pgmq.sql").decode()
 
 
 class Traffic:
@@ -84,7 +93,7 @@ def wait_for(condition, timeout: float = 20.0) -> None:
 def test_nothing_sent_during_the_upgrade_is_lost_and_prepared_connections_keep_working(
     admin_dsn,
     old_sql,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     old = provision_on_old_pgmq(admin_dsn, "pgload1_", old_sql, monkeypatch)
     url = {name: creds.shared_queue_url for name, creds in old.credentials.items()}
@@ -108,7 +117,7 @@ def test_nothing_sent_during_the_upgrade_is_lost_and_prepared_connections_keep_w
 def test_an_upgrade_that_cannot_get_its_locks_changes_nothing_and_the_next_run_upgrades(
     admin_dsn,
     old_sql,
-    monkeypatch,  # noqa: F811
+    monkeypatch,
 ):
     old = provision_on_old_pgmq(admin_dsn, "pgload2_", old_sql, monkeypatch)
     shared = with_database(admin_dsn, old.layout.shared_queue_database)
@@ -126,3 +135,61 @@ def test_an_upgrade_that_cannot_get_its_locks_changes_nothing_and_the_next_run_u
         assert conn.execute("SELECT to_regnamespace('pgmq_before_upgrade')").fetchone()[0] is None
     again = Provisioner(admin_dsn, old.layout, report=lambda _: None, known_passwords=old.passwords).run()
     assert again.pgmq.version == NEW
+
+
+def test_after_the_upgrade_listeners_dead_letters_analytics_and_extra_queues_are_as_before(
+    admin_dsn,
+    old_sql,
+    monkeypatch,
+):
+    old = provision_on_old_pgmq(admin_dsn, "pgload3_", old_sql, monkeypatch)
+    layout = old.layout
+    shared = with_database(admin_dsn, layout.shared_queue_database)
+    creds = old.credentials
+    url = {name: entry.shared_queue_url for name, entry in creds.items()}
+    analytics_url = creds["centralcloud"].shared_queue_analytics_url
+    assert analytics_url
+    nexus_role, analytics_role = layout.role("nexus"), layout.analytics_role
+    with psycopg.connect(url["centralcloud"], autocommit=True) as cc:
+        # a queue a team added by hand, outside the layout, with its notification and grants
+        cc.execute("SELECT pgmq.create('team_extra')")
+        cc.execute("SELECT pgmq.enable_notify_insert('team_extra', 250)")
+        cc.execute(f'GRANT INSERT, SELECT, UPDATE, DELETE ON pgmq.q_team_extra TO "{nexus_role}"')
+        cc.execute(f'GRANT INSERT, SELECT ON pgmq.a_team_extra TO "{nexus_role}"')
+        cc.execute(f'GRANT SELECT ON pgmq.a_team_extra TO "{analytics_role}"')
+        cc.execute("SELECT pgmq.send('team_extra', '{\"extra\": 1}')")
+        cc.execute("SELECT pgmq.send('llm_requests_dlq', '{\"dead\": 1}')")
+    with psycopg.connect(url["singularity_1"], autocommit=True) as sender:
+        sender.execute("SELECT pgmq.send('llm_requests', '{\"n\": 0}')")
+    with psycopg.connect(url["nexus"], autocommit=True) as nexus:
+        first = nexus.execute("SELECT msg_id FROM pgmq.read('llm_requests', 30, 1)").fetchone()
+        assert first is not None
+        nexus.execute("SELECT pgmq.archive('llm_requests', %s)", (first[0],))
+
+    listener = psycopg.connect(url["nexus"], autocommit=True)  # a consumer's LISTEN connection, kept open
+    with listener:
+        listener.execute('LISTEN "pgmq.q_llm_requests.INSERT"')
+        listener.execute('LISTEN "pgmq.q_team_extra.INSERT"')
+        again = Provisioner(admin_dsn, layout, report=lambda _: None, known_passwords=old.passwords).run()
+        assert again.pgmq.version == NEW
+        list(listener.notifies(timeout=0.5))  # whatever came before
+        with psycopg.connect(url["singularity_1"], autocommit=True) as sender:
+            sender.execute("SELECT pgmq.send('llm_requests', '{\"n\": 1}')")
+        with psycopg.connect(url["nexus"], autocommit=True) as nexus:
+            nexus.execute("SELECT pgmq.send('team_extra', '{\"extra\": 2}')")
+        woken = {note.channel for note in listener.notifies(timeout=3, stop_after=2)}
+    # the listener that was LISTENing before the swap is woken by the new tables' triggers
+    assert woken == {"pgmq.q_llm_requests.INSERT", "pgmq.q_team_extra.INSERT"}
+
+    with psycopg.connect(shared) as conn:
+        assert conn.execute("SELECT count(*) FROM pgmq.q_llm_requests_dlq").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM pgmq.q_team_extra").fetchone() == (2,)
+        throttle = dict(conn.execute("SELECT queue_name, throttle_interval_ms FROM pgmq.notify_insert_throttle"))
+    assert throttle.get("team_extra") == 250  # the extra queue's notification setting is kept
+    with psycopg.connect(analytics_url, autocommit=True) as analytics:
+        assert analytics.execute("SELECT count(*) FROM pgmq.a_llm_requests").fetchone() == (1,)
+        assert analytics.execute("SELECT count(*) FROM pgmq.a_team_extra").fetchone() == (0,)
+    with psycopg.connect(url["nexus"], autocommit=True) as nexus:  # the extra queue's grants are kept
+        extra = nexus.execute("SELECT msg_id FROM pgmq.read('team_extra', 30, 1)").fetchone()
+        assert extra is not None
+        assert nexus.execute("SELECT pgmq.archive('team_extra', %s)", (extra[0],)).fetchone() == (True,)

@@ -161,6 +161,33 @@ def _carry_sequence(conn: psycopg.Connection, queue: str) -> None:
     )
 
 
+def _carry_grants(conn: psycopg.Connection, table: str, owner: str) -> None:
+    """The old table's grants (table and column level) on the new one, granted by its owner: queues outside
+    the layout (a team's own) keep who may use them; the layout's are re-applied by ensure_queues anyway."""
+    rows = conn.execute(
+        """
+        SELECT NULL::text, a.privilege_type, pg_get_userbyid(a.grantee)
+        FROM pg_class c, aclexplode(c.relacl) a
+        WHERE c.oid = format('%%I.%%I', %s::text, %s::text)::regclass AND a.grantee <> 0
+          AND pg_get_userbyid(a.grantee) <> %s
+        UNION ALL
+        SELECT att.attname::text, a.privilege_type, pg_get_userbyid(a.grantee)
+        FROM pg_attribute att, aclexplode(att.attacl) a
+        WHERE att.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass AND a.grantee <> 0
+          AND pg_get_userbyid(a.grantee) <> %s
+        """,
+        (ASIDE, table, owner, ASIDE, table, owner),
+    ).fetchall()
+    for column, privilege, grantee in rows:
+        target = sql.Identifier("pgmq", table)
+        what = (
+            sql.SQL(privilege)
+            if column is None
+            else sql.SQL("{} ({})").format(sql.SQL(privilege), sql.Identifier(column))
+        )
+        conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(what, target, sql.Identifier(grantee)))
+
+
 def _lock_old_tables(conn: psycopg.Connection, queues: list[QueueCopy], old: str, new: str) -> None:
     """Hold every old queue and archive table still (ACCESS EXCLUSIVE) before anything is copied.
 
@@ -195,6 +222,16 @@ def _swap_sql_install(conn: psycopg.Connection, layout: StackLayout, old: str, n
     topics = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{ASIDE}.topic_bindings",)).fetchone()
     if topics and topics[0]:
         _copy(conn, "topic_bindings")
+    notifying: dict[str, int] = {}
+    throttle = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{ASIDE}.notify_insert_throttle",)).fetchone()
+    if throttle and throttle[0]:
+        notifying = dict(
+            conn.execute(
+                sql.SQL("SELECT queue_name, throttle_interval_ms FROM {}").format(
+                    sql.Identifier(ASIDE, "notify_insert_throttle")
+                )
+            ).fetchall()
+        )
     for queue in queues:
         # As the queue's owner (CentralCloud), so grants on it stay the owner's.
         conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(queue.owner)))
@@ -203,6 +240,10 @@ def _swap_sql_install(conn: psycopg.Connection, layout: StackLayout, old: str, n
         _copy(conn, f"q_{queue.name}")
         _copy(conn, f"a_{queue.name}")
         _carry_sequence(conn, queue.name)
+        _carry_grants(conn, f"q_{queue.name}", queue.owner)
+        _carry_grants(conn, f"a_{queue.name}", queue.owner)
+        if queue.name in notifying:
+            conn.execute("SELECT pgmq.enable_notify_insert(%s, %s)", (queue.name, notifying[queue.name]))
         conn.execute("RESET ROLE")
     # The stamp trigger goes on after the copy (it would re-stamp every copied message with our login);
     # only requests the old table never stamped are marked unvouched.
