@@ -12,13 +12,12 @@ from pydantic import AliasChoices, Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
-from starlette.staticfiles import StaticFiles
 
 from singularity_stack.centralcloud import analytics, page
 from singularity_stack.centralcloud.retention import prune_archives
 from singularity_stack.centralcloud.store import CentralCloudStore
 from singularity_stack.provision.queues import ensure_queues
-from singularity_stack.service.console import ConsoleLogin
+from singularity_stack.service.console import ConsoleLogin, StaticAssets
 from singularity_stack.service.http import error_response, json_response
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
@@ -184,5 +183,5 @@ class CentralCloudService(Service):
             Route("/analytics", self.analytics_json),
             Route("/analytics/recompute", self.recompute, methods=["POST"]),
             Route("/prune-runs", self.prune_runs),
-            Mount(page.STATIC_PREFIX, StaticFiles(directory=page.STATIC), name="centralcloud-static"),
+            Mount(page.STATIC_PREFIX, StaticAssets(page.STATIC), name="centralcloud-static"),
         ]

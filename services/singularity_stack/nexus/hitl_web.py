@@ -38,11 +38,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
-from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from singularity_stack.nexus.hitl import RESYNC, Card, Event, Hitl, HitlError
 from singularity_stack.nexus.reviewers import SHARED_IDENTITY, Reviewers
+from singularity_stack.service.console import StaticAssets
 from singularity_stack.service.guard import FormRoute
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
 from singularity_stack.service.text import RequiredText, StorableText
@@ -218,7 +218,7 @@ class HitlWeb:
             Route("/api/questions/{request_id}", self.api(self.answer), methods=["POST"]),
             WebSocketRoute("/ws", self.websocket),
             # Public: the page's code and style hold no data, and the login form needs them.
-            Mount("/static", StaticFiles(directory=STATIC), name="hitl-static"),
+            Mount("/static", StaticAssets(STATIC, SECURITY_HEADERS), name="hitl-static"),
         ]
 
     # -- pages -------------------------------------------------------------------------------------

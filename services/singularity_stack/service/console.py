@@ -16,8 +16,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import html
+import os
 import re
 import time
+from collections.abc import Mapping
+from os import PathLike
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -25,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from singularity_stack.service.guard import FormRoute, split_host
 
@@ -32,6 +36,7 @@ STATIC = Path(__file__).parent / "console_static"
 STATIC_PREFIX = "/console/static"
 LOGIN_PATH = "/login"
 SESSION_MAX_AGE = 12 * 3600
+ISSUED = re.compile(r"[0-9]{1,12}")
 
 # Static pages and scripts only: no inline script, so text from a task or a queue can never run.
 SECURITY_HEADERS = {
@@ -43,6 +48,22 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",  # "no-referrer" would make Chromium send "Origin: null"
     "Cache-Control": "no-store",
 }
+
+
+class StaticAssets(StaticFiles):
+    """Static files under the consoles' headers: a raw page served from here gets the CSP and frame-ancestors
+    too (StaticFiles alone sends none), and a script or stylesheet is never sniffed into something else."""
+
+    def __init__(self, directory: Path, headers: Mapping[str, str] = SECURITY_HEADERS) -> None:
+        super().__init__(directory=directory)
+        self.security_headers = dict(headers)
+
+    def file_response(
+        self, full_path: PathLike[str] | str, stat_result: os.stat_result, scope: Scope, status_code: int = 200
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers.update(self.security_headers)
+        return response
 
 
 def static_page(path: Path, status_code: int = 200, replacements: dict[str, str] | None = None) -> HTMLResponse:
@@ -81,7 +102,8 @@ class ConsoleLogin:
 
     def valid(self, value: str) -> bool:
         issued_text, _, signature = value.partition(".")
-        if not issued_text.isdigit() or not hmac.compare_digest(
+        # ASCII digits, a sane length: '²'.isdigit() is true and int() of it (or of 5000 digits) raises.
+        if not ISSUED.fullmatch(issued_text) or not hmac.compare_digest(
             signature.encode(), self._signature(int(issued_text)).encode()
         ):
             return False
@@ -101,7 +123,7 @@ class ConsoleLogin:
             FormRoute(LOGIN_PATH, self.login, methods=["POST"]),
             FormRoute("/logout", self.logout, methods=["POST"]),
             # Public: style and code hold no data, and the login form needs them.
-            Mount(STATIC_PREFIX, StaticFiles(directory=STATIC), name="console-static"),
+            Mount(STATIC_PREFIX, StaticAssets(STATIC), name="console-static"),
         ]
 
     def _login_page(self, status_code: int = 200, error: str = "") -> HTMLResponse:

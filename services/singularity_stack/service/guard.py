@@ -21,6 +21,7 @@ Every refusal is a JSON body naming the reason.
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -38,6 +39,7 @@ JSON = "application/json"
 FORM = "application/x-www-form-urlencoded"
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 CLOSE_POLICY_VIOLATION = 1008
+PORT = re.compile(r"[0-9]{1,5}")
 
 
 class FormRoute(Route):
@@ -76,7 +78,11 @@ def split_host(value: str) -> tuple[str, int | None]:
         host, _, port_text = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
     if not port_text:
         return host, None
-    return (host, int(port_text)) if port_text.isdigit() else (host, -1)
+    # ASCII digits only, and a real port: str.isdigit() also takes '²' (int() then raises), and a
+    # thousands-digit port would hit int()'s limit. Either would be a 500 instead of a 400.
+    if not PORT.fullmatch(port_text) or int(port_text) > 65535:
+        return host, -1
+    return host, int(port_text)
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:
