@@ -162,6 +162,32 @@ def test_passwords_survive_a_failure_after_the_roles_step(admin_dsn, tmp_path, m
     assert any(c.startswith("created queue") for c in done.changes)
 
 
+def test_passwords_survive_a_failure_between_creating_roles_and_databases(admin_dsn, tmp_path):
+    """An admin that may create roles but not databases: the roles are made, CREATE DATABASE fails. The
+    passwords were kept before the first role existed, so a run with a proper admin finishes the job."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute("CREATE ROLE half_admin LOGIN CREATEROLE NOCREATEDB PASSWORD 'half-admin-password'")
+    half = admin_dsn.replace("postgres:", "half_admin:", 1).split("@")
+    half_dsn = half[0].rsplit(":", 1)[0] + ":half-admin-password@" + half[1]
+    out = tmp_path / "c.json"
+    first: list[set[str]] = []
+
+    def persist(credentials: dict[str, creds.ServiceCredentials]) -> None:
+        with psycopg.connect(admin_dsn) as conn:  # which of the stack's roles exist when credentials are kept
+            first.append({r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname LIKE 'halfway_%'")})
+        creds.save(out, credentials)
+
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        Provisioner(half_dsn, StackLayout(1, "halfway_"), report=lambda _: None, persist=persist).run()
+    assert first[0] == set()  # kept before any role was created
+    saved = creds.load(out)
+    done = Provisioner(
+        admin_dsn, StackLayout(1, "halfway_"), known_passwords=creds.known_passwords(saved), report=lambda _: None
+    ).run()
+    assert any(c.startswith("created database") for c in done.changes)
+    assert all(can_login(entry.database_url) for entry in saved.values())
+
+
 def provision_cli(admin_dsn: str, out, instances: int, prefix: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [

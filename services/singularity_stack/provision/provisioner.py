@@ -114,6 +114,22 @@ class Provisioner:
             self._changed(f"created database {database}")
         conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
 
+    def _plan_new_passwords(self) -> None:
+        """A password for every role still to be created, chosen before any is: `persist` can then keep them
+        first, and a run that dies between CREATE ROLE and saving the credentials loses no password."""
+        roles = [self.layout.role(logical) for logical in self.layout.owners] + [self.layout.analytics_role]
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            existing = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (roles,))}
+        for role in roles:
+            if role in self.passwords:
+                continue
+            if role in existing and role not in self.rotate:
+                raise ProvisionError(
+                    f"role {role} exists but its password is not known: pass the credentials file that holds it, "
+                    f"or set a new one with --rotate-password {role}"
+                )
+            self.passwords[role] = generate_password()  # a new role's, or a lost one about to be set anew
+
     def _roles_and_databases(self) -> None:
         layout = self.layout
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
@@ -184,8 +200,11 @@ class Provisioner:
         return applied
 
     def run(self) -> ProvisionResult:
+        self._plan_new_passwords()
+        if self.persist:  # before the roles exist: their passwords are never only in this process
+            self.persist(self.credentials())
         self._roles_and_databases()
-        if self.persist:
+        if self.persist and self.rotate:  # rotated passwords are known only now
             self.persist(self.credentials())
         installed = self._shared_queue()
         migrations = self._migrate()
