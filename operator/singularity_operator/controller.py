@@ -141,6 +141,7 @@ class StackController:
             known_passwords=self._known_passwords(stack, namespace, layout),
             public_endpoint=public,
             persist=lambda c: self._write_credentials(stack, namespace, c),
+            owner=f"{namespace}/{stack}",
         )
         result = provisioner.run()
         for change in result.changes:
@@ -327,9 +328,10 @@ class StackController:
             dropped = drop_stack(
                 admin_dsn + ("&" if "?" in admin_dsn else "?") + f"connect_timeout={CONNECT_TIMEOUT}",
                 StackLayout(spec.singularity.replicas, prefix),
+                owner=f"{namespace}/{stack}",
             )
             self.event("Normal", "DataDropped", "dropped " + (", ".join(dropped) or "nothing"))
-        except (RetryLater, psycopg.OperationalError) as error:
+        except (RetryLater, psycopg.OperationalError, ProvisionError) as error:
             self.event("Warning", "CleanupSkipped", f"databases not dropped: {error}")
 
     def _delete_managed_volume(self, stack: str, namespace: str) -> None:

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import sql
 
 from singularity_stack.contract import REPLIES
-from singularity_stack.provision.provisioner import with_database
+from singularity_stack.provision.provisioner import check_owner, with_database
 from singularity_stack.topology import MAX_INSTANCES, StackLayout, dead_letter_queue, instance_id, reply_queue
 
 
@@ -69,8 +69,14 @@ def drop_retired(admin_dsn: str, layout: StackLayout) -> list[str]:
     return dropped
 
 
-def drop_stack(admin_dsn: str, layout: StackLayout) -> list[str]:
-    """Remove every database and role of a stack, retired instances' too (the queues go with shared_queue)."""
+def drop_stack(admin_dsn: str, layout: StackLayout, owner: str | None = None) -> list[str]:
+    """Remove every database and role of a stack, retired instances' too (the queues go with shared_queue).
+
+    `owner` ("<namespace>/<name>"): when the databases are recorded as another stack's (same names), raises
+    ProvisionError and drops nothing."""
+    if owner is not None:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            check_owner(conn, layout, owner)
     retired = [i for i in instances_on_server(admin_dsn, layout) if i > layout.instances]
     dropped: list[str] = []
     with psycopg.connect(admin_dsn, autocommit=True) as conn:

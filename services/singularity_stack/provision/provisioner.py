@@ -56,6 +56,29 @@ def with_database(dsn: str, dbname: str) -> str:
     return parts._replace(path="/" + dbname).geturl()
 
 
+OWNER_MARK = "singularity-stack "
+
+
+def recorded_owner(conn: psycopg.Connection, layout: StackLayout) -> str | None:
+    """The stack recorded on the shared_queue database, if any."""
+    row = conn.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s",
+        (layout.shared_queue_database,),
+    ).fetchone()
+    comment = (row[0] or "") if row else ""
+    return comment[len(OWNER_MARK) :] if comment.startswith(OWNER_MARK) else None
+
+
+def check_owner(conn: psycopg.Connection, layout: StackLayout, owner: str) -> None:
+    """Refuse to touch databases another stack made under the same names."""
+    recorded = recorded_owner(conn, layout)
+    if recorded is not None and recorded != owner:
+        raise ProvisionError(
+            f"the databases and roles {layout.prefix}* on this server belong to stack {recorded}, whose names are "
+            f"the same as {owner}'s: rename one of the stacks or use another server; nothing was changed"
+        )
+
+
 class Provisioner:
     def __init__(
         self,
@@ -68,6 +91,7 @@ class Provisioner:
         pgmq_method: Method | None = None,
         report: Callable[[str], None] | None = None,
         persist: Callable[[dict[str, ServiceCredentials]], None] | None = None,
+        owner: str | None = None,
     ) -> None:
         self.admin_dsn = admin_dsn
         self.layout = layout
@@ -81,6 +105,9 @@ class Provisioner:
         # Called as soon as passwords exist, so a failure in a later step never loses one.
         self.persist = persist
         self.changes: list[str] = []
+        # Who the stack is ("<namespace>/<name>"): recorded on its shared_queue database. Two stacks whose
+        # prefixes are equal ("team-a"/"x" and "team"/"a-x" both make team_a_x_) must not share databases.
+        self.owner = owner
 
     def _changed(self, what: str) -> None:
         self.changes.append(what)
@@ -133,6 +160,8 @@ class Provisioner:
     def _roles_and_databases(self) -> None:
         layout = self.layout
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            if self.owner is not None:
+                check_owner(conn, layout, self.owner)
             for logical in layout.owners:
                 self._ensure_role(conn, layout.role(logical))
             self._ensure_role(conn, layout.analytics_role)
@@ -145,6 +174,12 @@ class Provisioner:
                     sql.Identifier(layout.shared_queue_database), sql.SQL(", ").join(map(sql.Identifier, members))
                 )
             )
+            if self.owner is not None:  # only now: the roles' passwords were known, so the stack is ours
+                conn.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                        sql.Identifier(layout.shared_queue_database), sql.Literal(OWNER_MARK + self.owner)
+                    )
+                )
 
     # -- shared_queue: pgmq, queues owned by CentralCloud, privileges --------------------------------
 
