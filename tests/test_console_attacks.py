@@ -6,13 +6,17 @@ tests speak raw HTTP to it (a socket where httpx would refuse to send the bytes)
 
 from __future__ import annotations
 
+import json
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import psycopg
 import pytest
 from live_services import CENTRALCLOUD_TOKEN, NEXUS_TOKEN, SINGULARITY_TOKEN, LiveService, live_service
+from playwright.async_api import Browser, BrowserContext, async_playwright, expect
+from support import CHROMIUM, CHROMIUM_ARGS
+from test_cross_origin_browser import AttackPages, fetch_attempts, run_attack
 
 from singularity_stack.provision.provisioner import ProvisionResult
 
@@ -194,3 +198,127 @@ def test_recompute_and_logout_refuse_other_origins(centralcloud: LiveService, he
     form = {"content-type": "application/x-www-form-urlencoded", **headers}
     assert client.post("/logout", content=b"", headers=form).status_code == status
     assert client.get("/analytics").status_code == 200  # still logged in: the forged logout did nothing
+
+
+# -- in a real Chromium, logged in to both consoles, pages of other origins attack them ----------------------
+
+
+def on_demand_recomputes(centralcloud: LiveService) -> float:
+    for line in httpx.get(f"{centralcloud.url}/metrics").text.splitlines():
+        if line.startswith('centralcloud_analytics_runs_total{trigger="on demand"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"MISSING TOOL: {CHROMIUM} not found — apt-get install chromium")
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@pytest.fixture(scope="module")
+def attackers() -> Iterator[list[AttackPages]]:
+    pages = [AttackPages("127.0.0.2"), AttackPages("127.0.0.1")]  # another site; the same site, another port
+    yield pages
+    for attacker in pages:
+        attacker.close()
+
+
+async def console_user(browser: Browser, *services: tuple[LiveService, str]) -> BrowserContext:
+    """A browser logged in to each console through its form: the session cookies are in the jar."""
+    context = await browser.new_context()
+    page = await context.new_page()
+    for service, name in services:
+        await page.goto(service.url + "/login")
+        await page.fill("#token", TOKENS[name])
+        await page.click("button[type=submit]")
+        await expect(page).to_have_url(service.url + "/")
+    await page.close()
+    return context
+
+
+async def still_logged_in(context: BrowserContext, service: LiveService, path: str) -> bool:
+    page = await context.new_page()
+    await page.goto(service.url + "/")  # our own page, asking as the console's scripts do
+    status = await page.evaluate(f"fetch({json.dumps(path)}).then(r => r.status)")
+    await page.close()
+    return bool(status == 200)
+
+
+async def test_other_origins_cannot_use_the_console_sessions(
+    stack, singularity: LiveService, centralcloud: LiveService, browser: Browser, attackers: list[AttackPages]
+) -> None:
+    context = await console_user(browser, (singularity, "singularity"), (centralcloud, "centralcloud"))
+    tasks, recomputes = task_count(stack), on_demand_recomputes(centralcloud)
+    logout_forms = f"""
+      for (const action of {json.dumps([singularity.url + "/logout", centralcloud.url + "/logout"])}) {{
+        const frame = document.createElement("iframe"); frame.name = "out" + action.length;
+        document.body.append(frame);
+        const loaded = new Promise(resolve => frame.onload = resolve);
+        const form = Object.assign(document.createElement("form"), {{method: "POST", action, target: frame.name}});
+        document.body.append(form); form.submit();
+        await Promise.race([loaded, new Promise(r => setTimeout(r, 5000))]);
+      }}
+      try {{ const r = await fetch({json.dumps(singularity.url + "/tasks")}, {{credentials: "include"}});
+             results.read = r.status + ":" + (await r.text()).slice(0, 100); }}
+      catch (e) {{ results.read = "blocked"; }}
+    """
+    for attacker in attackers:
+        for target, body in (
+            (f"{singularity.url}/tasks", {"description": "csrf"}),
+            (f"{centralcloud.url}/analytics/recompute", {}),
+        ):
+            results = await run_attack(context, attacker.put(fetch_attempts(target, body, "x")))
+            assert results["json_include"] == "blocked", (attacker.origin, results)
+        results = await run_attack(context, attacker.put(logout_forms))
+        assert results["read"] == "blocked", (attacker.origin, results)  # no CORS: the list stays unread
+    assert task_count(stack) == tasks
+    assert on_demand_recomputes(centralcloud) == recomputes
+    # The forged logouts ended nothing.
+    assert await still_logged_in(context, singularity, "/tasks")
+    assert await still_logged_in(context, centralcloud, "/analytics")
+    await context.close()
+
+
+async def test_no_console_page_can_be_framed_by_another_origin(
+    singularity: LiveService, centralcloud: LiveService, nexus: LiveService, browser: Browser, attackers
+) -> None:
+    """Clickjacking: every page (the raw static copies too) refuses to render in another origin's frame."""
+    context = await console_user(browser, (singularity, "singularity"), (centralcloud, "centralcloud"))
+    targets = [
+        singularity.url + "/",
+        singularity.url + "/login",
+        singularity.url + "/console/static/login.html",
+        centralcloud.url + "/",
+        centralcloud.url + "/static/index.html",
+        centralcloud.url + "/console/static/login.html",
+        nexus.url + "/login",
+        nexus.url + "/static/login.html",
+        nexus.url + "/static/index.html",
+    ]
+    script = f"""
+      for (const src of {json.dumps(targets)}) {{
+        const frame = Object.assign(document.createElement("iframe"), {{src}});
+        const loaded = new Promise(resolve => frame.onload = resolve);
+        document.body.append(frame);
+        await Promise.race([loaded, new Promise(r => setTimeout(r, 5000))]);
+      }}
+    """
+    for attacker in attackers:
+        page = await context.new_page()
+        await page.goto(attacker.put(script))
+        await page.wait_for_function("window.done === true", timeout=30_000)
+        framed = [f for f in page.frames if f is not page.main_frame]
+        assert len(framed) == len(targets)
+        for frame in framed:
+            # A refused frame holds Chromium's error page: none of the console's own markup.
+            rendered = await frame.evaluate("document.querySelector('link[href^=\"/console/static\"], #token, main')")
+            assert rendered is None, (attacker.origin, frame.url)
+        await page.close()
+    await context.close()
