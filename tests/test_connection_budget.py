@@ -150,3 +150,34 @@ def test_an_external_server_too_small_for_more_instances_is_reported_and_nothing
     assert f"{prefix}singularity_1" in names and f"{prefix}singularity_2" not in names
     deployments = {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items}
     assert "small-singularity-1" in deployments and "small-singularity-2" not in deployments
+
+
+def test_connections_reserved_for_superusers_are_not_counted_as_the_stacks():
+    """A server that keeps 20 of its 40 connections for superusers (superuser_reserved_connections) admits
+    20 service connections, not 37: the budget is checked against what ordinary roles really get."""
+    cluster = LocalCluster(
+        Path(tempfile.mkdtemp(prefix="singularity-pg-")),
+        settings={**FAST_SETTINGS, "max_connections": "40", "superuser_reserved_connections": "20"},
+    )
+    cluster.start()
+    try:
+        max_connections, reserved = budget.server_limits(cluster.dsn())
+        assert (max_connections, reserved) == (40, 20)
+        stack = budget.stack_budget(1, budget.PoolSizes(2, 2), headroom=0)  # 23 connections
+        problem = budget.budget_problem(stack, max_connections, reserved)
+        assert problem and "max_connections >= 43" in problem and "the server allows 40" in problem
+        # what PostgreSQL really does: an ordinary role gets no more than 40 - 20
+        with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE ROLE ordinary LOGIN PASSWORD 'pw'")
+        opened: list[psycopg.Connection] = []
+        try:
+            with pytest.raises(psycopg.OperationalError, match="reserved"):
+                for _ in range(stack.stack):
+                    opened.append(psycopg.connect(cluster.dsn(), user="ordinary", password="pw"))
+            assert len(opened) == max_connections - reserved < stack.stack
+        finally:
+            for conn in opened:
+                conn.close()
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(cluster.datadir, ignore_errors=True)

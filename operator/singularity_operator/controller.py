@@ -253,7 +253,8 @@ class StackController:
             if spec.postgres.external:
                 # Checked before any new instance is provisioned: the running ones keep serving.
                 stack_budget = spec.connections.stack_budget(spec.singularity.replicas)
-                problem = budget.budget_problem(stack_budget, budget.server_max_connections(admin_dsn, CONNECT_TIMEOUT))
+                max_connections, reserved = budget.server_limits(admin_dsn, CONNECT_TIMEOUT)
+                problem = budget.budget_problem(stack_budget, max_connections, reserved)
                 if problem:
                     ERRORS.labels("ConnectionBudgetExceeded").inc()
                     self.event("Warning", "ConnectionBudgetExceeded", problem)

@@ -39,17 +39,21 @@ class Budget:
     @property
     def required(self) -> int:
         """The max_connections a server needs for this stack alone."""
-        return self.stack + self.headroom + SUPERUSER_RESERVED
+        return self.required_with(SUPERUSER_RESERVED)
 
     @property
     def managed_max_connections(self) -> int:
         return -(-self.required // MANAGED_STEP) * MANAGED_STEP
 
-    def describe(self) -> str:
+    def required_with(self, reserved: int) -> int:
+        """The max_connections a server needs when `reserved` of them are kept from ordinary roles."""
+        return self.stack + self.headroom + reserved
+
+    def describe(self, reserved: int = SUPERUSER_RESERVED) -> str:
         return (
             f"{self.instances} Singularity instance(s) and the three services may open {self.stack} connections; "
-            f"with {self.headroom} kept free and {SUPERUSER_RESERVED} reserved for superusers the server needs "
-            f"max_connections >= {self.required}"
+            f"with {self.headroom} kept free and {reserved} reserved (superuser_reserved_connections and "
+            f"reserved_connections) the server needs max_connections >= {self.required_with(reserved)}"
         )
 
 
@@ -73,8 +77,21 @@ def server_max_connections(admin_dsn: str, connect_timeout: int = 5) -> int:
     return int(row[0])
 
 
-def budget_problem(budget: Budget, max_connections: int) -> str | None:
-    """Why a server with `max_connections` cannot take this stack; None when it can."""
-    if budget.required <= max_connections:
+def server_limits(admin_dsn: str, connect_timeout: int = 5) -> tuple[int, int]:
+    """An existing server's max_connections and how many of them ordinary roles (the services) cannot use:
+    superuser_reserved_connections, plus reserved_connections (PostgreSQL 16+, for pg_use_reserved_connections)."""
+    with psycopg.connect(admin_dsn, connect_timeout=connect_timeout) as conn:
+        row = conn.execute(
+            "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int"
+            " + coalesce(current_setting('reserved_connections', true)::int, 0)"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def budget_problem(budget: Budget, max_connections: int, reserved: int = SUPERUSER_RESERVED) -> str | None:
+    """Why a server with `max_connections` (`reserved` of them kept from ordinary roles) cannot take this stack;
+    None when it can."""
+    if budget.required_with(reserved) <= max_connections:
         return None
-    return f"{budget.describe()}, but the server allows {max_connections}: raise it, lower the pool sizes or N"
+    return f"{budget.describe(reserved)}, but the server allows {max_connections}: raise it, lower the pool sizes or N"
