@@ -157,6 +157,24 @@ def test_static_paths_never_leave_their_directories(request, name: str) -> None:
         assert client.get("/static/tasks.html").status_code == 404
 
 
+def test_the_consoles_refusals_are_json_naming_the_field(singularity: LiveService, centralcloud: LiveService) -> None:
+    client = logged_in(singularity, "singularity")
+    nobody = "00000000-0000-4000-8000-000000000000"
+    for path, status, field in (
+        (f"/tasks/{nobody}", 404, "task_id: "),  # what a task page's script reads
+        (f"/console/tasks/{nobody}", 404, "task_id: "),
+        (f"/console/requests/{nobody}", 404, "request_id: "),
+        ("/static/nope.js", 404, "path: "),
+        ("/console/static/nope.css", 404, "path: "),
+    ):
+        response = client.get(path)
+        assert response.status_code == status and response.json()["error"].startswith(field), (path, response.text)
+    wrong_method = client.put("/tasks", json={}, headers={"origin": singularity.url})
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"].startswith("method: ")
+    page = logged_in(centralcloud, "centralcloud").post("/", json={}, headers={"origin": centralcloud.url})
+    assert page.status_code == 405 and page.json()["error"].startswith("method: ")
+
+
 # -- CSRF: a change relying on the cookie needs our own Origin, whatever else it carries -----------------
 
 FOREIGN = [

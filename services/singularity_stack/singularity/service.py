@@ -176,7 +176,7 @@ class SingularityService(Service):
             return bad.response()
         task = await self.store.task(task_id)
         if task is None:
-            return error_response(404, f"no task {task_id}")
+            return error_response(404, f"task_id: no task {task_id} on {self.context.instance}")
         steps = [step | {"review_url": self._review_url(step)} for step in await self.store.steps(task_id)]
         models = sorted({s["model"] for s in steps if s["model"]})
         return json_response(task | {"steps": steps, "models_used": models, "instance": self.context.instance})
