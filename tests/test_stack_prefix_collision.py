@@ -19,8 +19,10 @@ def test_a_stack_with_the_same_database_names_neither_provisions_nor_drops_the_o
     layout = StackLayout(1, prefix)
     first = Provisioner(admin_dsn, layout, report=lambda _: None, owner="team-a/x").run()
 
+    persisted: list[object] = []
     with pytest.raises(ProvisionError) as refused:
-        Provisioner(admin_dsn, layout, report=lambda _: None, owner="team/a-x").run()
+        Provisioner(admin_dsn, layout, report=lambda _: None, owner="team/a-x", persist=persisted.append).run()
+    assert persisted == []  # not even credentials Secrets for the other stack's names
     assert "belong to stack team-a/x" in str(refused.value) and "nothing was changed" in str(refused.value)
     with pytest.raises(ProvisionError):
         drop_stack(admin_dsn, layout, owner="team/a-x")

@@ -146,6 +146,8 @@ class Provisioner:
         first, and a run that dies between CREATE ROLE and saving the credentials loses no password."""
         roles = [self.layout.role(logical) for logical in self.layout.owners] + [self.layout.analytics_role]
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            if self.owner is not None:  # another stack's databases under the same names: say so, write nothing
+                check_owner(conn, self.layout, self.owner)
             existing = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (roles,))}
         for role in roles:
             if role in self.passwords:
@@ -160,8 +162,6 @@ class Provisioner:
     def _roles_and_databases(self) -> None:
         layout = self.layout
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            if self.owner is not None:
-                check_owner(conn, layout, self.owner)
             for logical in layout.owners:
                 self._ensure_role(conn, layout.role(logical))
             self._ensure_role(conn, layout.analytics_role)
