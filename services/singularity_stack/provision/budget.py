@@ -69,14 +69,6 @@ def pool_size_for(logical: str, pools: PoolSizes) -> int:
     return pools.service if logical in SHARED_SERVICES else pools.instance
 
 
-def server_max_connections(admin_dsn: str, connect_timeout: int = 5) -> int:
-    """An existing server's max_connections (other users of the server share it too)."""
-    with psycopg.connect(admin_dsn, connect_timeout=connect_timeout) as conn:
-        row = conn.execute("SELECT current_setting('max_connections')::int").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def server_limits(admin_dsn: str, connect_timeout: int = 5) -> tuple[int, int]:
     """An existing server's max_connections and how many of them ordinary roles (the services) cannot use:
     superuser_reserved_connections, plus reserved_connections (PostgreSQL 16+, for pg_use_reserved_connections)."""
