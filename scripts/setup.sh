@@ -30,14 +30,6 @@ else
   progress "[2/3] virtualenv .venv exists"
 fi
 
-if [[ -n "$extras" ]]; then
-  # An older pgmq's SQL (pgmq 1.11.1, in the PyPI package 1.1.3), which tests/test_pgmq_upgrade.py upgrades from.
-  old_pgmq=.venv/share/old-pgmq
-  if [[ ! -f $old_pgmq/pgmq-1.1.3-py3-none-any.whl ]]; then
-    .venv/bin/python -m pip download -qq --no-deps --dest "$old_pgmq" pgmq==1.1.3
-  fi
-fi
-
 stamp=.venv/.setup-stamp
 digest=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [[ -f "$stamp" ]]; then
@@ -53,5 +45,9 @@ rm -f "$stamp"
 .venv/bin/python -m pip install -qq --upgrade pip
 # One resolver run for everything: the pins in pyproject.toml are chosen to resolve together.
 .venv/bin/python -m pip install -qq -e ".${extras}"
+if [[ -n "$extras" ]]; then
+  # An older pgmq's SQL (pgmq 1.11.1, in the PyPI package 1.1.3), which tests/test_pgmq_upgrade.py upgrades from.
+  .venv/bin/python -m pip download -qq --no-deps --dest .venv/share/old-pgmq pgmq==1.1.3
+fi
 echo "$digest ${extras:-none}" >"$stamp"
 progress "done"
