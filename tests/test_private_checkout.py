@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sandbox_support import require_tool
-from test_singularity import submit, wait_for_state, world  # noqa: F401 (world: the workflow's fixture)
+from test_singularity import deduplicate, submit, wait_for_state, world  # noqa: F401 (the workflow's fixtures)
 
 from singularity_stack import contract as c
 from singularity_stack import reachable
