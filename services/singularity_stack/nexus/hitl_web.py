@@ -42,7 +42,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from singularity_stack.nexus.hitl import RESYNC, Card, Event, Hitl, HitlError
 from singularity_stack.nexus.reviewers import SHARED_IDENTITY, Reviewers
-from singularity_stack.service.console import StaticAssets
+from singularity_stack.service.console import SESSION_MAX_AGE, StaticAssets, with_session, without_session
 from singularity_stack.service.guard import FormRoute
 from singularity_stack.service.http import BadRequest, error_response, json_response, parse_body, path_uuid
 from singularity_stack.service.text import RequiredText, StorableText
@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 SESSION_COOKIE = "nexus_hitl_session"
-SESSION_MAX_AGE = 12 * 3600
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_CROSS_SITE = 4403
 
@@ -253,21 +252,10 @@ class HitlWeb:
                 else "token: wrong token; use your reviewer token (or the UI token Nexus was started with)."
             )
             return _page("login.html", 401, reason)
-        response = RedirectResponse("/", 303)
-        response.set_cookie(
-            SESSION_COOKIE,
-            self.auth.session_value(name),
-            max_age=SESSION_MAX_AGE,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-        return response
+        return with_session(request, "/", SESSION_COOKIE, self.auth.session_value(name))
 
     async def logout(self, request: Request) -> Response:
-        response = RedirectResponse("/login", 303)
-        response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict")
-        return response
+        return without_session("/login", SESSION_COOKIE)
 
     # -- API ---------------------------------------------------------------------------------------
 

@@ -74,6 +74,27 @@ def static_page(path: Path, status_code: int = 200, replacements: dict[str, str]
     return HTMLResponse(text, status_code, headers=SECURITY_HEADERS)
 
 
+def with_session(request: Request, location: str, cookie: str, value: str) -> Response:
+    """A redirect after a login: the session cookie every console (and Nexus's review page) sets."""
+    response = RedirectResponse(location, 303)
+    response.set_cookie(
+        cookie,
+        value,
+        max_age=SESSION_MAX_AGE,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+def without_session(location: str, cookie: str) -> Response:
+    """A redirect after a logout: the session cookie is dropped."""
+    response = RedirectResponse(location, 303)
+    response.delete_cookie(cookie, httponly=True, samesite="strict")
+    return response
+
+
 class ConsoleLogin:
     """The login form, the session cookie it sets, and the check the request guard makes of that cookie."""
 
@@ -144,18 +165,9 @@ class ConsoleLogin:
         token = fields.get("token", [""])[0].strip()
         if not hmac.compare_digest(token.encode(), self._token):
             return self._login_page(401, "token: wrong token; use this service's API token")
-        response = RedirectResponse(self.landing, 303)
-        response.set_cookie(
-            self.cookie_name(request.headers.get("host", "")),
-            self.session_value(),
-            max_age=SESSION_MAX_AGE,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
+        return with_session(
+            request, self.landing, self.cookie_name(request.headers.get("host", "")), self.session_value()
         )
-        return response
 
     async def logout(self, request: Request) -> Response:
-        response = RedirectResponse(LOGIN_PATH, 303)
-        response.delete_cookie(self.cookie_name(request.headers.get("host", "")), httponly=True, samesite="strict")
-        return response
+        return without_session(LOGIN_PATH, self.cookie_name(request.headers.get("host", "")))
