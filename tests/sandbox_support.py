@@ -152,7 +152,6 @@ class JobWatch:
     peak_tasks: dict[str, int] = field(default_factory=dict)
     last_seen: dict[str, int] = field(default_factory=dict)  # pid namespace -> clock ticks it was last seen at
     peak_cgroup_tasks: int = 0  # where jobs get a cgroup: the most tasks seen in one (pids.current)
-    cgroup_refusals: int = 0  # ... and the forks it refused for pids.max (pids.events "max")
     _task: asyncio.Task[None] | None = None
 
     def sample(self) -> dict[int, HostProcess]:
@@ -169,11 +168,9 @@ class JobWatch:
         for job in job_cgroups_left():
             try:
                 current = int((job / "pids.current").read_text())
-                events = dict(line.split() for line in (job / "pids.events").read_text().splitlines())
             except (OSError, ValueError):
                 continue  # not the pids hierarchy, or removed while we looked
             self.peak_cgroup_tasks = max(self.peak_cgroup_tasks, current)
-            self.cgroup_refusals = max(self.cgroup_refusals, int(events.get("max", "0")))
         return jobs
 
     async def _run(self) -> None:

@@ -143,13 +143,15 @@ async def test_bash_is_linted_with_shellcheck(runner: JobRunner) -> None:
 
 
 def assert_tasks_stayed_within_the_limit(watch: JobWatch) -> None:
-    """From the host: the most tasks one job's sandbox ever held, and its cgroup's count where there is one."""
+    """From the host: the most tasks one job's sandbox ever held, and its cgroup's count where there is one.
+
+    That a fork was refused is the callers' to show (EAGAIN in what the requester received): the process
+    rlimit and the cgroup both stop at the same number, and which one refuses first varies from run to run,
+    as does whether 10 ms samples catch the peak. What must never happen is more than the limit."""
     peak = max(watch.peak_tasks.values(), default=0)
-    # More than half the limit: the bomb did fill it (the samples see a lower bound of the true peak).
-    assert LIMITS.max_processes // 2 < peak <= LIMITS.max_processes, f"{peak} tasks in the sandbox at once"
+    assert 0 < peak <= LIMITS.max_processes, f"{peak} tasks in the sandbox at once"
     if job_cgroups_in_force():
         assert 0 < watch.peak_cgroup_tasks <= LIMITS.max_processes, watch.peak_cgroup_tasks
-        assert watch.cgroup_refusals > 0, "the job's cgroup never refused a fork"
 
 
 def job_cgroups_in_force() -> bool:
