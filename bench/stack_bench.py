@@ -1,8 +1,10 @@
-"""Service benchmarks: the LLM round trip through a real Nexus process, litellm's Router CPU per call, and
-Genesis's sandbox overhead.
+"""Service benchmarks: Nexus's start-up, the LLM round trip through a real Nexus process, litellm's Router
+CPU per call, and Genesis's sandbox overhead.
 
     .venv/bin/python bench/stack_bench.py [--requests 400] [--concurrency 100] [--jobs 20] [--samples 5]
 
+Start-up: a Nexus process from spawn to /readyz answering 200 and to its LLM router loaded (litellm is
+imported in the background), beside a bare `python -c "import litellm"`, interleaved.
 LLM: Singularity's side (publish an LlmRequest, await the LlmResult on its own reply queue) against
 `singularity-stack run nexus` answering with the offline model, `--concurrency` requests in flight; each
 sample is `--requests` requests, after a warm-up round, and also counts the Nexus process's CPU time.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import statistics
@@ -26,7 +29,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 
-from samples import Samples, interleave_async, ratio
+from samples import Samples, goal, interleave_async, ratio
 
 from singularity_stack import contract as c
 from singularity_stack.postgres.cluster import free_port
@@ -42,7 +45,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))]
 
 
-def start_nexus(stack: ProvisionResult) -> tuple[subprocess.Popen[bytes], int]:
+def start_nexus(stack: ProvisionResult, poll: float = 0.2) -> tuple[subprocess.Popen[bytes], int]:
     creds = stack.credentials["nexus"]
     port = free_port()
     env = {
@@ -62,9 +65,41 @@ def start_nexus(stack: ProvisionResult) -> tuple[subprocess.Popen[bytes], int]:
                 if response.status == 200:
                     return process, port
         except OSError:
-            time.sleep(0.2)
+            time.sleep(poll)
     process.kill()
     raise RuntimeError("nexus did not become ready")
+
+
+def nexus_startup(stack: ProvisionResult, samples: int) -> None:
+    """`singularity-stack run nexus` from spawn to /readyz 200 and to its router loaded (details.llm_router),
+    beside `python -c "import litellm"`, interleaved (Nexus, import, Nexus, import ...)."""
+    ready, loaded, imports = [], [], []
+    for round_ in range(samples + 1):
+        started = time.perf_counter()
+        process, port = start_nexus(stack, poll=0.02)
+        ready.append(time.perf_counter() - started)
+        while readyz_details(port).get("llm_router") != "ready":
+            time.sleep(0.02)
+        loaded.append(time.perf_counter() - started)
+        process.terminate()
+        process.wait(30)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import litellm"], check=True)
+        imports.append(time.perf_counter() - started)
+        if round_ == 0:  # warm-up: the page cache
+            ready.clear(), loaded.clear(), imports.clear()
+    print(f"Nexus start-up, {samples} samples after a warm-up, interleaved with a bare `import litellm`:")
+    ready_s, loaded_s, import_s = Samples("ready", ready), Samples("loaded", loaded), Samples("import", imports)
+    print(f"  spawn -> /readyz 200              {ready_s.format('s', '{:.2f}')}")
+    print(f"  spawn -> LLM router loaded        {loaded_s.format('s', '{:.2f}')}")
+    print(f"  python -c 'import litellm'        {import_s.format('s', '{:.2f}')}")
+    print(f"  {goal('ready <= 2 s', ready_s, 2.0, at_least=False, number='{:.2f} s')}")
+
+
+def readyz_details(port: int) -> dict[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
+        details: dict[str, str] = json.load(response).get("details", {})
+        return details
 
 
 def cpu_seconds(pid: int) -> float:
@@ -230,6 +265,7 @@ def main() -> None:
     try:
         print(f"PostgreSQL {cluster.installation.version}, fsync off, loopback; {os.cpu_count()} cores")
         stack = Provisioner(cluster.dsn(), StackLayout(1), report=lambda _: None).run()
+        nexus_startup(stack, args.samples)
         nexus, _ = start_nexus(stack)
         asyncio.run(llm_round_trips(stack, nexus.pid, args.requests, args.concurrency, args.samples))
         nexus.terminate()

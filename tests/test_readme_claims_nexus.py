@@ -7,15 +7,20 @@ requests arrive on the queue as Singularity sends them.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import httpx
 import psycopg
 import pytest
 
 from singularity_stack import contract as c
 from singularity_stack.nexus import offline_model as om
+from singularity_stack.nexus import service as service_module
 from singularity_stack.nexus.service import NexusService, NexusSettings
 
 PROVIDER_KEYS = ("ANTHROPIC_API_KEY", "OPENAI_API_KEY")
@@ -144,3 +149,61 @@ async def test_the_periodic_job_expires_a_request_at_its_deadline(sq, nexus, mon
         ("pending",)
     ]
     assert sq.owner_query("SELECT count(*) FROM pgmq.q_approval_responses_singularity_1") == [(0,)]
+
+
+def test_importing_the_nexus_service_does_not_import_litellm():
+    """litellm takes seconds to import: Nexus's start-up path (its service module) must not pay for it."""
+    probe = "import sys, singularity_stack.nexus.service; print('litellm' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.strip() == "False"
+
+
+async def test_nexus_is_ready_and_holds_approvals_while_its_router_loads(sq, nexus, monkeypatch):
+    """The router (litellm) loads in the background: /readyz says ready with llm_router "loading", approvals
+    are held at once, and an LLM request sent meanwhile is answered once the router is there."""
+    release, real_load = threading.Event(), service_module.load_router
+
+    def slow_load(config):
+        assert release.wait(30), "the test never released the router"
+        return real_load(config)
+
+    monkeypatch.setattr(service_module, "load_router", slow_load)
+    service = await nexus()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://127.0.0.1")
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["details"] == {"llm_router": "loading"}
+    llm = c.LlmRequest(
+        reply_to="singularity_1", agent_id="a", task_type="chat", messages=[{"role": "user", "content": "hi"}]
+    )
+    approval = c.ApprovalRequest(
+        reply_to="singularity_1",
+        agent_id="a",
+        file_path="app.py",
+        diff="+print(1)\n",
+        description="print one",
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )
+    with service.hitl.broadcaster.subscribe() as inbox:
+        await (await sq.queue("singularity_1")).publish_batch([llm, approval])
+        added = await asyncio.wait_for(inbox.get(), 30)
+    assert added["type"] == "added" and added["card"]["request_id"] == str(approval.request_id)
+    assert nexus_rows(sq, "SELECT 1 FROM llm_calls") == []  # still waiting for the router
+    release.set()
+    await until(lambda: len(nexus_rows(sq, "SELECT 1 FROM llm_calls")) == 1, what="the LLM request answered")
+    [(reply,)] = sq.owner_query("SELECT message FROM pgmq.q_llm_results_singularity_1")
+    assert reply["request_id"] == str(llm.request_id) and reply["model"] == "offline"
+    assert (await client.get("/readyz")).json()["details"] == {"llm_router": "ready"}
+
+
+async def test_a_router_that_cannot_load_makes_nexus_unready_with_the_reason(sq, nexus, monkeypatch):
+    def broken(config):
+        raise RuntimeError("no litellm here")
+
+    monkeypatch.setattr(service_module, "load_router", broken)
+    service = await nexus()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=service.app()), base_url="http://127.0.0.1")
+    await until(lambda: service.router_state() != "loading", what="the load to end")
+    answer = await client.get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json()["problems"] == {"llm_router": "failed: RuntimeError: no litellm here"}

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 # litellm fetches its price map from the internet at import unless told otherwise; Nexus must start offline.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -21,9 +21,9 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import litellm
 from litellm.router import Router
 from litellm.types.router import AllowedFailsPolicy
-from pydantic import BaseModel, ConfigDict, Field
 
 from singularity_stack.contract import ChatMessage, Complexity
+from singularity_stack.nexus.completion import Completion, ComplexitySource, NoModelAvailableError, RoutingError
 from singularity_stack.nexus.complexity import Messages, classify_complexity
 from singularity_stack.nexus.offline_model import register_offline_provider
 from singularity_stack.nexus.routing_config import (
@@ -35,7 +35,6 @@ from singularity_stack.nexus.routing_config import (
 
 log = logging.getLogger(__name__)
 
-ComplexitySource = Literal["request", "classifier"]
 # The response header litellm's Router sets to the model group that answered; read when the id is missing.
 MODEL_GROUP_HEADER = "x-litellm-model-group"
 # Each deployment's id is this prefix + its model_name, so a response's model_id says which model answered.
@@ -54,37 +53,6 @@ COOLED_DOWN_FAILURES = (
     "BadGatewayError",
     "NotFoundError",
 )
-
-
-class RoutingError(RuntimeError):
-    """A request Nexus could not answer: every model of its route failed after retries, or none was available."""
-
-    def __init__(self, message: str, *, task_type: str, complexity: Complexity, models: tuple[str, ...]) -> None:
-        super().__init__(message)
-        self.message = message
-        self.task_type = task_type
-        self.complexity = complexity
-        self.models = models  # the route's available models, in the order they were tried
-
-
-class NoModelAvailableError(RoutingError):
-    """Every model of the route needs an environment variable that is not set."""
-
-
-class Completion(BaseModel):
-    """One answered request: what was said, by which model, at what cost."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    text: str
-    model: str  # the config's model_name that answered (after any fallback)
-    provider_model: str  # its litellm model string, e.g. "anthropic/claude-opus-5"
-    complexity: Complexity
-    complexity_source: ComplexitySource
-    cost_usd: float = Field(ge=0)
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    latency_ms: float = Field(ge=0)
 
 
 class LlmRouter:

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from starlette.routing import BaseRoute
 
 from singularity_stack import contract as c
+from singularity_stack.nexus.completion import Completion, RoutingError
 from singularity_stack.nexus.hitl import Hitl
 from singularity_stack.nexus.reviewers import Reviewers
-from singularity_stack.nexus.router import Completion, LlmRouter, RoutingError
-from singularity_stack.nexus.routing_config import load_routing_config
+from singularity_stack.nexus.routing_config import RoutingConfig, load_routing_config
 from singularity_stack.nexus.store import record_llm_call
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
+
+if TYPE_CHECKING:
+    from singularity_stack.nexus.router import LlmRouter
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,41 @@ class NexusService(Service):
 
     def __init__(self, settings: NexusSettings) -> None:
         super().__init__(settings)
-        self.router = LlmRouter(load_routing_config(settings.routing_config))
+        # Read and checked now (a bad file stops Nexus at start); the router that uses it loads in the background.
+        self.routing = load_routing_config(settings.routing_config)
+        self._router: asyncio.Task[LlmRouter] | None = None
         self.hitl = Hitl(self.db, self.queue)
         self.reviewers = Reviewers(settings.reviewers_file)  # a bad file stops Nexus here, with the reason
 
+    async def on_start(self) -> None:
+        # litellm takes seconds to import: approvals, questions and the UI do not wait for it. LLM requests
+        # wait for it in their handler (claimed, or still in the durable queue); /readyz says which.
+        self._router = asyncio.create_task(asyncio.to_thread(load_router, self.routing), name="load-llm-router")
+
+    async def router(self) -> LlmRouter:
+        assert self._router is not None, "Nexus has not started"
+        return await asyncio.shield(self._router)  # a cancelled handler must not cancel the load
+
+    def router_state(self) -> str:
+        if self._router is None or not self._router.done():
+            return "loading"
+        if self._router.cancelled():
+            return "stopped"
+        error = self._router.exception()
+        return "ready" if error is None else f"failed: {error.__class__.__name__}: {error}"
+
+    async def readiness(self) -> dict[str, str]:
+        problems = await super().readiness()
+        state = self.router_state()
+        if state.startswith("failed"):
+            problems["llm_router"] = state  # loading is not a problem; a router that cannot load is
+        return problems
+
+    def details(self) -> dict[str, str]:
+        return {"llm_router": self.router_state()}
+
     async def route(self, delivery: Delivery[c.LlmRequest]) -> None:
+        router = await self.router()
         request = delivery.message
         # The reply goes to the instance PostgreSQL vouches sent the request, never to one the body names.
         assert delivery.sender is not None
@@ -72,7 +106,7 @@ class NexusService(Service):
         messages = [m.model_dump() for m in request.messages]
         completion: Completion | None = None
         try:
-            completion = await self.router.complete(request.task_type, messages, request.complexity)
+            completion = await router.complete(request.task_type, messages, request.complexity)
             result = c.LlmResult(
                 **reply,
                 result=completion.text,
@@ -115,3 +149,10 @@ class NexusService(Service):
 
     def routes(self) -> list[BaseRoute]:
         return self.hitl.routes(self.settings.ui_token, self.reviewers, self.settings.singularity_console_urls)
+
+
+def load_router(config: RoutingConfig) -> LlmRouter:
+    """Import litellm and build the router (in a worker thread: the event loop keeps serving meanwhile)."""
+    from singularity_stack.nexus.router import LlmRouter
+
+    return LlmRouter(config)

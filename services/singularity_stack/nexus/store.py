@@ -9,7 +9,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from singularity_stack.contract import LlmRequest, LlmResult
-from singularity_stack.nexus.router import Completion
+from singularity_stack.nexus.completion import Completion
 
 
 async def record_llm_call(
