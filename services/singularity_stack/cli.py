@@ -13,8 +13,8 @@ import psycopg
 
 from singularity_stack.nexus.reviewers import ReviewerFile, ReviewersError
 from singularity_stack.nexus.routing_config import RoutingConfigError
+from singularity_stack.provision import backup, deprovision
 from singularity_stack.provision import credentials as creds
-from singularity_stack.provision import deprovision
 from singularity_stack.provision.migrations import applied_migrations, apply_migrations, service_kind
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError, ProvisionResult
 from singularity_stack.securefile import UnsafeFileError, read_private, write_private
@@ -110,6 +110,51 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     for migration_id in done:
         print(f"applied {migration_id}")
     print(f"{args.service}: {len(done)} applied now, last applied {applied[-1] if applied else '(none)'}")
+    return 0
+
+
+def _pg_tools() -> Path | None:
+    """The directory of pg_dump, pg_restore and psql: the server's installation's, else PATH's (None)."""
+    from singularity_stack.postgres.installation import NoPostgresError, find_installation
+
+    try:
+        bindir = find_installation().bindir
+    except NoPostgresError:
+        return None
+    return bindir if (bindir / "pg_dump").exists() else None
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    """Dump a stack's roles and databases into a new directory of --backup-dir (the CronJob's script)."""
+    env = {
+        **backup.libpq_environment(args.admin_dsn),
+        **backup.dump_environment(
+            StackLayout(args.singularity_instances, args.prefix), str(args.backup_dir), args.retention
+        ),
+    }
+    report = backup.run_script(backup.dump_script(), env, _pg_tools()).report
+    print(
+        f"backup {report['backup']}: {report['databases']} databases, {report['sizeBytes']} bytes in "
+        f"{args.backup_dir}; {report['removed']} older backup(s) removed (retention {args.retention})"
+    )
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """Restore a backup onto a server without the stack, give its roles passwords (kept in FILE first), provision."""
+    name, layout = backup.backup_layout(args.backup_dir, args.backup)
+    env = {**backup.libpq_environment(args.admin_dsn), "BACKUP_ROOT": str(args.backup_dir), "RESTORE_BACKUP": name}
+    report = backup.run_script(backup.restore_script(), env, _pg_tools()).report
+    known = creds.known_passwords(creds.read(args.credentials_out).everything())
+    passwords = {
+        role: known.get(role) or creds.generate_password() for role in backup.passwordless_roles(args.admin_dsn, layout)
+    }
+    public = Endpoint(args.public_host, args.public_port) if args.public_host else None
+    planned = Provisioner(args.admin_dsn, layout, known_passwords={**known, **passwords}, public_endpoint=public)
+    creds.save(args.credentials_out, planned.credentials())  # before any role has it: no password is ever lost
+    backup.set_passwords(args.admin_dsn, passwords)
+    _provision(args.admin_dsn, layout.instances, args.credentials_out, public_endpoint=public, prefix=layout.prefix)
+    print(f"restored backup {name} ({report['databases']} databases); credentials in {args.credentials_out}")
     return 0
 
 
@@ -220,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", choices=["singularity", "nexus", "genesis", "centralcloud"])
     p.add_argument("--database-url", help="the service's own database URL (default: $DATABASE_URL)")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("backup", help="dump a stack's roles and databases into a new directory of --backup-dir")
+    p.add_argument("--admin-dsn", required=True, help="a superuser connection URL")
+    p.add_argument("--singularity-instances", type=int, default=1, metavar="N")
+    p.add_argument("--prefix", default="", help="the stack's database and role name prefix")
+    p.add_argument("--backup-dir", type=Path, required=True, metavar="DIR", help="one directory per backup in it")
+    p.add_argument("--retention", type=int, default=7, metavar="K", help="keep the K newest backups (default 7)")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="restore a backup onto a server without the stack, then provision it")
+    p.add_argument("--admin-dsn", required=True, help="a superuser connection URL")
+    p.add_argument("--backup-dir", type=Path, required=True, metavar="DIR")
+    p.add_argument("--backup", default="latest", metavar="NAME", help="a backup's name (YYYYMMDDTHHMMSSZ) or latest")
+    p.add_argument(
+        "--credentials-out", type=Path, required=True, metavar="FILE", help="the restored stack's credentials"
+    )
+    p.add_argument("--public-host", help="host the services use to reach Postgres (default: the admin DSN's)")
+    p.add_argument("--public-port", type=int, default=5432)
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("run", help="run one service (settings from the environment: DATABASE_URL, ...)")
     p.add_argument("service", choices=["singularity", "nexus", "genesis", "centralcloud"])
