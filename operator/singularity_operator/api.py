@@ -57,6 +57,37 @@ class Resources(Model):
     limits: dict[str, str] = Field(default_factory=dict)
 
 
+BackupName = Annotated[str, Field(pattern=r"^(latest|[0-9]{8}T[0-9]{6}Z)$")]
+StorageSize = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$")]
+
+
+class RestoreFrom(Model):
+    """A backup of spec.backup's CronJob: the claim holding it and its name (or the newest)."""
+
+    claim_name: KubeName = Field(description="PersistentVolumeClaim of the backups (e.g. <old stack>-backups).")
+    backup: BackupName = Field("latest", description="A backup's name (YYYYMMDDTHHMMSSZ) or latest.")
+
+
+class BackupVolume(Model):
+    """Where backups go: an existing claim, or one the operator creates (and keeps when the stack goes)."""
+
+    claim_name: KubeName | None = Field(None, description="An existing PersistentVolumeClaim.")
+    storage_class_name: str | None = Field(None, description="For the claim the operator creates.")
+    size: StorageSize = Field("5Gi", description="Size of the claim the operator creates.")
+
+
+class BackupSpec(Model):
+    """A CronJob dumps the stack's roles and databases to the volume, one directory per backup."""
+
+    schedule: str = Field(
+        "0 2 * * *",
+        pattern=r"^(@(hourly|daily|weekly|monthly|yearly)|\S+( \S+){4})$",
+        description="Cron schedule (UTC).",
+    )
+    retention: int = Field(7, ge=1, le=1000, description="Backups kept; older ones are removed.")
+    volume: BackupVolume = Field(default_factory=BackupVolume)
+
+
 class ManagedPostgres(Model):
     """The operator runs PostgreSQL as a StatefulSet; pgmq is installed as an extension or from SQL."""
 
@@ -64,6 +95,9 @@ class ManagedPostgres(Model):
     storage: str = Field("1Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti)$", description="PVC size.")
     storage_class_name: str | None = None
     resources: Resources = Field(default_factory=Resources)
+    restore_from: RestoreFrom | None = Field(
+        None, description="Bootstrap a new stack from a backup: restored into the fresh server before provisioning."
+    )
 
 
 class ExternalPostgres(Model):
@@ -99,8 +133,38 @@ class NexusSpec(ServiceSpec):
     )
 
 
+class SeccompType(enum.StrEnum):
+    UNCONFINED = "Unconfined"
+    LOCALHOST = "Localhost"
+
+
+# A path below the kubelet's seccomp directory: no absolute path, no segment starting with "." (so no "..").
+LOCALHOST_PROFILE_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$"
+
+
+class GenesisSeccomp(Model):
+    """Genesis's container seccomp profile. bubblewrap creates user namespaces, which the runtime's default
+    profile refuses: Unconfined (fails the baseline Pod Security Standard) or Localhost, the chart's
+    files/genesis-bubblewrap-seccomp.json installed on the nodes (allowed by baseline and restricted)."""
+
+    type: SeccompType = SeccompType.UNCONFINED
+    localhost_profile: str | None = Field(
+        None,
+        max_length=4096,
+        pattern=LOCALHOST_PROFILE_PATTERN,
+        description="With type Localhost: the profile's path below the kubelet's seccomp directory.",
+    )
+
+    @model_validator(mode="after")
+    def _profile_with_localhost(self) -> GenesisSeccomp:
+        if (self.type == SeccompType.LOCALHOST) != (self.localhost_profile is not None):
+            raise ValueError("seccompProfile: localhostProfile is set exactly when type is Localhost")
+        return self
+
+
 class GenesisSpec(ServiceSpec):
     max_concurrent_jobs: int = Field(2, ge=1, le=64)
+    seccomp_profile: GenesisSeccomp = Field(default_factory=GenesisSeccomp)
 
 
 class CentralCloudSpec(ServiceSpec):
@@ -137,11 +201,18 @@ class StackSpec(Model):
     deletion_policy: DeletionPolicy = Field(
         DeletionPolicy.RETAIN, description="Delete drops the stack's databases and roles with it; Retain keeps them."
     )
+    backup: BackupSpec | None = Field(None, description="Scheduled backups of managed PostgreSQL.")
 
     @model_validator(mode="after")
     def _one_postgres(self) -> StackSpec:
         if (self.postgres.managed is None) == (self.postgres.external is None):
             raise ValueError("postgres: set exactly one of managed and external")
+        return self
+
+    @model_validator(mode="after")
+    def _backup_managed(self) -> StackSpec:
+        if self.backup is not None and self.postgres.external is not None:
+            raise ValueError("backup: only for managed PostgreSQL; with external, use the provider's backups")
         return self
 
     def image_of(self, service: ServiceSpec) -> str:
@@ -159,12 +230,32 @@ class Condition(Model):
     observed_generation: int | None = None
 
 
+class ServiceRollout(Model):
+    image: str = Field(description="The image the service's Deployment runs.")
+    last_migration: str | None = Field(None, description="The last migration its database records as applied.")
+
+
+class BackupStatus(Model):
+    claim_name: str | None = Field(None, description="The claim the backups are written to.")
+    last_backup_succeeded: bool | None = Field(None, description="Whether the newest finished backup Job succeeded.")
+    last_backup: str | None = Field(None, description="The newest successful backup's name.")
+    completed_at: str | None = Field(None, description="When it completed.")
+    size_bytes: int | None = Field(None, description="Its size.")
+    job: str | None = Field(None, description="The newest finished backup Job.")
+    message: str | None = Field(None, description="Why the newest finished backup Job failed.")
+    restored: str | None = Field(None, description="The backup this stack was restored from.")
+
+
 class StackStatus(Model):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
     singularity_replicas: int | None = Field(None, description="Instances whose databases are provisioned.")
     pgmq: str | None = Field(None, description="pgmq version and how it was installed.")
     migrations: dict[str, list[str]] = Field(default_factory=dict, description="Applied migrations per database.")
+    backup: BackupStatus | None = Field(None, description="spec.backup's newest backups; the restore, if any.")
+    services: dict[str, ServiceRollout] = Field(
+        default_factory=dict, description="Per service and instance: the image it runs and its last migration."
+    )
 
 
 def parse_spec(spec: dict[str, Any]) -> StackSpec:

@@ -23,6 +23,7 @@ ROUTING_MOUNT = "/etc/singularity/routing"
 REVIEWERS_MOUNT = "/etc/singularity/reviewers"
 REVIEWERS_KEY = "reviewers.json"
 CLUSTER_DOMAIN = "cluster.local"
+RUNTIME_DEFAULT_SECCOMP = {"type": "RuntimeDefault"}
 
 
 # -- names and labels ---------------------------------------------------------------------------------
@@ -164,7 +165,13 @@ def _deployment(
     stack: str, namespace: str, logical: str, container: dict[str, Any], pod_extra: dict[str, Any] | None = None
 ) -> Manifest:
     component = component_of(logical)
-    pod_security = {"runAsNonRoot": True, "runAsUser": SERVICE_UID, "runAsGroup": SERVICE_UID, "fsGroup": SERVICE_UID}
+    pod_security = {
+        "runAsNonRoot": True,
+        "runAsUser": SERVICE_UID,
+        "runAsGroup": SERVICE_UID,
+        "fsGroup": SERVICE_UID,
+        "seccompProfile": dict(RUNTIME_DEFAULT_SECCOMP),  # the restricted Pod Security Standard asks for it
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -172,7 +179,9 @@ def _deployment(
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": selector(stack, component)},
-            "strategy": {"type": "Recreate"},  # one consumer identity per instance at a time
+            # A new pod must be ready before the old one goes: an upgrade keeps the service answering (two
+            # pods of one instance may consume at once for a moment; claims and idempotency keep that safe).
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {"labels": labels(stack, component)},
                 "spec": {
@@ -228,8 +237,11 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
         "genesis",
         [*db("genesis"), {"name": "GENESIS_MAX_CONCURRENT_JOBS", "value": str(spec.genesis.max_concurrent_jobs)}],
     )
-    # bubblewrap creates user namespaces for each job, which the runtime's default seccomp profile forbids.
-    genesis["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+    # bubblewrap creates user namespaces for each job, which the runtime's default seccomp profile forbids:
+    # Unconfined, or the chart's Localhost profile (the default plus what bubblewrap needs), by spec.
+    genesis["securityContext"]["seccompProfile"] = spec.genesis.seccomp_profile.model_dump(
+        by_alias=True, exclude_none=True, mode="json"
+    )
 
     central_env = [
         *db("centralcloud"),
@@ -345,6 +357,7 @@ def managed_postgres(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
                             "runAsUser": 999,
                             "fsGroup": 999,
                             "fsGroupChangePolicy": "OnRootMismatch",
+                            "seccompProfile": dict(RUNTIME_DEFAULT_SECCOMP),
                         },
                         "containers": [container, exporter],
                     },

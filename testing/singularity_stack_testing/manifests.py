@@ -1,0 +1,140 @@
+"""Every object the chart renders and the operator builds, under every option that changes them.
+
+The Pod Security and Kubernetes-schema tests check these: each case is (label, objects), the label saying
+which values or spec produced them, so a failure names the option that asks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import yaml
+
+from singularity_operator import api, objects
+
+from . import ROOT
+
+CHART = ROOT / "charts" / "singularity-stack"
+Manifest = dict[str, Any]
+LOCALHOST_PROFILE = "singularity-stack/genesis-bubblewrap-seccomp.json"
+
+# Values that change what the chart renders (the CRD, RBAC scope, monitoring, the ServiceAccount, scheduling).
+CHART_VALUES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "watchNamespaces=[team-a, team-b], crds.create=false": {
+        "watchNamespaces": ["team-a", "team-b"],
+        "crds": {"create": False},
+    },
+    "monitoring all enabled": {
+        "monitoring": {
+            "podMonitors": {"enabled": True, "labels": {"release": "kps"}},
+            "rules": {"enabled": True},
+            "dashboard": {"enabled": True},
+        }
+    },
+    "serviceAccount.create=false, scheduling": {
+        "serviceAccount": {"create": False, "name": "ops-sa"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}]
+                }
+            }
+        },
+        "image": {"repository": "registry.example/singularity-stack", "tag": "1.2.3", "pullPolicy": "Always"},
+    },
+}
+
+_EXTERNAL = {"external": {"host": "db.example", "adminSecret": {"name": "pg-admin"}, "sslMode": "require"}}
+# Specs that change what the operator builds; the label is the option, as written in a SingularityStack.
+STACK_SPECS: dict[str, dict[str, Any]] = {
+    "defaults (spec.genesis.seccompProfile.type=Unconfined)": {},
+    "spec.genesis.seccompProfile.type=Localhost": {
+        "genesis": {"seccompProfile": {"type": "Localhost", "localhostProfile": LOCALHOST_PROFILE}}
+    },
+    "spec.postgres.external, every service option": {
+        "postgres": _EXTERNAL,
+        "image": "registry.example/stack:1",
+        "imagePullPolicy": "Always",
+        "singularity": {"replicas": 3, "resources": {"requests": {"cpu": "100m"}, "limits": {"memory": "1Gi"}}},
+        "nexus": {
+            "routingConfigMap": {"name": "routing", "key": "routing.yaml"},
+            "providerKeysSecret": "llm-keys",
+            "image": "registry.example/nexus:2",
+        },
+        "genesis": {
+            "maxConcurrentJobs": 8,
+            "seccompProfile": {"type": "Localhost", "localhostProfile": LOCALHOST_PROFILE},
+        },
+        "centralcloud": {"retentionDays": 7},
+        "deletionPolicy": "Delete",
+    },
+    "spec.postgres.managed with storageClassName and resources": {
+        "postgres": {
+            "managed": {
+                "storage": "5Gi",
+                "storageClassName": "fast",
+                "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+            }
+        },
+    },
+}
+
+
+def render_chart(values: dict[str, Any], chart: Path = CHART) -> list[Manifest]:
+    rendered = helm.Chart.load(str(chart)).render(values, name="ops", namespace="operators", is_install=True)
+    return [doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+
+
+def chart_cases() -> Iterator[tuple[str, list[Manifest]]]:
+    for label, values in CHART_VALUES.items():
+        yield f"chart: {label}", render_chart(values)
+
+
+def operator_objects(spec: api.StackSpec, stack: str = "demo", namespace: str = "team") -> list[Manifest]:
+    """What the operator applies: the workloads and every generated Secret (values are placeholders)."""
+    urls = {"database_url": "postgresql://x", "shared_queue_url": "postgresql://y", "shared_queue_analytics_url": "z"}
+    secrets = [
+        objects.credentials_secret(stack, namespace, "nexus", urls),
+        objects.generated_secret(stack, namespace, objects.ui_secret_name(stack), "nexus", {"NEXUS_UI_TOKEN": "t"}),
+    ]
+    if spec.postgres.managed:
+        name = objects.admin_secret_name(stack)
+        secrets.append(objects.generated_secret(stack, namespace, name, "postgres", {"POSTGRES_PASSWORD": "p"}))
+    return objects.workloads(stack, namespace, spec) + secrets
+
+
+def operator_cases() -> Iterator[tuple[str, list[Manifest]]]:
+    for label, spec in STACK_SPECS.items():
+        yield f"operator: {label}", operator_objects(api.parse_spec(spec))
+
+
+def all_cases() -> list[tuple[str, list[Manifest]]]:
+    return [*chart_cases(), *operator_cases()]
+
+
+POD_TEMPLATE_PATHS = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+
+def pod_template(manifest: Manifest) -> Manifest | None:
+    """The Pod (metadata and spec) a workload object creates; None for objects that create no Pod."""
+    path = POD_TEMPLATE_PATHS.get(manifest["kind"])
+    if path is None:
+        return None
+    node: Any = manifest
+    for key in path:
+        node = node[key]
+    return {"metadata": node.get("metadata", {}), "spec": node["spec"]}
