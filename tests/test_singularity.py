@@ -19,8 +19,10 @@ from yoyo import get_backend, read_migrations
 from singularity_stack import contract as c
 from singularity_stack.provision.migrations import MIGRATIONS_ROOT, applied_migrations, apply_migrations
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
+from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.singularity import service as service_module
 from singularity_stack.singularity.service import SingularityService, SingularitySettings
+from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.workflow import TaskRun
 
 API_TOKEN = "singularity-test-api-token"
@@ -665,3 +667,42 @@ async def test_a_reply_whose_wake_up_was_lost_is_found_in_the_database(world, mo
     task = await wait_for_state(client, task_id, timeout=60)
     assert task["state"] == "succeeded", task["failure_reason"]
     assert len(task["steps"]) == 7  # every reply came from the database
+
+
+async def test_requests_answered_at_no_cost_do_not_count_against_the_per_minute_limit(world, monkeypatch):
+    """The limit guards money: with the free offline stand-in a task is not slowed by it."""
+    stand_ins, start = world
+    stand_ins.llm = lambda r: c.LlmResult(**c.reply_fields(r), result=CODE_ANSWER, model="offline", cost_usd=0)
+    monkeypatch.setenv("LLM_REQUESTS_PER_MINUTE", "1")
+    _, client = await start()
+    task = await wait_for_state(client, await submit(client, "Write a program that prints a haiku", agent_id="di"))
+    assert task["state"] == "succeeded", task
+    assert len(stand_ins.seen["llm"]) == 5  # every LLM step of the task within the minute, none waited out
+
+
+async def test_the_daily_budget_counts_from_midnight_utc_whatever_the_session_time_zone(sq):
+    """agent_usage's day is the UTC day, also on a connection whose TimeZone is far from UTC (UTC+14, whose
+    midnight is 10:00 UTC the day before): yesterday's spending (UTC) never counts, today's always does."""
+    with psycopg.connect(sq.db_url("singularity_1"), autocommit=True) as conn:
+        conn.execute("INSERT INTO agents (id) VALUES ('tz-agent')")
+        task = uuid.uuid4()
+        conn.execute(
+            "INSERT INTO tasks (id, agent_id, description, language) VALUES (%s, 'tz-agent', 'x', 'python')", (task,)
+        )
+        today = "date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        for seq, (offset, cost) in enumerate((("- interval '1 minute'", 1), ("+ interval '1 minute'", 2))):
+            conn.execute(
+                "INSERT INTO steps (task_id, seq, phase, kind, request_id, state, request, cost_usd, deadline, "
+                f"started_at) VALUES (%s, %s, 'p', 'llm', %s, 'done', '{{}}', %s, now(), {today} {offset})",
+                (task, seq, uuid.uuid4(), cost),
+            )
+    url = sq.db_url("singularity_1")
+    pool = connection_pool(url + ("&" if "?" in url else "?") + "options=-c%20TimeZone%3DPacific/Kiritimati")
+    await pool.open()
+    try:
+        async with pool.connection() as conn:
+            assert (await (await conn.execute("SHOW TimeZone")).fetchone()) == ("Pacific/Kiritimati",)
+        spent, _ = await TaskStore(pool).agent_usage("tz-agent")
+    finally:
+        await pool.close()
+    assert spent == 2  # the step a minute after midnight UTC; not the one a minute before

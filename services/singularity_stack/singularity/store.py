@@ -186,11 +186,16 @@ class TaskStore:
     # -- limits ----------------------------------------------------------------------------------
 
     async def agent_usage(self, agent_id: str) -> tuple[float, int]:
-        """(LLM cost since midnight UTC, LLM requests in the last minute) for one agent."""
+        """(LLM cost since midnight UTC, paid LLM requests in the last minute) for one agent.
+
+        The per-minute limit guards money: a request answered at no cost (the offline model) does not count;
+        one not answered yet, failed or expired does, since what it costs is not known."""
         async with self.pool.connection() as conn:
             cur = await conn.execute(
-                "SELECT coalesce(sum(s.cost_usd) FILTER (WHERE s.started_at >= date_trunc('day', now())), 0), "
-                "count(*) FILTER (WHERE s.started_at >= now() - interval '1 minute') "
+                "SELECT coalesce(sum(s.cost_usd) FILTER (WHERE s.started_at >= "
+                "date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0), "
+                "count(*) FILTER (WHERE s.started_at >= now() - interval '1 minute' "
+                "AND (s.state <> 'done' OR s.cost_usd > 0)) "
                 "FROM steps s JOIN tasks t ON t.id = s.task_id "
                 "WHERE s.kind = 'llm' AND t.agent_id = %s AND s.started_at >= now() - interval '1 day'",
                 (agent_id,),
