@@ -692,9 +692,9 @@ async def test_the_daily_budget_counts_from_midnight_utc_whatever_the_session_ti
         today = "date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
         for seq, (offset, cost) in enumerate((("- interval '1 minute'", 1), ("+ interval '1 minute'", 2))):
             conn.execute(
-                "INSERT INTO steps (task_id, seq, phase, kind, request_id, state, request, cost_usd, deadline, "
-                f"started_at) VALUES (%s, %s, 'p', 'llm', %s, 'done', '{{}}', %s, now(), {today} {offset})",
-                (task, seq, uuid.uuid4(), cost),
+                "INSERT INTO steps (task_id, seq, phase, name, kind, request_id, state, request, cost_usd, deadline, "
+                f"started_at) VALUES (%s, %s, 'p', %s, 'llm', %s, 'done', '{{}}', %s, now(), {today} {offset})",
+                (task, seq, f"step-{seq}", uuid.uuid4(), cost),
             )
     url = sq.db_url("singularity_1")
     pool = connection_pool(url + ("&" if "?" in url else "?") + "options=-c%20TimeZone%3DPacific/Kiritimati")
