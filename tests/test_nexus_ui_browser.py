@@ -6,6 +6,7 @@ own requests and finds its cards by request id. Nothing is downloaded: Playwrigh
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ class Ui:
     url: str
     browser: Browser
     tokens: dict[str, str]  # each reviewer's own token
+    reviewers: Reviewers
     problems: list[str] = field(default_factory=list)  # console errors and uncaught exceptions
 
     async def new_page(self) -> Page:
@@ -55,12 +57,13 @@ async def ui(provision_stack, tmp_path_factory) -> AsyncIterator[Ui]:
     hitl = Hitl(await stack.db_pool("nexus"), await stack.queue("nexus"))
     file = ReviewerFile(tmp_path_factory.mktemp("nexus") / "reviewers.json")
     tokens = {name: file.add(name) for name in REVIEWERS}
-    app = Starlette(routes=hitl.routes(TOKEN, Reviewers(file.path), CONSOLE_URLS))
+    reviewers = Reviewers(file.path)
+    app = Starlette(routes=hitl.routes(TOKEN, reviewers, CONSOLE_URLS))
     try:
         async with serving(app) as host, async_playwright() as playwright:
             browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             try:
-                yield Ui(stack, hitl, f"http://{host}", browser, tokens)
+                yield Ui(stack, hitl, f"http://{host}", browser, tokens, reviewers)
             finally:
                 await browser.close()
     finally:
@@ -75,14 +78,16 @@ def no_browser_errors(ui) -> Iterator[None]:
     assert ui.problems == []
 
 
-async def open_page(ui: Ui, name: str) -> Page:
-    """A new browser context (its own cookies), logged in as `name` with their token, the live feed connected."""
+async def open_page(ui: Ui, name: str, url: str | None = None) -> Page:
+    """A new browser context (its own cookies), logged in as `name` with their token, the live feed connected;
+    on `url` (another replica), else on the module's Nexus."""
+    url = url or ui.url
     page = await ui.new_page()
-    await page.goto(ui.url + "/")
-    await expect(page).to_have_url(ui.url + "/login")
+    await page.goto(url + "/")
+    await expect(page).to_have_url(url + "/login")
     await page.fill("#token", ui.tokens[name])
     await page.click("button[type=submit]")
-    await expect(page).to_have_url(ui.url + "/")
+    await expect(page).to_have_url(url + "/")
     await expect(page.locator("#connection")).to_have_text("live")
     return page
 
@@ -154,6 +159,40 @@ async def test_approving_in_one_browser_removes_the_card_from_both(ui):
     assert [(r["approved"], r["decided_by"]) for r in reply] == [(True, "alice")]
     await alice.context.close()
     await bob.context.close()
+
+
+async def test_two_replicas_each_browser_sees_what_the_other_replica_does(ui):
+    """Two Nexus replicas (each its own Hitl, pools, feed and server; they share only the nexus database)
+    and a browser on each: a request held by one shows on both, a decision on the other clears both."""
+    second = Hitl(await ui.stack.db_pool("nexus"), await ui.stack.queue("nexus"))
+    stop = asyncio.Event()
+    feeds = [ui.hitl.feed(ui.stack.db_url("nexus")), second.feed(ui.stack.db_url("nexus"))]
+    listening = [asyncio.create_task(feed.run(stop)) for feed in feeds]
+    try:
+        for feed in feeds:
+            await asyncio.wait_for(feed.connected.wait(), 10)
+        async with serving(Starlette(routes=second.routes(TOKEN, ui.reviewers, CONSOLE_URLS))) as host:
+            alice, erin = await open_page(ui, "alice"), await open_page(ui, "erin", f"http://{host}")
+            request = approval(file_path="src/replicas.py", description="held by the first replica")
+            await deliver(ui.hitl, request)
+            await expect(card(alice, request.request_id)).to_be_visible()
+            await expect(card(erin, request.request_id)).to_contain_text("held by the first replica")
+
+            await card(erin, request.request_id).get_by_role("button", name="Approve").click()
+            await expect(card(erin, request.request_id)).to_have_count(0)
+            await expect(card(alice, request.request_id)).to_have_count(0)
+            await expect(alice.locator("#toast")).to_contain_text("approved by erin")
+            reply = [
+                r
+                for r in replies(ui.stack, "approval_responses_singularity_1")
+                if r["request_id"] == str(request.request_id)
+            ]
+            assert [(r["approved"], r["decided_by"]) for r in reply] == [(True, "erin")]
+            await alice.context.close()
+            await erin.context.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*listening), 10)
 
 
 async def test_a_rejection_requires_a_reason(ui):

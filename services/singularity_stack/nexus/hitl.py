@@ -9,7 +9,8 @@ after a publish, the retry publishes a duplicate, which Singularity drops by `re
 
 Every open browser learns about new and settled requests through the `Broadcaster`, always after
 the change is committed, so a browser never shows a card that could still disappear by rollback.
-The broadcaster is in-process: with several Nexus replicas, each pushes only its own changes.
+With several Nexus replicas each change also goes to the others through PostgreSQL (hitl_feed.py): every
+browser sees every change, whichever replica it is connected to.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from singularity_stack.contract import ApprovalRequest, ApprovalResponse, QuestionRequest, QuestionResponse, Reply
+from singularity_stack.nexus.hitl_feed import HitlFeed, new_origin, notify
 from singularity_stack.sharedqueue import Permanent, SharedQueue
 from singularity_stack.sharedqueue.consumer import AfterCommit
 
@@ -190,6 +192,14 @@ class HitlStore:
             raise RequestIdTaken(f"request id {request.request_id} is already held for {held[0]}, not {instance}")
         return None
 
+    async def pending_one(self, request_id: uuid.UUID) -> dict[str, Any] | None:
+        async with self.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(
+                f"SELECT {_CARD_COLUMNS} FROM hitl_requests WHERE request_id = %s AND state = 'pending'", (request_id,)
+            )
+            return await cur.fetchone()
+
     async def pending(self) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
@@ -252,8 +262,9 @@ class HitlStore:
             (request_id, action, actor, Jsonb(detail)),
         )
 
-    async def expire_overdue(self) -> list[uuid.UUID]:
-        """Expire every pending request past its deadline, with its audit row, in one transaction."""
+    async def expire_overdue(self, origin: str) -> list[uuid.UUID]:
+        """Expire every pending request past its deadline, with its audit row and its notification to the
+        other replicas, in one transaction."""
         async with self.pool.connection() as conn, conn.transaction():
             cur = await conn.execute(
                 "WITH expired AS ("
@@ -263,7 +274,14 @@ class HitlStore:
                 "SELECT request_id, 'expired', 'system', jsonb_build_object('deadline', deadline) FROM expired "
                 "RETURNING request_id"
             )
-            return [row[0] for row in await cur.fetchall()]
+            expired = [row[0] for row in await cur.fetchall()]
+            for request_id in expired:
+                await notify(conn, origin, _removed(request_id, "expired", "system"))
+            return expired
+
+
+def _removed(request_id: uuid.UUID, state: str, by: str) -> Event:
+    return {"type": "removed", "request_id": str(request_id), "state": state, "by": by}
 
 
 def _article(kind: str) -> str:
@@ -278,6 +296,21 @@ class Hitl:
         self.store = HitlStore(pool)
         self.queue = queue
         self.broadcaster = Broadcaster()
+        self.origin = new_origin()  # this replica, in the notifications it sends the others
+
+    def feed(self, database_url: str) -> HitlFeed:
+        """The other replicas' changes, for this replica's browsers (run it as a job of the service)."""
+        return HitlFeed(database_url, self.origin, self.remote_change, lambda: self.broadcaster.publish(RESYNC))
+
+    async def remote_change(self, event: Event) -> None:
+        """Another replica committed a change: show it here too. A card is read from the database (gone
+        already if it was settled meanwhile: the removal follows)."""
+        if event.get("type") == "added":
+            row = await self.store.pending_one(uuid.UUID(event["request_id"]))
+            if row is not None:
+                self.broadcaster.publish({"type": "added", "card": card(row)})
+        elif event.get("type") == "removed":
+            self.broadcaster.publish(_removed(uuid.UUID(event["request_id"]), event["state"], event["by"]))
 
     # -- arrivals ----------------------------------------------------------------------------------
 
@@ -294,6 +327,7 @@ class Hitl:
         row = await self.store.insert(db, request, sender)
         if row is None:
             return  # stored before (a redelivery that slipped past the idempotency table): nothing new to show
+        await notify(db, self.origin, {"type": "added", "request_id": str(request.request_id)})
         new = card(row)
         # Never before the commit: a browser must not show a card that a rollback takes back. If Nexus
         # dies first, browsers still get it from the database when they (re)connect.
@@ -360,19 +394,18 @@ class Hitl:
                 raise await self.store.refusal(conn, request_id, kind)
             message = reply(instance)
             await self.store.audit(conn, request_id, state, actor, decision)
+            await notify(conn, self.origin, _removed(request_id, state, actor))
             # Published before the commit: a failure here rolls the decision back so it can be retried.
             await self.queue.publish(message)
-        self.broadcaster.publish({"type": "removed", "request_id": str(request_id), "state": state, "by": actor})
+        self.broadcaster.publish(_removed(request_id, state, actor))
         log.info("HITL request %s %s by %s", request_id, state, actor)
         return message
 
     async def expire_overdue(self) -> int:
         """Expire pending requests past their deadline; returns how many."""
-        expired = await self.store.expire_overdue()
+        expired = await self.store.expire_overdue(self.origin)
         for request_id in expired:
-            self.broadcaster.publish(
-                {"type": "removed", "request_id": str(request_id), "state": "expired", "by": "system"}
-            )
+            self.broadcaster.publish(_removed(request_id, "expired", "system"))
         if expired:
             log.info("expired %d HITL requests", len(expired))
         return len(expired)

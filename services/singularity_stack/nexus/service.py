@@ -68,6 +68,7 @@ class NexusService(Service):
         self.routing = load_routing_config(settings.routing_config)
         self._router: asyncio.Task[LlmRouter] | None = None
         self.hitl = Hitl(self.db, self.queue)
+        self.hitl_feed = self.hitl.feed(settings.database_url)  # the other replicas' HITL changes
         self.reviewers = Reviewers(settings.reviewers_file)  # a bad file stops Nexus here, with the reason
 
     async def on_start(self) -> None:
@@ -92,6 +93,8 @@ class NexusService(Service):
         state = self.router_state()
         if state.startswith("failed"):
             problems["llm_router"] = state  # loading is not a problem; a router that cannot load is
+        if not self.hitl_feed.connected.is_set():
+            problems["hitl_feed"] = "not listening: browsers here would miss other replicas' changes"
         return problems
 
     def details(self) -> dict[str, str]:
@@ -145,7 +148,10 @@ class NexusService(Service):
         ]
 
     def jobs(self) -> list[Job]:
-        return [lambda stop: every(self.settings.expiry_interval_seconds, stop, self.hitl.expire_overdue, "expiry")]
+        return [
+            lambda stop: every(self.settings.expiry_interval_seconds, stop, self.hitl.expire_overdue, "expiry"),
+            self.hitl_feed.run,
+        ]
 
     def routes(self) -> list[BaseRoute]:
         return self.hitl.routes(self.settings.ui_token, self.reviewers, self.settings.singularity_console_urls)
