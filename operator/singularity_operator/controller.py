@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from singularity_operator import api, naming, objects
 from singularity_operator import conditions as cond
+from singularity_operator.backups import Backups
 from singularity_operator.kube import Kube
 from singularity_stack.contract import describe_validation_error
 from singularity_stack.provision import budget
@@ -259,7 +260,20 @@ class StackController:
                     ERRORS.labels("ConnectionBudgetExceeded").inc()
                     self.event("Warning", "ConnectionBudgetExceeded", problem)
                     return self._not_ready("ConnectionBudgetExceeded", problem)
+            # spec.backup's CronJob and status.backup; restoreFrom's Job holds provisioning back until done
+            backed_up = Backups(self.kube, adopt=self.adopt, event=self.event).reconcile(
+                stack,
+                namespace,
+                spec,
+                admin_dsn,
+                public,
+                lambda layout: self._known_passwords(stack, namespace, layout),
+                lambda credentials: self._write_credentials(stack, namespace, credentials),
+            )
+            if backed_up.waiting:
+                return self._not_ready(*backed_up.waiting, delay=10)
             status = self.provision(stack, namespace, spec, admin_dsn, public, prefix)
+            status.update(backed_up.status)
         except RetryLater as waiting:
             return self._not_ready("Waiting", str(waiting), delay=waiting.delay)
         except PgmqUpgradeRequired as error:

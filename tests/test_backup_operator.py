@@ -1,0 +1,262 @@
+"""spec.backup and restoreFrom on a real Kubernetes API server (1.20), as the chart's ServiceAccount, with a
+real PostgreSQL for the restore. No kubelet or Job controller runs here: a finished Job is simulated at that
+edge only, by running the Job's own command on this machine and patching the Job's and its Pod's status
+through the API with what the kubelet and the Job controller would write."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from kubernetes import client, config
+from kubernetes.dynamic import DynamicClient
+from test_backup import fill
+from test_operator_kube import _crd_established, install_chart, operator_kubeconfig, wait_for
+
+from singularity_operator import api
+from singularity_operator.backups import Backups
+from singularity_operator.kube import Kube
+from singularity_stack.provision import backup
+from singularity_stack.provision import credentials as creds
+from singularity_stack.provision.deprovision import drop_stack
+from singularity_stack.provision.provisioner import Endpoint, Provisioner, endpoint_of
+from singularity_stack.topology import StackLayout
+from singularity_stack_testing.kube.apiserver import ControlPlane
+from singularity_stack_testing.postgres import throwaway_cluster
+
+
+@pytest.fixture(scope="module")
+def plane(kube_binaries) -> Iterator[tuple[ControlPlane, client.ApiClient, Kube]]:
+    """Its own API server with the chart's CRD and RBAC; the Kube client is the operator's ServiceAccount."""
+    control = ControlPlane(kube_binaries).start()
+    admin = config.new_client_from_config(config_file=str(control.kubeconfig))
+    install_chart(admin, {}, release="ops", namespace="default")
+    wait_for("the CRD", lambda: _crd_established(admin))
+    operator = Kube(config.new_client_from_config(config_file=str(operator_kubeconfig(control, admin))))
+    yield control, admin, operator
+    control.stop()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+        self.credentials: dict[str, creds.ServiceCredentials] = {}
+
+    def event(self, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+    def write_credentials(self, credentials: dict[str, creds.ServiceCredentials]) -> None:
+        for logical, entry in credentials.items():
+            self.credentials.setdefault(logical, entry)  # create-only, as the operator's Secrets are
+
+
+def owned_by(owner: dict[str, Any]) -> Any:
+    def adopt(obj: dict[str, Any]) -> None:
+        obj["metadata"]["ownerReferences"] = [
+            {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
+             "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+        ]  # fmt: skip
+
+    return adopt
+
+
+def new_stack(admin: client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    client.CoreV1Api(admin).create_namespace({"metadata": {"name": namespace}})
+    body = {"apiVersion": "singularity.dev/v1alpha1", "kind": "SingularityStack", "metadata": {"name": name}}
+    return client.CustomObjectsApi(admin).create_namespaced_custom_object(
+        "singularity.dev", "v1alpha1", namespace, "singularitystacks", {**body, "spec": spec}
+    )
+
+
+def finish_job(admin: client.ApiClient, job: dict[str, Any], ok: bool, message: str, at: str) -> None:
+    """What the kubelet and the Job controller would write: the Pod's termination message, the Job's condition."""
+    core, batch = client.CoreV1Api(admin), client.BatchV1Api(admin)
+    meta = job["metadata"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    pod = core.create_namespaced_pod(
+        meta["namespace"],
+        {
+            "metadata": {"name": f"{meta['name']}-pod", "labels": {"job-name": meta["name"]}},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": container["name"], "image": container["image"]}],
+            },
+        },
+    )
+    terminated = {"exitCode": 0 if ok else 1, "reason": "Completed" if ok else "Error", "message": message,
+                  "startedAt": at, "finishedAt": at}  # fmt: skip
+    core.patch_namespaced_pod_status(
+        pod.metadata.name,
+        meta["namespace"],
+        {"status": {"phase": "Succeeded" if ok else "Failed", "containerStatuses": [
+            {"name": container["name"], "image": container["image"], "imageID": "", "ready": False, "restartCount": 0,
+             "state": {"terminated": terminated}}]}},
+    )  # fmt: skip
+    condition = {"type": "Complete" if ok else "Failed", "status": "True", "lastProbeTime": at,
+                 "lastTransitionTime": at, **({} if ok else {"reason": "BackoffLimitExceeded"})}  # fmt: skip
+    status: dict[str, Any] = {"conditions": [condition], "startTime": at}
+    status.update({"completionTime": at, "succeeded": 1} if ok else {"failed": 2})
+    batch.patch_namespaced_job_status(meta["name"], meta["namespace"], {"status": status})
+
+
+def job_from_cron_job(admin: client.ApiClient, cron_job: dict[str, Any], name: str) -> dict[str, Any]:
+    """`kubectl create job --from=cronjob/...`: the CronJob's jobTemplate as a Job of its own."""
+    template = cron_job["spec"]["jobTemplate"]
+    body = {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name, "labels": template["metadata"]["labels"]}, "spec": template["spec"]}  # fmt: skip
+    return (
+        DynamicClient(admin)
+        .resources.get(api_version="batch/v1", kind="Job")
+        .create(body=body, namespace=cron_job["metadata"]["namespace"])
+        .to_dict()
+    )
+
+
+def test_backup_cron_job_and_claim_then_status_from_the_newest_finished_jobs(plane):
+    _, admin, kube = plane
+    owner = new_stack(admin, "bk-cron", "bk", {"backup": {"schedule": "*/5 * * * *", "retention": 2}})
+    spec = api.parse_spec(owner["spec"])
+    seen = Recorder()
+    backups = Backups(kube, adopt=owned_by(owner), event=seen.event)
+    assert backups.cron_job_version() == "batch/v1beta1"  # what a 1.20 API server serves
+    assert backups.apply("bk", "bk-cron", spec) == {"claimName": "bk-backups"}
+    cron_job = kube.get("batch/v1beta1", "CronJob", "bk-backup", "bk-cron")
+    assert cron_job is not None and cron_job["spec"]["schedule"] == "*/5 * * * *"
+    assert cron_job["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron_job["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    pod = cron_job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["BACKUP_RETENTION"] == "2" and env["PGHOST"] == "bk-postgres"
+    assert env["BACKUP_DATABASES"] == "shared_queue centralcloud genesis nexus singularity_1"
+    assert pod["containers"][0]["command"] == ["/bin/sh", "-c", backup.dump_script()]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {
+        "type": "RuntimeDefault"
+    }
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "bk-backups"
+    claim = kube.get("v1", "PersistentVolumeClaim", "bk-backups", "bk-cron")
+    assert claim is not None and claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert not claim["metadata"].get("ownerReferences")  # the backups outlive the stack
+    assert [e[1] for e in seen.events] == ["Created", "Created"]
+    backups.apply("bk", "bk-cron", spec)
+    assert [e[1] for e in seen.events] == ["Created", "Created"]  # nothing to change: nothing written
+
+    first = job_from_cron_job(admin, cron_job, "bk-backup-manual-1")
+    assert backups.apply("bk", "bk-cron", spec) == {"claimName": "bk-backups"}  # running: nothing finished yet
+    report = {"backup": "20261201T020000Z", "completedAt": "2026-12-01T02:00:07Z", "sizeBytes": 123456,
+              "databases": 5, "removed": 0}  # fmt: skip
+    finish_job(admin, first, True, json.dumps(report), "2026-12-01T02:00:07Z")
+    assert backups.apply("bk", "bk-cron", spec) == {
+        "claimName": "bk-backups", "job": "bk-backup-manual-1", "lastBackupSucceeded": True,
+        "lastBackup": "20261201T020000Z", "completedAt": "2026-12-01T02:00:07Z", "sizeBytes": 123456,
+    }  # fmt: skip
+    failed = job_from_cron_job(admin, cron_job, "bk-backup-manual-2")
+    finish_job(admin, failed, False, "backup failed: pg_dump of nexus: see the lines above", "2026-12-02T02:00:09Z")
+    status = backups.apply("bk", "bk-cron", spec)
+    assert status["lastBackupSucceeded"] is False and status["job"] == "bk-backup-manual-2"
+    assert status["message"] == "backup failed: pg_dump of nexus: see the lines above"
+    assert status["lastBackup"] == "20261201T020000Z" and status["sizeBytes"] == 123456  # the last good one
+
+
+@pytest.fixture
+def fresh_postgres() -> Iterator[str]:
+    cluster = throwaway_cluster()
+    cluster.start()
+    try:
+        yield cluster.dsn()
+    finally:
+        cluster.stop("immediate")
+        shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+def test_restore_from_holds_provisioning_until_its_job_restored_then_the_roles_get_passwords(
+    plane, fresh_postgres, open_tmp: Path
+):
+    _, admin, kube = plane
+    dsn = fresh_postgres
+    # the old stack (a managed server's names: no prefix), its backup on "its claim" (a directory here), then gone
+    old = Provisioner(dsn, StackLayout(1), report=lambda _: None).run()
+    ids = fill(old)
+    tools = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() or "/usr/bin")
+    env = {**backup.libpq_environment(dsn), **backup.dump_environment(old.layout, str(open_tmp), 3)}
+    taken = backup.run_script(backup.dump_script(), env, tools).report["backup"]
+    drop_stack(dsn, old.layout)
+
+    owner = new_stack(
+        admin, "bk-restore", "new", {"postgres": {"managed": {"restoreFrom": {"claimName": "old-backups"}}}}
+    )
+    spec = api.parse_spec(owner["spec"])
+    seen = Recorder()
+    backups = Backups(kube, adopt=owned_by(owner), event=seen.event)
+    public = endpoint_of(dsn)
+
+    def step() -> Any:
+        return backups.reconcile(
+            "new", "bk-restore", spec, dsn, public, lambda layout: creds.known_passwords(seen.credentials),
+            seen.write_credentials,
+        )  # fmt: skip
+
+    assert step().waiting == ("Restoring", "restoring backup latest from claim old-backups")
+    job = kube.get("batch/v1", "Job", "new-restore", "bk-restore")
+    assert job is not None and job["metadata"]["ownerReferences"][0]["name"] == "new"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["volumeMounts"][0]["readOnly"] is True
+    assert job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "old-backups"
+    assert step().waiting == ("Restoring", "restoring backup latest from claim old-backups")  # still running
+    assert seen.credentials == {}  # nothing provisioned meanwhile
+
+    # the Job's Pod, here: its own command and environment, the claim's directory, libpq pointed at this server
+    job_env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    run_env = {**os.environ, **job_env, **backup.libpq_environment(dsn), "BACKUP_ROOT": str(open_tmp)}
+    run_env["RESTORE_REPORT"] = ""
+    run_env["PATH"] = f"{tools}:{run_env['PATH']}"
+    done = subprocess.run(container["command"], env=run_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    finish_job(admin, job, True, done.stdout, "2026-12-01T03:00:00Z")
+
+    finished = step()
+    assert finished.waiting is None and finished.status == {"backup": {"restored": taken}}
+    assert ("Normal", "Restored", f"restored backup {taken}; its 5 roles got passwords") in seen.events
+    assert backup.passwordless_roles(dsn, old.layout) == []
+    # provisioning as the operator does, from the Secrets just written: nothing refused, the old task is there
+    result = Provisioner(
+        dsn, StackLayout(1), known_passwords=creds.known_passwords(seen.credentials), owner="bk-restore/new",
+        public_endpoint=public, report=lambda _: None,
+    ).run()  # fmt: skip
+    assert not any("created role" in c or "created database" in c for c in result.changes)
+    with psycopg.connect(result.credentials["singularity_1"].database_url) as conn:
+        assert conn.execute("SELECT state FROM tasks WHERE id = %s", (ids["task"],)).fetchone() == ("succeeded",)
+    events = len(seen.events)
+    assert step().status == {"backup": {"restored": taken}} and len(seen.events) == events  # idle: nothing new
+
+    # a stack whose server has its databases already is never restored over: no Job
+    other = Backups(kube, adopt=owned_by(owner), event=seen.event)
+    step_other = other.restore("other", "bk-restore", spec, dsn, Endpoint("x", 1), lambda _: {}, seen.write_credentials)
+    assert step_other.waiting is None and kube.get("batch/v1", "Job", "other-restore", "bk-restore") is None
+
+
+def test_a_failed_restore_job_says_why_and_holds_provisioning(plane, fresh_postgres):
+    _, admin, kube = plane
+    owner = new_stack(admin, "bk-fail", "gone", {"postgres": {"managed": {"restoreFrom": {
+        "claimName": "c", "backup": "20200101T000000Z"}}}})  # fmt: skip
+    spec = api.parse_spec(owner["spec"])
+    seen = Recorder()
+    backups = Backups(kube, adopt=owned_by(owner), event=seen.event)
+    args = ("gone", "bk-fail", spec, fresh_postgres, endpoint_of(fresh_postgres), lambda _: {}, seen.write_credentials)
+    assert backups.restore(*args).waiting == ("Restoring", "restoring backup 20200101T000000Z from claim c")
+    job = kube.get("batch/v1", "Job", "gone-restore", "bk-fail")
+    assert job is not None
+    message = (
+        "restore failed: backup 20200101T000000Z is missing or incomplete (no globals.sql in /backups/20200101T000000Z)"
+    )
+    finish_job(admin, job, False, message, "2026-12-01T03:00:00Z")
+    reason, why = backups.restore(*args).waiting or ("", "")
+    assert reason == "RestoreFailed" and why == f"restore Job gone-restore failed: {message}"
+    assert seen.credentials == {}
