@@ -133,7 +133,7 @@ def test_backup_cron_job_and_claim_then_status_from_the_newest_finished_jobs(pla
     assert cron_job["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
     pod = cron_job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    assert env["BACKUP_RETENTION"] == "2" and env["PGHOST"] == "bk-postgres"
+    assert env["BACKUP_RETENTION"] == "2" and env["PGHOST"] == "bk-postgres.bk-cron.svc"
     assert env["BACKUP_DATABASES"] == "shared_queue centralcloud genesis nexus singularity_1"
     assert pod["containers"][0]["command"] == ["/bin/sh", "-c", backup.dump_script()]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {

@@ -60,11 +60,13 @@ def backup_claim(stack: str, namespace: str, spec: api.BackupSpec) -> Manifest |
     return claim
 
 
-def _pod(stack: str, spec: api.StackSpec, component: str, script: str, env: dict[str, str], claim: str) -> Manifest:
+def _pod(
+    stack: str, namespace: str, spec: api.StackSpec, component: str, script: str, env: dict[str, str], claim: str
+) -> Manifest:
     """A run-once Pod of the PostgreSQL image: non-root, nothing to escalate, its report as termination message."""
     assert spec.postgres.managed is not None
     libpq = [
-        {"name": "PGHOST", "value": objects.postgres_name(stack)},
+        {"name": "PGHOST", "value": f"{objects.postgres_name(stack)}.{namespace}.svc"},  # as the services name it
         {"name": "PGPORT", "value": str(objects.POSTGRES_PORT)},
         {"name": "PGUSER", "value": "postgres"},
         {"name": "PGDATABASE", "value": "postgres"},
@@ -112,7 +114,7 @@ def backup_cron_job(stack: str, namespace: str, spec: api.StackSpec, api_version
     assert spec.backup is not None and api_version in CRON_JOB_VERSIONS
     layout = StackLayout(spec.singularity.replicas)  # a managed server's names carry no prefix
     env = backup.dump_environment(layout, BACKUP_MOUNT, spec.backup.retention, backup.TERMINATION_LOG)
-    pod = _pod(stack, spec, COMPONENT, backup.dump_script(), env, claim_of(stack, spec.backup))
+    pod = _pod(stack, namespace, spec, COMPONENT, backup.dump_script(), env, claim_of(stack, spec.backup))
     return {
         "apiVersion": api_version,
         "kind": "CronJob",
@@ -136,7 +138,7 @@ def restore_job(stack: str, namespace: str, spec: api.StackSpec) -> Manifest:
     assert spec.postgres.managed is not None and spec.postgres.managed.restore_from is not None
     source = spec.postgres.managed.restore_from
     env = {"BACKUP_ROOT": BACKUP_MOUNT, "RESTORE_BACKUP": source.backup, "RESTORE_REPORT": backup.TERMINATION_LOG}
-    pod = _pod(stack, spec, RESTORE_COMPONENT, backup.restore_script(), env, source.claim_name)
+    pod = _pod(stack, namespace, spec, RESTORE_COMPONENT, backup.restore_script(), env, source.claim_name)
     # the backups are only read
     pod["spec"]["containers"][0]["volumeMounts"][0]["readOnly"] = True
     return {
