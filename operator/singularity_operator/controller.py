@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,16 +21,16 @@ import psycopg
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
-from singularity_operator import api, naming, objects
+from singularity_operator import api, migration_jobs, naming, objects
 from singularity_operator import conditions as cond
 from singularity_operator.backups import Backups
 from singularity_operator.kube import Kube
+from singularity_operator.rollout import Rollout
 from singularity_stack.contract import describe_validation_error
 from singularity_stack.provision import budget
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.deprovision import drop_instance, drop_stack
 from singularity_stack.provision.errors import PgmqUpgradeRequired
-from singularity_stack.provision.migrations import available_migrations, service_kind
 from singularity_stack.provision.provisioner import Endpoint, Provisioner, ProvisionError
 from singularity_stack.topology import StackLayout, instance_id
 
@@ -83,6 +83,7 @@ class StackController:
         self.kube = kube
         self.adopt = adopt
         self.event = event
+        self.rollout = Rollout(kube, adopt=adopt, event=event)
 
     # -- PostgreSQL ----------------------------------------------------------------------------------
 
@@ -133,8 +134,18 @@ class StackController:
         return creds.known_passwords(known)
 
     def provision(
-        self, stack: str, namespace: str, spec: api.StackSpec, admin_dsn: str, public: Endpoint, prefix: str
-    ) -> dict[str, Any]:
+        self,
+        stack: str,
+        namespace: str,
+        spec: api.StackSpec,
+        admin_dsn: str,
+        public: Endpoint,
+        prefix: str,
+        new: Collection[str] = (),
+    ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """(status, the migrations each logical owner's database records). Only the databases of services
+        that have no Deployment yet (`new`) get the operator's packaged migrations, so that they start on a
+        schema; a running service's database is migrated by its image's Job (rollout), never from here."""
         layout = StackLayout(spec.singularity.replicas, prefix)
         provisioner = Provisioner(
             admin_dsn + ("&" if "?" in admin_dsn else "?") + f"connect_timeout={CONNECT_TIMEOUT}",
@@ -143,18 +154,18 @@ class StackController:
             public_endpoint=public,
             persist=lambda c: self._write_credentials(stack, namespace, c),
             owner=f"{namespace}/{stack}",
+            migrate=new,
         )
         result = provisioner.run()
         for change in result.changes:
             self.event("Normal", "Provisioned", change)
-        return {
+        status = {
             "singularityReplicas": spec.singularity.replicas,
             "pgmq": f"{result.pgmq.version} ({result.pgmq.method})",
-            # after a successful run every packaged migration is applied (yoyo records each in _yoyo_migration)
-            "migrations": {
-                layout.database(name): available_migrations(service_kind(name)) for name in result.migrations
-            },
+            # what each database's _yoyo_migration records, whoever applied it (a Job, or this process)
+            "migrations": {layout.database(name): applied for name, applied in result.applied.items()},
         }
+        return status, result.applied
 
     def _write_credentials(self, stack: str, namespace: str, credentials: dict[str, creds.ServiceCredentials]) -> None:
         """One Secret per service and instance, written before anything else can fail: passwords are never lost."""
@@ -166,7 +177,11 @@ class StackController:
 
     # -- workloads ------------------------------------------------------------------------------------
 
-    def apply_workloads(self, stack: str, namespace: str, spec: api.StackSpec) -> None:
+    def apply_workloads(
+        self, stack: str, namespace: str, spec: api.StackSpec, deployments: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Every object of the stack; `deployments` (by name) replace the spec's own (an image held back)."""
+        planned = {d["metadata"]["name"]: d for d in deployments or []}
         ui = objects.ui_secret_name(stack)
         self._ensure_secret(stack, namespace, ui, "nexus", {"NEXUS_UI_TOKEN": secrets.token_urlsafe(24)})
         # Created empty and never written again: the reviewers in it are the admin's (kubectl).
@@ -175,7 +190,8 @@ class StackController:
         for service, key in objects.API_TOKEN_KEYS.items():
             name = objects.api_token_secret_name(stack, service)
             self._ensure_secret(stack, namespace, name, service, {key: secrets.token_urlsafe(24)})
-        for manifest in objects.workloads(stack, namespace, spec):
+        for desired in objects.workloads(stack, namespace, spec):
+            manifest = planned.get(desired["metadata"]["name"], desired) if desired["kind"] == "Deployment" else desired
             self.adopt(manifest)
             done = self.kube.apply(manifest)
             if done:
@@ -272,7 +288,9 @@ class StackController:
             )
             if backed_up.waiting:
                 return self._not_ready(*backed_up.waiting, delay=10)
-            status = self.provision(stack, namespace, spec, admin_dsn, public, prefix)
+            live = self.live_deployments(stack, namespace, spec)
+            new = [logical for logical, deployment in live.items() if deployment is None]
+            status, applied = self.provision(stack, namespace, spec, admin_dsn, public, prefix, new)
             status.update(backed_up.status)
         except RetryLater as waiting:
             return self._not_ready("Waiting", str(waiting), delay=waiting.delay)
@@ -289,16 +307,28 @@ class StackController:
             message = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
             self.event("Warning", "PostgresUnreachable", message)
             return self._not_ready("PostgresUnreachable", message, delay=10)
-        self.apply_workloads(stack, namespace, spec)
+        plan = self.rollout.plan(stack, namespace, spec, live)
+        self.apply_workloads(stack, namespace, spec, plan.deployments)
         self.remove_extra_instances(stack, namespace, spec, admin_dsn, prefix)
-        applied = ", ".join(f"{db}: {v[-1]}" for db, v in sorted(status["migrations"].items()) if v)
+        status["services"] = {
+            # no key rather than a null: a merge patch would delete it, and every reconcile would write it again
+            logical: {"image": image, **({"lastMigration": applied[logical][-1]} if applied.get(logical) else {})}
+            for logical, image in plan.images.items()
+        }
         verdicts = [
             cond.Verdict(cond.DATABASES, True, "Provisioned", f"{len(status['migrations'])} databases and their roles"),
             cond.Verdict(cond.QUEUE, True, "QueuesReady", f"pgmq {status['pgmq']}"),
-            cond.Verdict(cond.MIGRATIONS, True, "Applied", applied),
+            plan.verdict(status["migrations"]),
             self.services_verdict(stack, namespace, spec),
         ]
         return ReconcileOutcome(verdicts, status)
+
+    def live_deployments(self, stack: str, namespace: str, spec: api.StackSpec) -> dict[str, dict[str, Any] | None]:
+        """Each service's and instance's Deployment as it is now (None: not made yet), by logical owner."""
+        return {
+            migration_jobs.logical_of(d): self.kube.get("apps/v1", "Deployment", d["metadata"]["name"], namespace)
+            for d in objects.service_deployments(stack, namespace, spec)
+        }
 
     @staticmethod
     def _queue_not_upgraded(message: str) -> ReconcileOutcome:

@@ -118,7 +118,9 @@ class StackHandlers:
             **{k: v for k, v in outcome.status.items() if k != "retryAfter"},
         }
         if any(current.get(k) != v for k, v in wanted.items()):
-            self.kube().patch_status(API_VERSION, api.KIND, body.meta["name"], body.meta["namespace"], wanted)
+            self.kube().patch_status(
+                API_VERSION, api.KIND, body.meta["name"], body.meta["namespace"], _merge_patch(current, wanted)
+            )
 
     def _reconcile(self, body: kopf.Body) -> ReconcileOutcome:
         outcome = self._controller(body).reconcile(body.meta["name"], body.meta["namespace"], dict(body.spec))
@@ -146,6 +148,17 @@ class StackHandlers:
             self._controller(body).cleanup(body.meta["name"], body.meta["namespace"], dict(body.spec))
         with self._locks_lock:
             self._locks.pop(str(body.meta.get("uid")), None)
+
+
+def _merge_patch(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """`wanted` as a JSON merge patch over `current`: a map entry that is gone (an instance scaled away) is
+    sent as null, so the API server removes it (a merge patch keeps whatever it is not told to drop)."""
+    patch = dict(wanted)
+    for key, value in wanted.items():
+        old = current.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            patch[key] = {**dict.fromkeys(k for k in old if k not in value), **value}
+    return patch
 
 
 def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -105,12 +106,23 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         applied = applied_migrations(url)
     except psycopg.Error as error:
         reason = " ".join(str(error).split())
-        print(f"error: migrating {args.service}: {reason} (the failing migration was rolled back)", file=sys.stderr)
+        line = f"error: migrating {args.service}: {reason} (the failing migration was rolled back)"
+        print(line, file=sys.stderr)
+        _termination_message(args.termination_log, line)
         return 2
     for migration_id in done:
         print(f"applied {migration_id}")
-    print(f"{args.service}: {len(done)} applied now, last applied {applied[-1] if applied else '(none)'}")
+    last = applied[-1] if applied else "(none)"
+    print(f"{args.service}: {len(done)} applied now, last applied {last}")
+    _termination_message(args.termination_log, f"last applied {last}")
     return 0
+
+
+def _termination_message(path: Path | None, line: str) -> None:
+    """The outcome for whoever started the command (a Kubernetes Job reads a container's termination message)."""
+    if path is not None:
+        with contextlib.suppress(OSError):  # never hides the outcome the exit status already says
+            path.write_text(line + "\n")
 
 
 def _pg_tools() -> Path | None:
@@ -264,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply this image's migrations to one service's database, as its role")
     p.add_argument("service", choices=["singularity", "nexus", "genesis", "centralcloud"])
     p.add_argument("--database-url", help="the service's own database URL (default: $DATABASE_URL)")
+    p.add_argument("--termination-log", type=Path, help="also write the outcome (last applied id, or the error) here")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("backup", help="dump a stack's roles and databases into a new directory of --backup-dir")
@@ -316,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="run the whole stack locally")
     p.add_argument("--singularity-instances", type=int, default=1, metavar="N")
+    for service in ("nexus", "genesis"):
+        p.add_argument(
+            f"--{service}-workers",
+            type=_workers,
+            default=1,
+            metavar="N",
+            help=f"{service} processes sharing its queues (default 1; at most {MAX_WORKERS})",
+        )
     p.add_argument("--state-dir", type=Path, default=Path(".local-stack"))
     p.add_argument("--admin-dsn", help="use this PostgreSQL instead of starting a local one")
     p.add_argument("--state-file", type=Path, help="write every service's URL and the UI token here once ready")
@@ -328,6 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_up)
     return parser
+
+
+MAX_WORKERS = 16
+
+
+def _workers(text: str) -> int:
+    """An argparse type: 1..MAX_WORKERS, refused in one line otherwise."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes from 1 to {MAX_WORKERS}")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:

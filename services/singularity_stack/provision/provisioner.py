@@ -11,7 +11,7 @@ owns its own database and reaches `shared_queue` only through the queue privileg
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -22,7 +22,7 @@ from singularity_stack.postgres.pgmq_install import Method, PgmqInstall, ensure_
 from singularity_stack.provision import privileges
 from singularity_stack.provision.credentials import ServiceCredentials, generate_password, postgres_url
 from singularity_stack.provision.errors import ProvisionError as ProvisionError  # re-exported: callers import it here
-from singularity_stack.provision.migrations import apply_migrations, service_kind
+from singularity_stack.provision.migrations import applied_migrations, apply_migrations, service_kind
 from singularity_stack.provision.pgmq_upgrade import ensure_current_pgmq
 from singularity_stack.provision.queues import ensure_queues
 from singularity_stack.topology import StackLayout
@@ -37,7 +37,9 @@ class ProvisionResult:
     passwords: dict[str, str]
     pgmq: PgmqInstall
     changes: list[str] = field(default_factory=list)
-    migrations: dict[str, list[str]] = field(default_factory=dict)
+    migrations: dict[str, list[str]] = field(default_factory=dict)  # applied by this run, per logical owner
+    # Every migration each database records as applied (its _yoyo_migration), whoever applied it.
+    applied: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Provisioner:
         report: Callable[[str], None] | None = None,
         persist: Callable[[dict[str, ServiceCredentials]], None] | None = None,
         owner: str | None = None,
+        migrate: bool | Collection[str] = True,
     ) -> None:
         self.admin_dsn = admin_dsn
         self.layout = layout
@@ -108,6 +111,9 @@ class Provisioner:
         # Who the stack is ("<namespace>/<name>"): recorded on its shared_queue database. Two stacks whose
         # prefixes are equal ("team-a"/"x" and "team"/"a-x" both make team_a_x_) must not share databases.
         self.owner = owner
+        # Which service databases get this package's migrations: all (`up`, the CLI), none, or only the
+        # named logical owners (the operator: new databases; the others are migrated by their image's Job).
+        self.migrate = migrate
 
     def _changed(self, what: str) -> None:
         self.changes.append(what)
@@ -225,14 +231,20 @@ class Provisioner:
         )
         return result
 
-    def _migrate(self) -> dict[str, list[str]]:
-        applied = {}
+    def _migrates(self, logical: str) -> bool:
+        return self.migrate if isinstance(self.migrate, bool) else logical in self.migrate
+
+    def _migrate(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """(applied now, applied in all) per logical owner."""
+        now, applied = {}, {}
         for logical, creds in self.credentials(self.admin_endpoint).items():
-            done = apply_migrations(service_kind(logical), creds.database_url)
-            if done:
-                self._changed(f"migrated {self.layout.database(logical)}: {', '.join(done)}")
-            applied[logical] = done
-        return applied
+            if self._migrates(logical):
+                done = apply_migrations(service_kind(logical), creds.database_url)
+                if done:
+                    self._changed(f"migrated {self.layout.database(logical)}: {', '.join(done)}")
+                now[logical] = done
+            applied[logical] = applied_migrations(creds.database_url)
+        return now, applied
 
     def run(self) -> ProvisionResult:
         self._plan_new_passwords()
@@ -242,7 +254,7 @@ class Provisioner:
         if self.persist and self.rotate:  # rotated passwords are known only now
             self.persist(self.credentials())
         installed = self._shared_queue()
-        migrations = self._migrate()
+        migrations, applied = self._migrate()
         return ProvisionResult(
-            self.layout, self.credentials(), dict(self.passwords), installed, self.changes, migrations
+            self.layout, self.credentials(), dict(self.passwords), installed, self.changes, migrations, applied
         )
