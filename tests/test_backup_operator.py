@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 from kubernetes import client, config
 from kubernetes.dynamic import DynamicClient
+from pydantic import ValidationError
 from test_backup import fill
 from test_operator_kube import _crd_established, install_chart, operator_kubeconfig, wait_for
 
@@ -260,3 +262,19 @@ def test_a_failed_restore_job_says_why_and_holds_provisioning(plane, fresh_postg
     reason, why = backups.restore(*args).waiting or ("", "")
     assert reason == "RestoreFailed" and why == f"restore Job gone-restore failed: {message}"
     assert seen.credentials == {}
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"postgres": {"external": {"host": "db", "adminSecret": {"name": "a"}}}, "backup": {}},
+         "backup: only for managed PostgreSQL; with external, use the provider's backups"),
+        ({"postgres": {"managed": {"restoreFrom": {"claimName": "c", "backup": "../../etc"}}}}, "String should match"),
+        ({"postgres": {"managed": {"restoreFrom": {"claimName": "../c"}}}}, "String should match"),
+        ({"backup": {"retention": 0}}, "greater than or equal to 1"),
+        ({"backup": {"schedule": "every day"}}, "String should match"),
+    ],
+)  # fmt: skip
+def test_a_bad_backup_or_restore_spec_is_refused_naming_the_field(spec, says):
+    with pytest.raises(ValidationError, match=re.escape(says)):
+        api.parse_spec(spec)
