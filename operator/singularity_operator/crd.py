@@ -50,8 +50,32 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     return result
 
 
+# What api.py's model validators check that a structural schema cannot, as CEL rules
+# (x-kubernetes-validations) on the model's schema: Kubernetes >= 1.25 enforces them itself (422 on a
+# create or update), older servers drop the field and leave the check to the operator.
+CEL_RULES: dict[str, list[dict[str, str]]] = {
+    api.PostgresSpec.__name__: [
+        {"rule": "has(self.managed) != has(self.external)", "message": "set exactly one of managed and external"}
+    ],
+    api.GenesisSeccomp.__name__: [
+        {
+            "rule": "(has(self.type) && self.type == 'Localhost') == has(self.localhostProfile)",
+            "message": "localhostProfile is set exactly when type is Localhost",
+        }
+    ],
+}
+
+
+def _with_cel_rules(schema: dict[str, Any]) -> dict[str, Any]:
+    defs = schema.get("$defs", {})
+    for name, rules in CEL_RULES.items():
+        if name in defs:
+            defs[name] = {**defs[name], "x-kubernetes-validations": rules}
+    return schema
+
+
 def model_schema(model: type[api.Model]) -> dict[str, Any]:
-    schema = model.model_json_schema(by_alias=True, mode="validation")
+    schema = _with_cel_rules(model.model_json_schema(by_alias=True, mode="validation"))
     structural: dict[str, Any] = _structural(schema, schema.get("$defs", {}))
     return structural
 
