@@ -73,3 +73,10 @@ def test_provision_against_a_postgresql_that_does_not_answer(tmp_path) -> None:
     )
     assert_one_line_error(result, "cannot reach PostgreSQL", "Connection refused")
     assert result.returncode == 2
+
+
+@pytest.mark.parametrize("value", ["0", "17", "two"])
+def test_up_refuses_a_number_of_workers_out_of_range(value: str) -> None:
+    result = run("up", "--nexus-workers", value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--nexus-workers: {value!r} is not a number of processes from 1 to 16" in result.stderr

@@ -36,6 +36,8 @@ def test_the_budget_counts_every_pool_the_operator_configures():
             [container] = deployment["spec"]["template"]["spec"]["containers"]
             env = {e["name"]: e.get("value") for e in container["env"]}
             counted += 2 * int(env["POOL_SIZE"]) + budget.LISTEN_CONNECTIONS
+            if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "nexus":
+                counted += budget.LISTEN_CONNECTIONS  # its HITL feed listens on its own database too
         assert counted == spec.connections.stack_budget(replicas).stack
 
 
@@ -181,3 +183,10 @@ def test_connections_reserved_for_superusers_are_not_counted_as_the_stacks():
     finally:
         cluster.stop("immediate")
         shutil.rmtree(cluster.datadir, ignore_errors=True)
+
+
+def test_more_nexus_and_genesis_processes_count_their_own_pools():
+    one = budget.stack_budget(1)
+    more = budget.stack_budget(1, replicas={"nexus": 3, "genesis": 2})
+    per_process = 2 * budget.SERVICE_POOL_SIZE + budget.LISTEN_CONNECTIONS
+    assert more.stack - one.stack == 2 * (per_process + budget.LISTEN_CONNECTIONS) + 1 * per_process

@@ -182,3 +182,18 @@ def test_extra_env_must_name_the_service(tmp_path: Path) -> None:
             ui_token=UI_TOKEN,
             extra_env={"SINGULARITY_API_TOKEN": "flat, so it would reach no service"},  # type: ignore[dict-item]
         )
+
+
+def test_extra_workers_run_as_their_service_with_its_database_each_on_a_port_of_its_own(tmp_path):
+    plans = plan_services(
+        fake_credentials(1), tmp_path / "state", instances=1, ui_token=UI_TOKEN, workers={"nexus": 3, "genesis": 2}
+    )
+    by_name = {plan.name: plan for plan in plans}
+    assert {name for name in by_name if "-" in name} == {"nexus-2", "nexus-3", "genesis-2"}
+    for name, service in (("nexus-2", "nexus"), ("nexus-3", "nexus"), ("genesis-2", "genesis")):
+        worker, first = by_name[name], by_name[service]
+        assert worker.role == service
+        assert worker.env["DATABASE_URL"] == first.env["DATABASE_URL"]  # one database and role per service
+        assert worker.env["PORT"] != first.env["PORT"]
+    assert len({plan.port for plan in plans}) == len(plans)
+    assert by_name["nexus-3"].env["NEXUS_UI_TOKEN"] == UI_TOKEN

@@ -1,5 +1,6 @@
 """The whole stack, end to end: `singularity-stack up` starts real processes on a real PostgreSQL;
 tasks go Singularity → Nexus (offline model) → Genesis (sandbox) → a human in headless Chromium.
+Two Nexus and two Genesis processes (--nexus-workers 2 --genesis-workers 2) share their queues' work.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ def live_stack(tmp_path_factory) -> Iterator[LiveStack]:
             "--state-dir",
             str(state_dir),
             "--singularity-instances",
+            "2",
+            "--nexus-workers",
+            "2",
+            "--genesis-workers",
             "2",
             "--state-file",
             str(state_file),
@@ -330,3 +335,41 @@ def test_a_reviewer_named_while_up_runs_decides_under_their_own_name(live_stack)
     with live_stack.nexus_api() as api:
         assert api.get("/api/pending", headers=grace).status_code == 401
         assert api.get("/api/pending").status_code == 200  # nobody named: the shared token works again
+
+
+def test_two_nexus_processes_share_the_work_and_each_browser_sees_the_other(live_stack):
+    """A browser on each Nexus process: the card shows on both, the decision on one clears the other; every
+    LLM request of the task is answered once between the two processes, and every job once."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"BROWSER TEST SKIPPED: {CHROMIUM} is missing (scripts/test.sh installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    assert live_stack.pid("nexus") != live_stack.pid("nexus-2")
+    assert live_stack.pid("genesis") != live_stack.pid("genesis-2")
+    task_id = submit(live_stack, "singularity_1", "Write a program that prints a limerick", agent_id="e2e-workers")
+    card = pending_card(live_stack, "approval", "e2e-workers")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        pages = []
+        for name in ("nexus", "nexus-2"):
+            page = browser.new_context().new_page()
+            page.goto(live_stack.url(name) + "/")
+            page.fill("input[name=token]", live_stack.token)
+            page.click("button[type=submit]")
+            page.locator("#connection").filter(has_text="live").wait_for(timeout=15_000)
+            page.locator(f"[data-request-id='{card['request_id']}']").wait_for(timeout=15_000)
+            pages.append(page)
+        first, second = pages
+        second.locator(f"[data-request-id='{card['request_id']}']").get_by_role("button", name="Approve").click()
+        first.locator(f"[data-request-id='{card['request_id']}']").wait_for(state="detached", timeout=15_000)
+        browser.close()
+    task = wait_task(live_stack, "singularity_1", task_id, finished)
+    assert task["state"] == "succeeded", task["failure_reason"]
+    llm_steps = [s["request_id"] for s in task["steps"] if s["kind"] == "llm"]
+    credentials = json.loads(Path(live_stack.state["credentials_file"]).read_text())
+    with psycopg.connect(credentials["nexus"]["database_url"]) as conn:
+        handled = conn.execute(
+            "SELECT request_id::text, count(*) FROM llm_calls WHERE request_id::text = ANY(%s) GROUP BY 1",
+            (llm_steps,),
+        ).fetchall()
+    assert sorted(handled) == sorted((request_id, 1) for request_id in llm_steps)

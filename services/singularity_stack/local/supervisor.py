@@ -280,8 +280,11 @@ def plan_services(
     extra_env: Mapping[str, Mapping[str, str]] | None = None,
     source_env: Mapping[str, str] | None = None,
     ports: Mapping[str, int] | None = None,
+    workers: Mapping[str, int] | None = None,
 ) -> list[ServiceProcess]:
-    """One process per service and per Singularity instance, each with its own port and settings.
+    """One process per service and per Singularity instance, each with its own port and settings; `workers`
+    runs more processes of a shared service (e.g. {"nexus": 2}: "nexus" and "nexus-2", one database and
+    role, sharing the work through the queue).
 
     Each gets only its share of `source_env` (default: our environment, see `service_env`), then its
     settings, then `extra_env[role]` and `extra_env[name]` (e.g. "singularity", "singularity_2"): variables
@@ -294,8 +297,11 @@ def plan_services(
         raise TypeError("extra_env maps a service (role or name) to its variables")
     shares = {role: service_env(role, source) for role in SETTINGS_ENV}
     plans = []
-    for name, creds in credentials.items():
-        role = "singularity" if name.startswith("singularity_") else name
+    processes = [(name, name, creds) for name, creds in credentials.items()]
+    for service, count in (workers or {}).items():
+        processes += [(f"{service}-{i}", service, credentials[service]) for i in range(2, count + 1)]
+    for name, logical, creds in processes:
+        role = "singularity" if logical.startswith("singularity_") else logical
         env = {
             **shares[role],
             "HOST": "127.0.0.1",

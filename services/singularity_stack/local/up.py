@@ -114,9 +114,17 @@ def link_consoles(services: list[ServiceProcess]) -> dict[str, str]:
     return consoles
 
 
-def service_names(instances: int) -> list[str]:
-    """The services in the order `plan_services` starts them."""
-    return ["centralcloud", "genesis", "nexus", *(f"singularity_{i}" for i in range(1, instances + 1))]
+def service_names(instances: int, workers: dict[str, int] | None = None) -> list[str]:
+    """The services in the order `plan_services` starts them (extra workers last: --port-base keeps the
+    ports of the others)."""
+    names = ["centralcloud", "genesis", "nexus", *(f"singularity_{i}" for i in range(1, instances + 1))]
+    for service, count in (workers or {}).items():
+        names += [f"{service}-{i}" for i in range(2, count + 1)]
+    return names
+
+
+def workers_of(args: argparse.Namespace) -> dict[str, int]:
+    return {"genesis": args.genesis_workers, "nexus": args.nexus_workers}
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -163,12 +171,12 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
             say(f"  stopping the PostgreSQL left running in {leftover.datadir}{by}")
             leftover.stop()
     names = [] if args.admin_dsn else ["postgres"]
-    names += [] if args.no_services else service_names(args.singularity_instances)
+    names += [] if args.no_services else service_names(args.singularity_instances, workers_of(args))
     ports = choose_ports(state, names, args.port_base)
     admin_dsn = args.admin_dsn
     if not admin_dsn:
         # Room for every pool the stack may open (provision/budget.py), and never fewer than before.
-        needed = stack_budget(args.singularity_instances).required
+        needed = stack_budget(args.singularity_instances, replicas=workers_of(args)).required
         cluster = LocalCluster(datadir, port=ports["postgres"], settings={"max_connections": str(max(300, needed))})
         say(
             f"[1/3] starting PostgreSQL {cluster.installation.version} ({cluster.installation.source}) "
@@ -215,6 +223,7 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
             ui_token=token,
             extra_env=extra_env | {"nexus": {"NEXUS_REVIEWERS_FILE": str(reviewers_file)}},
             ports=ports,
+            workers=workers_of(args),
         )
         consoles = link_consoles(services)
         supervisor.start_all(services=services)

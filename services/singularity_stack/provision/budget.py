@@ -9,6 +9,7 @@ Deployments are recreated (never surged), so a rollout does not add a second set
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import psycopg
@@ -57,10 +58,19 @@ class Budget:
         )
 
 
-def stack_budget(instances: int, pools: PoolSizes = PoolSizes(), headroom: int = HEADROOM) -> Budget:
+def stack_budget(
+    instances: int,
+    pools: PoolSizes = PoolSizes(),
+    headroom: int = HEADROOM,
+    replicas: Mapping[str, int] | None = None,
+) -> Budget:
+    """`replicas`: processes (or pods) of a shared service, e.g. {"nexus": 2}; one each otherwise. Each
+    opens its own pools, and a Nexus replica also listens for the others' HITL changes."""
     per_service = 2 * pools.service + LISTEN_CONNECTIONS
     per_instance = 2 * pools.instance + LISTEN_CONNECTIONS
-    total = len(SHARED_SERVICES) * per_service + CENTRALCLOUD_EXTRA + instances * per_instance
+    counts = {service: (replicas or {}).get(service, 1) for service in SHARED_SERVICES}
+    total = sum(count * per_service for count in counts.values()) + CENTRALCLOUD_EXTRA + instances * per_instance
+    total += counts["nexus"] * LISTEN_CONNECTIONS  # the HITL feed's connection (nexus/hitl_feed.py)
     return Budget(instances, total, headroom)
 
 
