@@ -226,3 +226,12 @@ def test_cli_restore_of_a_missing_backup_is_one_line(admin_dsn, backups, open_tm
                  str(open_tmp / "c.json")])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == f"error: no backup in {backups}"
+
+
+def test_a_server_that_does_not_answer_is_one_line_with_the_client_s_reason(pg_cluster: LocalCluster, backups):
+    env = {**backup.dump_environment(StackLayout(1, "bkn_"), str(backups), 1), "PGHOST": "127.0.0.1", "PGPORT": "1"}
+    with pytest.raises(backup.BackupError) as refused:
+        backup.run_script(backup.dump_script(), env, pg_cluster.installation.bindir)
+    message = str(refused.value)
+    assert message.startswith("backup failed: pg_dumpall --globals-only: see the lines above (")
+    assert "Connection refused" in message and "\n" not in message

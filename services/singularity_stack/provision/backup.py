@@ -219,8 +219,9 @@ def run_script(script: str, env: Mapping[str, str], tools: Path | None = None) -
     done = subprocess.run(["sh", "-c", script], env=full, capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
-        failed = [line for line in lines if " failed: " in line]
-        detail = [line for line in lines if line not in failed][-1:]
+        failed = [line for line in lines if line.startswith(("backup failed: ", "restore failed: "))]
+        said = [line for line in lines if line not in failed]  # the client tools' own lines: their error first
+        detail = [line for line in said if "error" in line.lower()][-1:] or said[-1:]
         raise BackupError(" ".join([*(failed[-1:] or ["failed"]), *(f"({d.strip()})" for d in detail)]))
     last = done.stdout.strip().splitlines()[-1]
     return ScriptRun(json.loads(last), done.stderr)
