@@ -350,16 +350,13 @@ async def test_a_sandbox_killed_under_the_job_is_the_jobs_result_not_a_setup_fai
     )
 
     def run_phase_monitors() -> list[int]:
-        """bwrap of the job's run (not of its syntax check or lint): its command ends with the program."""
-        return [
-            pid
-            for pid, p in job_processes().items()
-            if p.argv[0].endswith("/bwrap") and p.cmdline.endswith("python3 -u main.py")
-        ]
+        """The job's bwrap (one sandbox for all its phases; the program's words below say the run is on)."""
+        return [pid for pid, p in job_processes().items() if p.argv[0].endswith("/bwrap")]
 
     def forged_message_written() -> bool:
         """The job's program has written its words (the kernel's count of what it wrote, read from the host)."""
-        programs = [pid for pid, p in job_processes().items() if p.name == "python3" and p.cmdline.endswith("main.py")]
+        processes = job_processes().items()
+        programs = [pid for pid, p in processes if p.name == "python3" and p.cmdline.endswith("python3 -u main.py")]
         for pid in programs:
             with contextlib.suppress(OSError):
                 written = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())

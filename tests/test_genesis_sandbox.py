@@ -205,8 +205,9 @@ def program_running(process: HostProcess) -> bool:
 
 
 def run_phase_started(process: HostProcess) -> bool:
-    """The run phase's launcher or bwrap exists: asyncio may still be connecting its pipes."""
-    return process.name != "python3" and process.cmdline.endswith("python3 -u main.py")
+    """The job's launcher or bwrap exists (one sandbox for all its phases): asyncio may still be connecting
+    its pipes."""
+    return "genesis-launch" in process.cmdline or process.argv[0].endswith("/bwrap")
 
 
 @pytest.mark.parametrize("moment", [program_running, run_phase_started], ids=lambda f: f.__name__)

@@ -173,14 +173,16 @@ SHELLCHECK = Linter(
 # -- languages -----------------------------------------------------------------------------------------
 
 # compile() only parses and compiles, it never executes; print just the SyntaxError, not our traceback.
+# traceback (~10 ms of imports) is needed only to word a failure; -I -S: no site, which the check never uses.
 _PYTHON_SYNTAX_CHECK = """\
-import sys, traceback
+import sys
 path = sys.argv[1]
 with open(path, "rb") as source:
     code = source.read()
 try:
     compile(code, path, "exec", dont_inherit=True)
 except (SyntaxError, ValueError) as exc:
+    import traceback
     sys.stderr.write("".join(traceback.format_exception_only(type(exc), exc)))
     sys.exit(1)
 """
@@ -205,7 +207,7 @@ def _node_run(limits: Limits) -> tuple[str, ...]:
 
 PYTHON = Toolchain(
     name=c.Language.PYTHON,
-    syntax_argv=("python3", "-c", _PYTHON_SYNTAX_CHECK, "main.py"),
+    syntax_argv=("python3", "-I", "-S", "-c", _PYTHON_SYNTAX_CHECK, "main.py"),
     run_argv=lambda _limits: ("python3", "-u", "main.py"),  # unbuffered: output survives a timeout kill
     memory_markers=("memoryerror", "cannot allocate memory"),
     limit_address_space=True,

@@ -1,6 +1,7 @@
 """The bounded job pool: validate (syntax, lint) and run code, at most `max_concurrent` jobs at once.
 
-A job is three sandboxed phases, each a fresh sandbox under the same limits:
+A job is up to three phases, run one after another in one fresh sandbox (sandbox.JobSandbox), each under
+the limits a sandbox of its own would have, each with its own result and timing:
 1. syntax check: a failure stops the job with `syntax_error` and the checker's message on stderr
    (source larger than `Limits.max_file_bytes` is refused the same way, without a sandbox);
 2. lint, when the language has a linter: findings land in `lint` and never stop the job. A linter that
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from singularity_stack import contract as c
 from singularity_stack.contract import JobStatus
 from singularity_stack.genesis.languages import LANGUAGES, LintOutputError, Toolchain, get_language
-from singularity_stack.genesis.sandbox import Limits, SandboxError, SandboxResult, run_sandboxed
+from singularity_stack.genesis.sandbox import JobSandbox, Limits, Phase, SandboxError, SandboxResult
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class JobRunner:
 
 
 class _Job:
-    """One job's phases and the timings they accumulate."""
+    """One job's phases, run one after another in one sandbox, and the timings they accumulate."""
 
     def __init__(self, language: Toolchain, code: str, limits: Limits) -> None:
         self.language = language
@@ -110,65 +111,114 @@ class _Job:
         self.timings: dict[str, float] = {}
         self.started = time.perf_counter()
 
+    def _syntax_phase(self) -> Phase:
+        lang = self.language
+        return Phase("syntax", lang.syntax_argv, lang.env, lang.address_space_bytes(self.limits))
+
+    def _run_phase(self) -> Phase:
+        lang = self.language
+        return Phase("run", lang.run_argv(self.limits), lang.env, lang.address_space_bytes(self.limits))
+
+    def _lint_phase(self) -> tuple[Phase, dict[str, str]] | LintFailed | None:
+        """The lint phase and the tool it mounts; LintFailed when the linter cannot run; None without one."""
+        linter = self.language.linter
+        if linter is None:
+            return None
+        tool = linter.prepared()
+        if tool.path is None:
+            return LintFailed(tool.problem)
+        return Phase("lint", linter.argv(self.language.source_name), linter.env), {linter.tool: tool.path}
+
+    @property
+    def _linter_name(self) -> str:
+        return self.language.linter.tool if self.language.linter else ""
+
     async def execute(self, run: bool) -> JobOutcome:
         source_bytes = len(self.files[self.language.source_name])
         if source_bytes > self.limits.max_file_bytes:
             # It would not even fit the sandbox's workdir; refuse it as invalid input, not a sandbox fault.
             message = f"source is {source_bytes} bytes; the limit is {self.limits.max_file_bytes} bytes\n"
             return JobOutcome(status=JobStatus.SYNTAX_ERROR, stderr=message, timings_ms={"total": 0.0})
-        checked = await self._sandboxed("syntax", self.language.syntax_argv)
-        status = classify(checked, self.language)
-        if status is not JobStatus.OK:
-            # The checker never runs user code, so any failure other than our limits is the code's syntax.
-            if status is JobStatus.RUNTIME_ERROR:
-                status = JobStatus.SYNTAX_ERROR
-            return self._outcome(status, checked, exit_code=None, lint=[])
-        try:
-            findings = await self.lint()
-        except LintFailed as failure:
-            log.error("lint failed", extra={"language": self.language.name.value, "error": str(failure)})
-            return JobOutcome(status=JobStatus.ERROR, stderr=f"lint: {failure}\n", timings_ms=self._timings())
-        if not run:
-            status = JobStatus.LINT if findings else JobStatus.OK
-            return self._outcome(status, None, exit_code=None, lint=findings)
-        ran = await self._sandboxed("run", self.language.run_argv(self.limits))
+        lint = self._lint_phase()
+        phases, tools = [self._syntax_phase()], {}
+        if isinstance(lint, tuple):
+            phases.append(lint[0])
+            tools = lint[1]
+        if run and not isinstance(lint, LintFailed):
+            phases.append(self._run_phase())
+        async with JobSandbox(phases, files=self.files, limits=self.limits, tools=tools) as box:
+            try:
+                checked = await self._timed(box)
+            except SandboxError as exc:
+                if not tools:
+                    raise
+                # The linter's mount may be what bwrap refused: the job's result is then the linter's failure.
+                return await self._without_linter(
+                    LintFailed(f"{phases[1].argv[0]} could not run in the sandbox: {exc}")
+                )
+            status = classify(checked, self.language)
+            if status is not JobStatus.OK:
+                return self._syntax_failed(status, checked)
+            try:
+                if isinstance(lint, LintFailed):
+                    raise lint
+                findings = self._findings(await self._timed(box)) if tools else []
+            except LintFailed as failure:
+                return self._lint_failed(failure)
+            if not run:
+                status = JobStatus.LINT if findings else JobStatus.OK
+                return self._outcome(status, None, exit_code=None, lint=findings)
+            ran = await self._timed(box)
         return self._outcome(classify(ran, self.language), ran, exit_code=ran.exit_code, lint=findings)
 
-    async def _sandboxed(self, phase: str, argv: tuple[str, ...]) -> SandboxResult:
-        """Run one phase (syntax check or the program itself) with the language's environment."""
+    async def _without_linter(self, failure: LintFailed) -> JobOutcome:
+        """The job as it is when its linter cannot run: the syntax check alone decides before the failure."""
+        self.timings.clear()
+        async with JobSandbox([self._syntax_phase()], files=self.files, limits=self.limits) as box:
+            checked = await self._timed(box)
+        status = classify(checked, self.language)
+        if status is not JobStatus.OK:
+            return self._syntax_failed(status, checked)
+        return self._lint_failed(failure)
+
+    def _syntax_failed(self, status: JobStatus, checked: SandboxResult) -> JobOutcome:
+        # The checker never runs user code, so any failure other than our limits is the code's syntax.
+        if status is JobStatus.RUNTIME_ERROR:
+            status = JobStatus.SYNTAX_ERROR
+        return self._outcome(status, checked, exit_code=None, lint=[])
+
+    def _lint_failed(self, failure: LintFailed) -> JobOutcome:
+        log.error("lint failed", extra={"language": self.language.name.value, "error": str(failure)})
+        return JobOutcome(status=JobStatus.ERROR, stderr=f"lint: {failure}\n", timings_ms=self._timings())
+
+    async def _timed(self, box: JobSandbox) -> SandboxResult:
+        """The sandbox's next phase, its time recorded under its name (phase 0's includes the set-up)."""
+        phase = box.phases[box.done]
         started = time.perf_counter()
         try:
-            return await run_sandboxed(
-                argv,
-                files=self.files,
-                limits=self.limits,
-                env=self.language.env,
-                address_space_bytes=self.language.address_space_bytes(self.limits),
-            )
+            return await box.run_next()
         finally:
-            self.timings[phase] = round((time.perf_counter() - started) * 1000, 1)
+            self.timings[phase.name] = round((time.perf_counter() - started) * 1000, 1)
 
     async def lint(self) -> list[str]:
-        """Findings of the language's linter (none for a language without one); LintFailed when it cannot run."""
-        linter = self.language.linter
-        if linter is None:
+        """Findings of the language's linter, in a sandbox of its own; LintFailed when it cannot run."""
+        lint = self._lint_phase()
+        if lint is None:
             return []
-        tool = linter.prepared()
-        if tool.path is None:
-            raise LintFailed(tool.problem)
-        started = time.perf_counter()
+        if isinstance(lint, LintFailed):
+            raise lint
+        phase, tools = lint
         try:
-            result = await run_sandboxed(
-                linter.argv(self.language.source_name),
-                files=self.files,
-                limits=self.limits,
-                env=linter.env,
-                tools={linter.tool: tool.path},
-            )
+            async with JobSandbox([phase], files=self.files, limits=self.limits, tools=tools) as box:
+                result = await self._timed(box)
         except SandboxError as exc:
-            raise LintFailed(f"{linter.tool} could not run in the sandbox: {exc}") from None
-        finally:
-            self.timings["lint"] = round((time.perf_counter() - started) * 1000, 1)
+            raise LintFailed(f"{self._linter_name} could not run in the sandbox: {exc}") from None
+        return self._findings(result)
+
+    def _findings(self, result: SandboxResult) -> list[str]:
+        """The linter's findings from its phase's result; LintFailed when it did not lint."""
+        linter = self.language.linter
+        assert linter is not None
         status = classify(result, self.language)
         stderr = _text(result.stderr).strip()[:500]
         # Both linters: 0 clean, 1 findings, anything else (or a limit hit) a failure.
