@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 
+from test_pod_security import violations
+
 from singularity_operator import api
 from singularity_operator import migration_jobs as mj
 from singularity_stack import cli
@@ -23,6 +25,7 @@ def test_the_job_runs_the_new_image_s_migrate_as_the_service_s_role():
     assert env["valueFrom"]["secretKeyRef"] == {"name": "s-singularity-2-db", "key": "DATABASE_URL"}
     # not selected by the instance's Service or Deployment (their selector is its component)
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "singularity-2-migration"
+    assert violations(job["spec"]["template"]) == {}  # the restricted Pod Security Standard, as every stack Pod
 
 
 def test_job_states():

@@ -112,6 +112,7 @@ def migration_job(stack: str, namespace: str, spec: api.StackSpec, logical: str,
                         "runAsNonRoot": True,
                         "runAsUser": objects.SERVICE_UID,
                         "runAsGroup": objects.SERVICE_UID,
+                        "seccompProfile": dict(objects.RUNTIME_DEFAULT_SECCOMP),  # restricted, as the services
                     },
                     "containers": [container],
                 },
