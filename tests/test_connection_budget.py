@@ -28,17 +28,24 @@ _namespaces = itertools.count(1)
 
 
 def test_the_budget_counts_every_pool_the_operator_configures():
-    """The sum over the Deployments' POOL_SIZE is the budget: a new service or pool cannot escape it."""
-    for replicas, pools in ((1, {}), (7, {"servicePoolSize": 6, "instancePoolSize": 2})):
-        spec = api.parse_spec({"singularity": {"replicas": replicas}, "connections": pools})
+    """The sum over the Deployments' pods (POOL_SIZE, replicas) is the budget: a new service, pool or replica
+    cannot escape it."""
+    cases = (
+        ({"singularity": {"replicas": 1}}, {}),
+        ({"singularity": {"replicas": 7}, "nexus": {"replicas": 3}, "genesis": {"replicas": 2}}, {"headroom": 4}),
+    )
+    for services, pools in cases:
+        spec = api.parse_spec({**services, "connections": pools})
         counted = budget.CENTRALCLOUD_EXTRA
         for deployment in objects.service_deployments("s", "ns", spec):
             [container] = deployment["spec"]["template"]["spec"]["containers"]
             env = {e["name"]: e.get("value") for e in container["env"]}
-            counted += 2 * int(env["POOL_SIZE"]) + budget.LISTEN_CONNECTIONS
-            if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "nexus":
-                counted += budget.LISTEN_CONNECTIONS  # its HITL feed listens on its own database too
-        assert counted == spec.connections.stack_budget(replicas).stack
+            per_pod = 2 * int(env["POOL_SIZE"]) + budget.LISTEN_CONNECTIONS
+            component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+            if component == "nexus":
+                per_pod += budget.LISTEN_CONNECTIONS  # its HITL feed listens on its own database too
+            counted += deployment["spec"]["replicas"] * per_pod
+        assert counted == spec.connection_budget().stack
 
 
 def test_managed_postgres_admits_50_instances_and_a_few_more_do_not_restart_it():
@@ -49,10 +56,12 @@ def test_managed_postgres_admits_50_instances_and_a_few_more_do_not_restart_it()
         assert flag == "-c"
         return int(setting.removeprefix("max_connections="))
 
-    need = api.parse_spec({}).connections.stack_budget(50).required
+    need = api.parse_spec({"singularity": {"replicas": 50}}).connection_budget().required
     assert max_connections(50) >= need > 100  # PostgreSQL's default would refuse them
-    assert max_connections(50) == max_connections(49)  # sized in steps: no rollout for one more instance
-    assert max_connections(1) >= api.parse_spec({}).connections.stack_budget(1).required
+    # Sized in steps of MANAGED_STEP: most changes of N (here 50 -> 51) do not restart PostgreSQL.
+    assert max_connections(50) == max_connections(51)
+    assert max_connections(50) % budget.MANAGED_STEP == 0
+    assert max_connections(1) >= api.parse_spec({}).connection_budget().required
 
 
 async def test_a_service_never_opens_more_than_its_pool_size(provision_stack, admin_dsn):
@@ -104,7 +113,7 @@ def test_managed_postgres_gets_the_max_connections_of_50_instances(api_client, n
     [container, _exporter] = statefulset.spec.template.spec.containers
     assert container.args == [
         "-c",
-        f"max_connections={api.parse_spec(spec).connections.stack_budget(50).managed_max_connections}",
+        f"max_connections={api.parse_spec(spec).connection_budget().managed_max_connections}",
     ]
 
 
@@ -142,7 +151,7 @@ def test_an_external_server_too_small_for_more_instances_is_reported_and_nothing
     three = operator.reconcile("small", namespace, {"postgres": {"external": external}, "singularity": {"replicas": 3}})
     [databases] = [v for v in three.verdicts if v.type == "DatabasesReady"]
     assert (databases.ok, databases.reason) == (False, "ConnectionBudgetExceeded")
-    need = api.parse_spec({"singularity": {"replicas": 3}}).connections.stack_budget(3).required
+    need = api.parse_spec({"singularity": {"replicas": 3}}).connection_budget().required
     assert f"max_connections >= {need}" in databases.message and "the server allows 100" in databases.message
     assert events[-1][:2] == ("Warning", "ConnectionBudgetExceeded")
     # Nothing was added for the instances that would not fit; the first one is still there.
@@ -165,9 +174,9 @@ def test_connections_reserved_for_superusers_are_not_counted_as_the_stacks():
     try:
         max_connections, reserved = budget.server_limits(cluster.dsn())
         assert (max_connections, reserved) == (40, 20)
-        stack = budget.stack_budget(1, budget.PoolSizes(2, 2), headroom=0)  # 23 connections
+        stack = budget.stack_budget(1, budget.PoolSizes(2, 2), headroom=0)  # 24 connections
         problem = budget.budget_problem(stack, max_connections, reserved)
-        assert problem and "max_connections >= 43" in problem and "the server allows 40" in problem
+        assert problem and "max_connections >= 44" in problem and "the server allows 40" in problem
         # what PostgreSQL really does: an ordinary role gets no more than 40 - 20
         with psycopg.connect(cluster.dsn(), autocommit=True) as admin:
             admin.execute("CREATE ROLE ordinary LOGIN PASSWORD 'pw'")

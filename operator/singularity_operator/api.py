@@ -124,7 +124,13 @@ class SingularitySpec(ServiceSpec):
     replicas: int = Field(1, ge=1, le=MAX_INSTANCES, description="Singularity instances, each with its own database.")
 
 
+MAX_SERVICE_REPLICAS = 20
+
+
 class NexusSpec(ServiceSpec):
+    replicas: int = Field(
+        1, ge=1, le=MAX_SERVICE_REPLICAS, description="Nexus pods sharing LLM requests, approvals and questions."
+    )
     routing_config_map: ConfigMapKeyRef | None = Field(
         None, description="ConfigMap (name, key) with a routing YAML; the packaged default otherwise."
     )
@@ -163,6 +169,7 @@ class GenesisSeccomp(Model):
 
 
 class GenesisSpec(ServiceSpec):
+    replicas: int = Field(1, ge=1, le=MAX_SERVICE_REPLICAS, description="Genesis pods sharing the code jobs.")
     max_concurrent_jobs: int = Field(2, ge=1, le=64)
     seccomp_profile: GenesisSeccomp = Field(default_factory=GenesisSeccomp)
 
@@ -182,8 +189,8 @@ class Connections(Model):
         budget.HEADROOM, ge=0, le=10_000, description="Connections kept free for the operator and maintenance."
     )
 
-    def stack_budget(self, instances: int) -> budget.Budget:
-        return budget.stack_budget(instances, self.pools(), self.headroom)
+    def stack_budget(self, instances: int, replicas: dict[str, int] | None = None) -> budget.Budget:
+        return budget.stack_budget(instances, self.pools(), self.headroom, replicas)
 
     def pools(self) -> budget.PoolSizes:
         return budget.PoolSizes(self.service_pool_size, self.instance_pool_size)
@@ -214,6 +221,11 @@ class StackSpec(Model):
         if self.backup is not None and self.postgres.external is not None:
             raise ValueError("backup: only for managed PostgreSQL; with external, use the provider's backups")
         return self
+
+    def connection_budget(self) -> budget.Budget:
+        """What every pod of the stack may open at once (each Nexus and Genesis replica its own pools)."""
+        replicas = {"nexus": self.nexus.replicas, "genesis": self.genesis.replicas}
+        return self.connections.stack_budget(self.singularity.replicas, replicas)
 
     def image_of(self, service: ServiceSpec) -> str:
         return service.image or self.image

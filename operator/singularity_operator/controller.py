@@ -269,7 +269,7 @@ class StackController:
             admin_dsn, public, prefix = self.admin_dsn(stack, namespace, spec)
             if spec.postgres.external:
                 # Checked before any new instance is provisioned: the running ones keep serving.
-                stack_budget = spec.connections.stack_budget(spec.singularity.replicas)
+                stack_budget = spec.connection_budget()
                 max_connections, reserved = budget.server_limits(admin_dsn, CONNECT_TIMEOUT)
                 problem = budget.budget_problem(stack_budget, max_connections, reserved)
                 if problem:

@@ -162,7 +162,12 @@ def _secret_env(secret: str, *keys: str) -> list[dict[str, Any]]:
 
 
 def _deployment(
-    stack: str, namespace: str, logical: str, container: dict[str, Any], pod_extra: dict[str, Any] | None = None
+    stack: str,
+    namespace: str,
+    logical: str,
+    container: dict[str, Any],
+    pod_extra: dict[str, Any] | None = None,
+    replicas: int = 1,
 ) -> Manifest:
     component = component_of(logical)
     pod_security = {
@@ -177,7 +182,7 @@ def _deployment(
         "kind": "Deployment",
         "metadata": _meta(stack, namespace, object_name(stack, logical), component),
         "spec": {
-            "replicas": 1,
+            "replicas": replicas,
             "selector": {"matchLabels": selector(stack, component)},
             # A new pod must be ready before the old one goes: an upgrade keeps the service answering (two
             # pods of one instance may consume at once for a moment; claims and idempotency keep that safe).
@@ -252,8 +257,8 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
     ]
     deployments = [
         _deployment(stack, namespace, "centralcloud", container(spec.centralcloud, "centralcloud", central_env)),
-        _deployment(stack, namespace, "nexus", nexus, nexus_pod),
-        _deployment(stack, namespace, "genesis", genesis),
+        _deployment(stack, namespace, "nexus", nexus, nexus_pod, replicas=spec.nexus.replicas),
+        _deployment(stack, namespace, "genesis", genesis, replicas=spec.genesis.replicas),
     ]
     for index in range(1, spec.singularity.replicas + 1):
         logical = instance_id(index)
@@ -296,7 +301,7 @@ def managed_postgres(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
     name = postgres_name(stack)
     # Sized for the most the stack's pools may open (provision/budget.py), in steps of 100 so that a few
     # more instances do not restart PostgreSQL.
-    max_connections = spec.connections.stack_budget(spec.singularity.replicas).managed_max_connections
+    max_connections = spec.connection_budget().managed_max_connections
     claim: dict[str, Any] = {
         "metadata": {"name": "data"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": managed.storage}}},

@@ -4,7 +4,10 @@ Every service opens two pools (its own database and the shared queue) and one LI
 CentralCloud also reads the archives through a small pool and opens one short-lived connection for
 queue checks and pruning. Pools open lazily, so an idle stack uses far fewer, but the server must
 admit the most the stack can ask for, or a busy moment ends in "too many clients" with nothing saying why.
-Deployments are recreated (never surged), so a rollout does not add a second set.
+On Kubernetes a rollout starts a new pod before the old one goes (maxSurge 1), so for the minutes it lasts
+a rolling Deployment runs one pod more. That pod is not counted: it starts with empty pools while the old one
+drains, and counting it would put a one-instance stack past the 100 connections PostgreSQL (and most hosted
+servers) allow by default; `headroom` is the place to reserve for it where pools run full during upgrades.
 """
 
 from __future__ import annotations
