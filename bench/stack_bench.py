@@ -10,9 +10,11 @@ LLM: Singularity's side (publish an LlmRequest, await the LlmResult on its own r
 sample is `--requests` requests, after a warm-up round, and also counts the Nexus process's CPU time.
 Router: Nexus's LlmRouter alone in this process (offline model), CPU time per call, one at a time and
 `--concurrency` at a time, interleaved.
-Genesis: trivial Python jobs through the sandboxed runner (syntax check, lint, run: three sandboxes per job)
-and the same interpreter spawned bare, both two at a time, interleaved (sandboxed, bare, sandboxed, bare ...)
-after a warm-up round of each; the overhead is taken per round from the two runs side by side.
+Genesis: trivial Python jobs through the sandboxed runner (lint and run in one sandbox per job) and the same
+interpreter spawned bare, both two at a time, interleaved (sandboxed, bare, sandboxed, bare ...) after a
+warm-up round of each; the overhead is taken per round from the two runs side by side. Then, per language,
+the job latency one at a time beside the bare interpreter, with issue 14's goals (bench/genesis_bench.py,
+which also runs alone).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 
+from genesis_bench import CASES as GENESIS_CASES
+from genesis_bench import measure as genesis_latency
 from samples import Samples, goal, interleave_async, ratio
 
 from singularity_stack import contract as c
@@ -244,7 +248,7 @@ async def genesis_overhead(jobs: int, samples: int) -> None:
     rates = await interleave_async({"sandboxed": sandboxed, "bare": bare}, samples=samples, warmup=1)
     overhead = ratio(rates["bare"], rates["sandboxed"], "overhead")  # time per sandboxed job / time per bare spawn
     for label, figure in [
-        ("trivial Python job, sandboxed (syntax + lint + run)", rates["sandboxed"].format("jobs/s", "{:.1f}")),
+        ("trivial Python job, sandboxed (lint + run)", rates["sandboxed"].format("jobs/s", "{:.1f}")),
         ("bare /usr/bin/python3 -c 'print(1)'", rates["bare"].format("spawns/s", "{:.1f}")),
         ("sandboxed job / bare interpreter, per round", overhead.format("x", "{:.1f}")),
     ]:
@@ -273,6 +277,7 @@ def main() -> None:
         nexus = None
         asyncio.run(router_cpu(args.concurrency, args.router_calls, args.samples))
         asyncio.run(genesis_overhead(args.jobs, args.samples))
+        asyncio.run(genesis_latency([case.language for case in GENESIS_CASES], args.jobs // 2, args.samples))
     finally:
         if nexus:
             nexus.terminate()

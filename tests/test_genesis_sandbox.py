@@ -63,16 +63,18 @@ async def test_hello_world_runs_ok(runner: JobRunner, language: str) -> None:
     assert outcome.status is JobStatus.OK, outcome
     assert outcome.stdout == "hello, genesis\n"
     assert outcome.exit_code == 0
-    assert {"syntax", "run", "total"} <= set(outcome.timings_ms)
+    # A language whose interpreter compiles the whole file first has its run for a syntax check: no other.
+    checked_apart = not get_language(language).compiles_before_running
+    assert set(outcome.timings_ms) - {"lint"} == {"run", "total"} | ({"syntax"} if checked_apart else set())
     assert all(ms >= 0 for ms in outcome.timings_ms.values())
 
 
 SYNTAX_ERRORS = {
-    # language: (code, what a helpful message contains)
-    "python": ("def broken(:\n    pass\n", ["SyntaxError", "line 1"]),
-    "javascript": ("console.log((1 + 2);\n", ["SyntaxError", "main.js"]),
-    "bash": ("if then fi\n", ["syntax error", "line 1"]),
-    "elixir": ('IO.puts("unterminated"\n', ["main.exs", "missing terminator"]),
+    # language: (code that would print "ran" first if any of it ran, what a helpful message contains)
+    "python": ('print("ran")\ndef broken(:\n    pass\n', ["SyntaxError", "line 2"]),
+    "javascript": ('console.log("ran");\nconsole.log((1 + 2);\n', ["SyntaxError", "main.js"]),
+    "bash": ("echo ran\nif then fi\n", ["syntax error", "line 2"]),
+    "elixir": ('IO.puts("ran")\nIO.puts("unterminated"\n', ["main.exs", "missing terminator"]),
 }
 
 
@@ -85,7 +87,26 @@ async def test_syntax_error_is_reported_and_never_run(runner: JobRunner, languag
     for hint in hints:
         assert hint in outcome.stderr
     assert outcome.exit_code is None
-    assert "run" not in outcome.timings_ms
+    assert outcome.stdout == "" and "ran" not in outcome.stderr  # none of the code ran
+    assert "syntax" in outcome.timings_ms  # the syntax check decided, in every language
+    if not get_language(language).compiles_before_running:
+        assert "run" not in outcome.timings_ms  # bash runs each command as it reads it: checked before any
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+async def test_a_program_printing_a_syntax_error_is_still_a_runtime_error(runner: JobRunner, language: str) -> None:
+    """Where the run is the syntax check, a failed run is judged by the separate check on the source as it
+    was: a program that writes a compiler's words and fails is a runtime error, as it always was."""
+    require_language(language)
+    code = {
+        "python": 'import sys\nsys.stderr.write("SyntaxError: invalid syntax\\n")\nsys.exit(1)\n',
+        "javascript": 'console.error("SyntaxError: Unexpected end of input");\nprocess.exit(1);\n',
+        "bash": 'echo "main.sh: line 1: syntax error: unexpected end of file" >&2\nexit 1\n',
+        "elixir": 'IO.puts(:stderr, "** (TokenMissingError) main.exs:1: missing terminator")\nSystem.halt(1)\n',
+    }[language]
+    outcome = await runner.run(code, language)
+    assert outcome.status is JobStatus.RUNTIME_ERROR, outcome
+    assert outcome.exit_code == 1
 
 
 async def test_oversized_source_is_refused_before_any_sandbox(runner: JobRunner) -> None:

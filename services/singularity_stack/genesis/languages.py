@@ -79,6 +79,10 @@ class Toolchain:
     # Lower-case fragments of stderr that mean "ran out of memory" in this runtime (checked on failure).
     memory_markers: tuple[str, ...]
     limit_address_space: bool
+    # The interpreter compiles the whole file before it runs any of it, so a run of code that does not
+    # compile runs none of it: the run is the syntax check, and the separate one is needed only when the run
+    # fails (runner.py). Not bash, which runs each command as it reads it.
+    compiles_before_running: bool
     linter: Linter | None = None
     env: Mapping[str, str] = field(default_factory=dict)
 
@@ -211,6 +215,7 @@ PYTHON = Toolchain(
     run_argv=lambda _limits: ("python3", "-u", "main.py"),  # unbuffered: output survives a timeout kill
     memory_markers=("memoryerror", "cannot allocate memory"),
     limit_address_space=True,
+    compiles_before_running=True,
     linter=RUFF,
     env={"PYTHONDONTWRITEBYTECODE": "1"},
 )
@@ -226,6 +231,7 @@ JAVASCRIPT = Toolchain(
         "cannot allocate memory",
     ),
     limit_address_space=False,
+    compiles_before_running=True,
 )
 
 BASH = Toolchain(
@@ -234,6 +240,7 @@ BASH = Toolchain(
     run_argv=lambda _limits: ("bash", "main.sh"),
     memory_markers=("cannot allocate",),  # "bash: xmalloc: cannot allocate …", "…: Cannot allocate memory"
     limit_address_space=True,
+    compiles_before_running=False,
     linter=SHELLCHECK,
 )
 
@@ -243,6 +250,7 @@ ELIXIR = Toolchain(
     run_argv=lambda _limits: ("elixir", "main.exs"),
     memory_markers=("cannot allocate", "eheap_alloc", "erts_mmap", "out of memory"),
     limit_address_space=False,
+    compiles_before_running=True,
     env={
         # One scheduler of each kind: the BEAM otherwise starts ~20 threads (more on big hosts), and
         # threads count against the job's process limit. CPU time is capped per process anyway.

@@ -1,9 +1,14 @@
 """The bounded job pool: validate (syntax, lint) and run code, at most `max_concurrent` jobs at once.
 
 A job is up to three phases, run one after another in one fresh sandbox (sandbox.JobSandbox), each under
-the limits a sandbox of its own would have, each with its own result and timing:
+the limits a sandbox of its own would have, each with its own result and timing (`timings_ms`: one entry
+per phase that ran, and `total`):
 1. syntax check: a failure stops the job with `syntax_error` and the checker's message on stderr
-   (source larger than `Limits.max_file_bytes` is refused the same way, without a sandbox);
+   (source larger than `Limits.max_file_bytes` is refused the same way, without a sandbox). Where the
+   interpreter compiles the whole file before it runs any of it (python, javascript, elixir) and the job
+   runs, the run is the check: code that does not compile runs none of it. The separate check then runs
+   only when the run (or the linter) failed, in a fresh sandbox on the source as it was, and decides as it
+   would have first; a program that prints a compiler's words is still a runtime error;
 2. lint, when the language has a linter: findings land in `lint` and never stop the job. A linter that
    cannot run (not installed, out of the job account's reach, crashed, unreadable output) stops the job
    with `error` and the reason in stderr: the requester must never take that for clean code;
@@ -139,6 +144,8 @@ class _Job:
             # It would not even fit the sandbox's workdir; refuse it as invalid input, not a sandbox fault.
             message = f"source is {source_bytes} bytes; the limit is {self.limits.max_file_bytes} bytes\n"
             return JobOutcome(status=JobStatus.SYNTAX_ERROR, stderr=message, timings_ms={"total": 0.0})
+        if run and self.language.compiles_before_running:
+            return await self._checked_by_the_run()
         lint = self._lint_phase()
         phases, tools = [self._syntax_phase()], {}
         if isinstance(lint, tuple):
@@ -153,9 +160,8 @@ class _Job:
                 if not tools:
                     raise
                 # The linter's mount may be what bwrap refused: the job's result is then the linter's failure.
-                return await self._without_linter(
-                    LintFailed(f"{phases[1].argv[0]} could not run in the sandbox: {exc}")
-                )
+                failure = LintFailed(f"{self._linter_name} could not run in the sandbox: {exc}")
+                return await self._syntax_decides(failure)
             status = classify(checked, self.language)
             if status is not JobStatus.OK:
                 return self._syntax_failed(status, checked)
@@ -171,11 +177,46 @@ class _Job:
             ran = await self._timed(box)
         return self._outcome(classify(ran, self.language), ran, exit_code=ran.exit_code, lint=findings)
 
-    async def _without_linter(self, failure: LintFailed) -> JobOutcome:
-        """The job as it is when its linter cannot run: the syntax check alone decides before the failure."""
-        self.timings.clear()
+    async def _checked_by_the_run(self) -> JobOutcome:
+        """Lint and run, with the interpreter's own compilation as the syntax check: it compiles the whole file
+        before it runs any of it, so code that does not compile never runs. Only a run that did not end `ok`
+        may have been a syntax error; then the separate check, in a fresh sandbox on the source as it was,
+        decides, exactly as it would have first (a program printing a compiler's words is still its own)."""
+        lint = self._lint_phase()
+        if isinstance(lint, LintFailed):
+            return await self._syntax_decides(lint)
+        phases, tools = [self._run_phase()], {}
+        if lint is not None:
+            phases.insert(0, lint[0])
+            tools = lint[1]
+        failure: LintFailed | None = None
+        async with JobSandbox(phases, files=self.files, limits=self.limits, tools=tools) as box:
+            findings: list[str] = []
+            if tools:
+                try:
+                    findings = self._findings(await self._timed(box))
+                except SandboxError as exc:
+                    failure = LintFailed(f"{self._linter_name} could not run in the sandbox: {exc}")
+                except LintFailed as lint_failure:
+                    failure = lint_failure
+            if failure is None:
+                ran = await self._timed(box)
+        if failure is not None:
+            return await self._syntax_decides(failure)
+        status = classify(ran, self.language)
+        if status is not JobStatus.OK:
+            checked = await self._syntax_check()
+            if (checked_status := classify(checked, self.language)) is not JobStatus.OK:
+                return self._syntax_failed(checked_status, checked)
+        return self._outcome(status, ran, exit_code=ran.exit_code, lint=findings)
+
+    async def _syntax_check(self) -> SandboxResult:
         async with JobSandbox([self._syntax_phase()], files=self.files, limits=self.limits) as box:
-            checked = await self._timed(box)
+            return await self._timed(box)
+
+    async def _syntax_decides(self, failure: LintFailed) -> JobOutcome:
+        """The job as it is when its linter cannot run: the syntax check alone decides before the failure."""
+        checked = await self._syntax_check()
         status = classify(checked, self.language)
         if status is not JobStatus.OK:
             return self._syntax_failed(status, checked)

@@ -37,9 +37,9 @@ the namespace down, bwrap's `--die-with-parent` ends the sandbox if Genesis dies
 
 Why the job runs as a real unprivileged uid: RLIMIT_NPROC is never enforced for the host's root user
 (kernel/fork.c exempts INIT_USER), and a uid that is only 65534 *inside* a user namespace is still
-root outside. So when the service runs as root, the launcher is started as nobody (65534: subprocess
-drops to it before the exec), Genesis moves it into the job's cgroup while it waits, and bwrap, exec'ed
-by it, creates the user namespace unprivileged. Since Linux 5.14 the process count lives in
+root outside. So when the service runs as root, bwrap is started as nobody (65534, via util-linux
+`setpriv`, after the launcher has moved itself into the job's cgroup as root) and creates the user
+namespace unprivileged. Since Linux 5.14 the process count lives in
 per-user-namespace ucounts, so concurrent jobs sharing that uid each get their own `max_processes`
 budget.
 """
@@ -84,13 +84,23 @@ _REAP_GRACE_S = 5.0  # after SIGKILL the namespace is torn down by the kernel; t
 # (_init_script), and exits with the last one's status (128+N for signal N). Being init, it also reaps
 # the job's orphans. bwrap's own init would do that too, but bwrap exits without waiting for it, leaving
 # a zombie for the host's init.
-# Started already as the job's account (subprocess drops to it, see _spawn_account), it waits for Genesis's
-# "go": by then Genesis has moved it into the job's cgroups and marked it first in line for the OOM killer
-# (JobSandbox._admit). Only then does it exec bwrap: nothing of the job can start outside the cgroup.
-_LAUNCHER = ("/bin/sh", "-c", 'read go && [ "$go" = go ] && exec "$@"; exit 124', "genesis-launch")
+# Runs as Genesis, before bwrap: marks everything that follows first in line for the OOM killer, moves
+# itself into the job's cgroups (each file named before "--"), then execs the rest (setpriv, then bwrap).
+# Nothing of the job exists yet, so nothing can start outside the cgroup. (Spawning it as nobody directly
+# would cost a full fork of Genesis, whose page tables grow with its memory: subprocess uses vfork only
+# when it changes no uid.)
+_LAUNCHER = (
+    "/bin/sh",
+    "-c",
+    "echo 1000 > /proc/self/oom_score_adj || exit 120\n"
+    'while [ "$1" != -- ]; do echo 0 > "$1" || exit 121; shift; done\n'
+    'shift\nexec "$@"',
+    "genesis-launch",
+)
 _LAUNCH_FAILURES = {
+    120: "could not set the job's oom_score_adj",
+    121: "could not move the job into its cgroup",
     123: "could not set the job's rlimits",
-    124: "the launcher was never let go",
 }
 
 # Host directories the interpreters need; on merged-/usr Debian the ones besides /usr are symlinks.
@@ -286,10 +296,14 @@ def _memfd_with(name: str, content: bytes) -> int:
     return fd
 
 
-def _spawn_account() -> int | None:
-    """The uid (and gid) the launcher starts as: nobody when we are root, so RLIMIT_NPROC applies (see the
-    module docstring); subprocess drops to it between fork and exec, no setuid tool involved."""
-    return SANDBOX_UID if os.geteuid() == 0 else None
+def _drop_to_nobody() -> list[str]:
+    """setpriv to nobody when we are root, so RLIMIT_NPROC applies (see module docstring)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = _find_system_tool("setpriv")
+    if setpriv is None:
+        raise SandboxError("util-linux `setpriv` not found on /usr/bin (apt-get install util-linux)")
+    return [setpriv, f"--reuid={SANDBOX_UID}", f"--regid={SANDBOX_UID}", "--clear-groups", "--"]
 
 
 @functools.cache
@@ -490,7 +504,7 @@ class JobSandbox:
         return await self._phase(0, started)
 
     async def _start(self, mount_proc: bool) -> None:
-        bwrap = find_bwrap()
+        bwrap, drop = find_bwrap(), _drop_to_nobody()
         tree = job_cgroup_tree().tree
         try:
             self._cgroup = tree.create(self.limits.bounds()) if tree is not None else None
@@ -514,8 +528,8 @@ class JobSandbox:
             nonce = secrets.token_hex(16)
             # The init sets the rlimits on itself before anything else, so the sandbox's pid 1 runs under them too.
             init = [INIT_PATH, "-c", _init_script(self.phases, nonce, self.limits), "genesis-init"]
-            command = [*_LAUNCHER, *sandbox, "--", *init]
-            account = _spawn_account()
+            launch = [*_LAUNCHER, *(self._cgroup.procs_files if self._cgroup else []), "--", *drop]
+            command = [*launch, *sandbox, "--", *init]
             starting = asyncio.ensure_future(
                 asyncio.create_subprocess_exec(
                     *command,
@@ -525,9 +539,6 @@ class JobSandbox:
                     env=_BWRAP_ENV,
                     pass_fds=self._fds,
                     start_new_session=True,  # its own process group, for the last-resort killpg in _finish
-                    user=account,
-                    group=account,
-                    extra_groups=[] if account is not None else None,
                 )
             )
             try:
@@ -545,30 +556,6 @@ class JobSandbox:
                 self._release()  # never started: nothing else will
                 self._close_fds()
             raise
-        try:
-            self._admit()
-        except SandboxError:
-            await self.close()  # the launcher never went on to bwrap
-            raise
-
-    def _admit(self) -> None:
-        """Move the waiting launcher into the job's cgroups, first in line for the OOM killer, then let it go.
-
-        Written by Genesis (root: with CAP_SYS_RESOURCE this also sets the floor the job cannot go below)."""
-        assert self._proc is not None and self._proc.stdin is not None
-        pid = str(self._proc.pid)
-        steps = [(f"/proc/{pid}/oom_score_adj", "1000", "could not set the job's oom_score_adj")]
-        steps += [(path, pid, "could not move the job into its cgroup") for path in self._cgroup_procs()]
-        for path, value, failure in steps:
-            try:
-                with open(path, "w") as handle:
-                    handle.write(value)
-            except OSError as error:
-                raise SandboxError(f"{failure}: {error}") from None
-        self._proc.stdin.write(b"go\n")
-
-    def _cgroup_procs(self) -> list[str]:
-        return self._cgroup.procs_files if self._cgroup is not None else []
 
     def _fd(self, fd: int) -> int:
         self._fds.append(fd)
