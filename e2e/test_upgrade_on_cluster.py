@@ -1,0 +1,127 @@
+"""On the local node: an image bump is gated by the new image's migrations, run as Jobs from that image.
+
+Two variants of the built image, each one layer more (buildah, from the image the suite built): `up2` has
+one more migration for every service; `up3` adds one to Nexus that fails. Bump to up2: every service's
+Job runs from up2 before its Deployment rolls, and status records the new migration. Bump to up3: Nexus's
+Job fails, nothing of Nexus rolls, the condition says why (the Job's reason and its log's end, read through
+pods/log) and the old pods answer. Back to up2: the stack is Ready again.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from singularity_stack_testing import image_variants
+from singularity_stack_testing.cluster import IMAGE, TIMINGS, Cluster, wait_until
+from singularity_stack_testing.stacks import NAMESPACE, OTHER_PODS, example, ready, stack_status, wait_ready
+
+pytestmark = pytest.mark.timeout(1800)
+STACK = "upgrade"
+NEW_MIGRATION = "0099.e2e-upgrade"
+UP2, UP3 = f"{IMAGE}-up2", f"{IMAGE}-up3"
+KINDS = image_variants.KINDS
+SERVICE_PODS = OTHER_PODS - 1 + 1  # Nexus, Genesis, CentralCloud and one instance
+
+
+def deployment_images(cluster: Cluster) -> dict[str, str]:
+    items = cluster.json("get", "deployments", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={STACK}")["items"]
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["image"] for d in items}
+
+
+def condition(cluster: Cluster, kind: str) -> dict[str, Any]:
+    return next((c for c in stack_status(cluster, STACK).get("conditions", []) if c["type"] == kind), {})
+
+
+def service_pods_on(cluster: Cluster, image: str) -> bool:
+    return image_variants.service_pods_on(cluster, NAMESPACE, STACK, image, SERVICE_PODS)
+
+
+@pytest.fixture(scope="module")
+def variants(operator_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    if not shutil.which("buildah"):
+        pytest.fail("buildah is missing: scripts/build-images.sh installs it")
+    tmp = tmp_path_factory.mktemp("variants")
+    create = "CREATE TABLE e2e_upgrade (id int PRIMARY KEY);\n"
+    up2 = image_variants.build_variant(tmp, IMAGE, UP2, {f"{kind}/{NEW_MIGRATION}.sql": create for kind in KINDS})
+    broken = {"nexus/0100.e2e-broken.sql": "SELECT no_such_column FROM pg_class;\n"}
+    up3 = image_variants.build_variant(tmp, UP2, UP3, broken)
+    assert {f"docker.io/library/{UP2}", f"docker.io/library/{UP3}"} <= image_variants.import_images(up2, up3)
+    return operator_installed
+
+
+def test_a_bump_runs_the_new_image_s_migrations_in_jobs_before_the_rollout(variants: Cluster) -> None:
+    cluster = variants
+    cluster.apply(example(STACK, replicas=1, deletion_policy="Delete"))
+    wait_ready(cluster, STACK, OTHER_PODS + 1)
+    before = stack_status(cluster, STACK)["services"]
+    assert {s["image"] for s in before.values()} == {IMAGE}
+    assert NEW_MIGRATION not in {s.get("lastMigration") for s in before.values()}
+
+    started = time.monotonic()
+    cluster.kubectl("patch", "singularitystack", STACK, "-n", NAMESPACE, "--type=merge",
+                    "-p", json.dumps({"spec": {"image": UP2}}))  # fmt: skip
+    gated = []
+
+    def jobs_gate() -> bool:
+        """While a service's Job has not succeeded, its Deployment still runs the old image."""
+        images = deployment_images(cluster)  # first: a Job not done after this was not done before it either
+        jobs = cluster.json("get", "jobs", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={STACK}")["items"]
+        for job in jobs:
+            component = job["metadata"]["labels"]["app.kubernetes.io/component"].removesuffix("-migration")
+            if not (job.get("status") or {}).get("succeeded"):
+                assert images[f"{STACK}-{component}"] == IMAGE, (job["metadata"]["name"], images)
+                gated.append(component)
+        return len(jobs) == len(KINDS)
+
+    wait_until("a migration Job per service", jobs_gate, 300, interval=0.5)
+    wait_until("every service Pod on up2", lambda: service_pods_on(cluster, UP2), 600)
+    TIMINGS["upgrade: image bump -> all pods on the new image"] = time.monotonic() - started
+    wait_until("Ready on up2", lambda: ready(cluster, STACK), 300)
+    services = stack_status(cluster, STACK)["services"]
+    assert services == {
+        logical: {"image": UP2, "lastMigration": NEW_MIGRATION}
+        for logical in ("centralcloud", "genesis", "nexus", "singularity_1")
+    }
+    assert gated, "no Job was seen running before its Deployment rolled"
+    # each Job wrote its outcome as its Pod's termination message
+    pods = cluster.json("get", "pods", "-n", NAMESPACE, "-l", "job-name")["items"]
+    messages = {p["status"]["containerStatuses"][0]["state"]["terminated"].get("message", "") for p in pods
+                if p["metadata"]["labels"].get("app.kubernetes.io/instance") == STACK}  # fmt: skip
+    assert {m.strip() for m in messages} == {f"last applied {NEW_MIGRATION}"}, messages
+
+
+def test_a_failing_migration_rolls_nothing_and_says_why_while_the_old_pods_answer(variants: Cluster) -> None:
+    cluster = variants
+    cluster.kubectl("patch", "singularitystack", STACK, "-n", NAMESPACE, "--type=merge",
+                    "-p", json.dumps({"spec": {"nexus": {"image": UP3}}}))  # fmt: skip
+
+    def failed_condition() -> dict[str, Any] | None:
+        found = condition(cluster, "MigrationsSucceeded")
+        return found if found.get("status") == "False" else None
+
+    failed = wait_until("MigrationsSucceeded=False", failed_condition, 600)
+    assert failed["reason"] == "MigrationFailed"
+    message = failed["message"]
+    assert message.startswith(f"nexus: migration Job {STACK}-nexus-migrate-") and f"from image {UP3} failed" in message
+    assert "BackoffLimitExceeded" in message and "no_such_column" in message, message
+    assert "log tail: " in message and "error: migrating nexus" in message.split("log tail: ", 1)[1], message
+    events = cluster.json("get", "events", "-n", NAMESPACE, "--field-selector", f"involvedObject.name={STACK}")
+    assert any(e["reason"] == "MigrationFailed" and e["type"] == "Warning" for e in events["items"])
+    assert deployment_images(cluster)[f"{STACK}-nexus"] == UP2  # nothing rolled
+    assert service_pods_on(cluster, UP2)
+    with cluster.service_address(NAMESPACE, f"{STACK}-nexus", 8000) as (host, port):
+        answer = httpx.get(f"http://{host}:{port}/readyz", headers={"Host": f"{STACK}-nexus"}, timeout=10)
+        assert answer.status_code == 200, answer.text  # the old pod still serves
+
+    # Fixed (here: back to the image that works): Ready again, nothing left waiting.
+    cluster.kubectl("patch", "singularitystack", STACK, "-n", NAMESPACE, "--type=json",
+                    "-p", json.dumps([{"op": "remove", "path": "/spec/nexus/image"}]))  # fmt: skip
+    wait_until("Ready again", lambda: ready(cluster, STACK) and service_pods_on(cluster, UP2), 300)
+    assert condition(cluster, "MigrationsSucceeded")["status"] == "True"
+    cluster.kubectl("delete", "singularitystack", STACK, "-n", NAMESPACE, "--wait=true", "--timeout=5m")
