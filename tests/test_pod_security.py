@@ -9,6 +9,7 @@ Localhost profile Genesis passes Restricted too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -279,18 +280,20 @@ def documented_exception(pod: Pod) -> str | None:
 
 
 def test_every_pod_kind_is_covered():
-    """The chart's operator, every stack service and managed PostgreSQL, in every case."""
-    names = {label.split(" / ", 1)[1] for label, _ in PODS}
+    """The chart's operator, every stack service, managed PostgreSQL, the migration, backup and restore Jobs."""
+    names = {re.sub(r"-[0-9a-f]{8}$", "-<image>", label.split(" / ", 1)[1]) for label, _ in PODS}
+    services = ["centralcloud", "nexus", "genesis", *(f"singularity-{i}" for i in (1, 2, 3))]
     assert names == {
         "Deployment ops-singularity-stack",
-        "Deployment demo-centralcloud",
-        "Deployment demo-nexus",
-        "Deployment demo-genesis",
-        *(f"Deployment demo-singularity-{i}" for i in (1, 2, 3)),
+        *(f"Deployment demo-{service}" for service in services),
+        *(f"Job demo-{service}-migrate-<image>" for service in services),
         "StatefulSet demo-postgres",
+        "CronJob demo-backup",
+        "Job demo-restore",
     }
-    # the chart's operator once per values; four services per spec, two more instances once, PostgreSQL thrice
-    assert len(PODS) == len(manifests.CHART_VALUES) + 4 * len(manifests.STACK_SPECS) + 2 + 3
+    # the chart's operator once per values; each spec's four services and their migrations
+    cases = {label.split(" / ", 1)[0] for label, _ in PODS}
+    assert len(cases) == len(manifests.CHART_VALUES) + len(manifests.STACK_SPECS)
 
 
 @pytest.mark.parametrize(("label", "pod"), PODS, ids=[label for label, _ in PODS])
@@ -310,7 +313,7 @@ def test_the_exception_is_genesis_unconfined_by_default_only():
     assert excepted == [
         "operator: defaults (spec.genesis.seccompProfile.type=Unconfined) / Deployment demo-genesis",
         "operator: spec.postgres.managed with storageClassName and resources / Deployment demo-genesis",
-    ]
+    ]  # the migration Jobs run no sandbox: RuntimeDefault, whatever Genesis's profile
 
 
 def test_genesis_with_the_localhost_profile_meets_restricted():

@@ -13,7 +13,7 @@ from typing import Any
 import helm_python as helm
 import yaml
 
-from singularity_operator import api, objects
+from singularity_operator import api, backup_objects, migration_jobs, objects
 
 from . import ROOT
 
@@ -83,6 +83,12 @@ STACK_SPECS: dict[str, dict[str, Any]] = {
             }
         },
     },
+    "spec.backup and spec.postgres.managed.restoreFrom, replicas": {
+        "postgres": {"managed": {"restoreFrom": {"claimName": "old-backups", "backup": "20260101T020000Z"}}},
+        "backup": {"schedule": "@daily", "retention": 3, "volume": {"storageClassName": "slow", "size": "10Gi"}},
+        "nexus": {"replicas": 2},
+        "genesis": {"replicas": 3, "seccompProfile": {"type": "Localhost", "localhostProfile": LOCALHOST_PROFILE}},
+    },
 }
 
 
@@ -106,7 +112,19 @@ def operator_objects(spec: api.StackSpec, stack: str = "demo", namespace: str = 
     if spec.postgres.managed:
         name = objects.admin_secret_name(stack)
         secrets.append(objects.generated_secret(stack, namespace, name, "postgres", {"POSTGRES_PASSWORD": "p"}))
-    return objects.workloads(stack, namespace, spec) + secrets
+    built = objects.workloads(stack, namespace, spec) + secrets
+    # An image bump's migration Jobs, one per database's service.
+    for deployment in (m for m in built if m["kind"] == "Deployment"):
+        logical = migration_jobs.logical_of(deployment)
+        built.append(migration_jobs.migration_job(stack, namespace, spec, logical, "registry.example/stack:2"))
+    if spec.backup is not None:
+        claim = backup_objects.backup_claim(stack, namespace, spec.backup)
+        built += [claim] if claim else []
+        # batch/v1beta1 for 1.20, batch/v1 where it is served
+        built += [backup_objects.backup_cron_job(stack, namespace, spec, v) for v in backup_objects.CRON_JOB_VERSIONS]
+    if spec.postgres.managed and spec.postgres.managed.restore_from:
+        built.append(backup_objects.restore_job(stack, namespace, spec))
+    return built
 
 
 def operator_cases() -> Iterator[tuple[str, list[Manifest]]]:
