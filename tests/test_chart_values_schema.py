@@ -121,3 +121,24 @@ def test_every_known_object_refuses_unknown_keys():
         return loose
 
     assert strict(SCHEMA, "") == []
+
+
+def documented_values(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Each value the chart README's table lists: leaves, and the opaque objects whole."""
+    found = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and path not in OPAQUE:
+            found |= documented_values(value, f"{path}.")
+        else:
+            found[path] = value
+    return found
+
+
+def test_the_chart_readme_lists_every_value_with_its_default():
+    rows = {}
+    for line in (CHART / "README.md").read_text().splitlines():
+        if match := re.match(r"^\| `([^`]+)` \| `([^`]*)` \|", line):
+            rows[match[1]] = match[2]
+    expected = {path: json.dumps(value) for path, value in documented_values(DEFAULTS).items()}
+    assert rows == expected
