@@ -81,6 +81,34 @@ async def job_outcomes(conn: AsyncConnection, job_results: sql.Composable) -> li
     )
 
 
+async def paths(conn: AsyncConnection) -> dict[str, Any]:
+    """Readiness to retire NATS (the migration's phase 3): per queue and path, the messages archived and
+    the newest one's time; and the newest NATS message anywhere. NATS messages carry `"path": "nats"` in
+    their archive headers (sharedqueue/nats_reader.py, nats_replies.py); every other row came by pgmq."""
+    names = await archives.work_queues(conn)
+    if not names:
+        return {"by_queue": [], "nats_messages": 0, "last_nats_message_at": None}
+    parts = [
+        sql.SQL(
+            "SELECT {}::text AS queue, coalesce(headers->>'path', 'pgmq') AS path, count(*) AS messages, "
+            "max(enqueued_at) AS last_message_at FROM {} GROUP BY 2"
+        ).format(sql.Literal(name), sql.Identifier("pgmq", f"a_{name}"))
+        for name in names
+    ]
+    rows = await _rows(
+        conn, sql.SQL("SELECT * FROM (") + sql.SQL(" UNION ALL ").join(parts) + sql.SQL(") p ORDER BY 1, 2")
+    )
+    nats = [row for row in rows if row["path"] == "nats"]
+    last = max((row["last_message_at"] for row in nats), default=None)
+    for row in rows:  # the report is stored as JSON
+        row["last_message_at"] = row["last_message_at"].isoformat()
+    return {
+        "by_queue": rows,
+        "nats_messages": sum(row["messages"] for row in nats),
+        "last_nats_message_at": last.isoformat() if last else None,
+    }
+
+
 async def fingerprint(pool: AsyncConnectionPool) -> dict[str, str]:
     async with pool.connection() as conn:
         return await archives.fingerprint(conn)
@@ -103,5 +131,6 @@ async def report(pool: AsyncConnectionPool) -> dict[str, Any]:
             "llm_over_time": await timeseries.llm_over_time(conn, llm_results, width),
             "approval_decisions": await timeseries.approval_decisions(conn, responses, width),
             "response_times": await timeseries.response_times(conn, responses),
+            "paths": await paths(conn),
             "archives": await archives.fingerprint(conn),
         }

@@ -50,3 +50,11 @@ async def fingerprint(conn: AsyncConnection) -> dict[str, str]:
         return {}
     cur = await conn.execute(sql.SQL(" UNION ALL ").join(parts))
     return {str(q): f"{at}|{msg_id}" for q, at, msg_id in await cur.fetchall()}
+
+
+async def work_queues(conn: AsyncConnection) -> list[str]:
+    """Every queue but the dead-letter queues."""
+    cur = await conn.execute(
+        "SELECT queue_name FROM pgmq.meta WHERE queue_name NOT LIKE '%%\\_dlq' ORDER BY queue_name"
+    )
+    return [str(r[0]) for r in await cur.fetchall()]

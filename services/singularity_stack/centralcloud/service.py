@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import psycopg
+from nats.aio.client import Client
 from prometheus_client import Counter, Gauge
 from pydantic import AliasChoices, Field
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from singularity_stack.service.console import ConsoleLogin, StaticAssets
 from singularity_stack.service.http import error_response, json_response
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
+from singularity_stack.sharedqueue.nats_streams import ensure_streams
 from singularity_stack.sharedqueue.pool import connection_pool
 from singularity_stack.topology import StackLayout
 
@@ -39,8 +41,6 @@ class CentralCloudSettings(ServiceSettings):
     api_token: str = Field(min_length=16, validation_alias=AliasChoices("CENTRALCLOUD_API_TOKEN", "api_token"))
     analytics_url: str = Field(validation_alias=AliasChoices("SHARED_QUEUE_ANALYTICS_URL", "analytics_url"))
     retention_days: int = Field(90, ge=1, validation_alias=AliasChoices("SHARED_QUEUE_RETENTION_DAYS"))
-    singularity_instances: int = Field(1, ge=1, validation_alias=AliasChoices("SINGULARITY_INSTANCES"))
-    stack_prefix: str = Field("", validation_alias=AliasChoices("STACK_PREFIX"))
     prune_interval_seconds: float = Field(
         3600.0, ge=1, le=86400, validation_alias=AliasChoices("PRUNE_INTERVAL_SECONDS")
     )
@@ -75,6 +75,8 @@ class CentralCloudService(Service):
         self._console = ConsoleLogin(settings.api_token, "centralcloud", "CentralCloud")
         self._learning = asyncio.Lock()
         self._fingerprint: dict[str, str] | None = None  # of the archives the newest report was computed from
+        # Dual operation and cutover: the JetStream side of every work queue, made by its owner as pgmq's is.
+        self.messaging.on_connect.append(self._ensure_streams)
 
     async def on_start(self) -> None:
         await self.archives.open()
@@ -84,6 +86,10 @@ class CentralCloudService(Service):
     async def stop(self) -> None:
         await super().stop()
         await self.archives.close()
+
+    async def _ensure_streams(self, nc: Client) -> None:
+        created = await ensure_streams(nc.jetstream(), self.layout)
+        log.info("NATS streams checked", extra={"streams_created": created, "streams": len(self.layout.work_queues)})
 
     def _ensure_queues(self) -> list[str]:
         with psycopg.connect(self.settings.shared_queue_url) as conn:

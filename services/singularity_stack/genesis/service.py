@@ -87,7 +87,7 @@ class GenesisService(Service):
                 error=f"sandbox failure: {error}",
             )
         await record_execution(delivery.db, request, result)
-        await self.queue.publish(result)
+        await self.replies.send(delivery, result)  # on the path the request came by (NATS in dual operation)
         JOBS.labels(request.language.value, result.status.value).inc()
 
     def consumers(self) -> list[Consumer[Any]]:

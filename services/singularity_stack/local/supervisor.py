@@ -198,7 +198,21 @@ PROCESS_ENV = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LO
 # checks this table against the classes, which are not imported here: Nexus's pulls in litellm).
 COMMON_SETTINGS_ENV = frozenset({"LOG_LEVEL", "SHUTDOWN_GRACE_SECONDS", "ALLOWED_HOSTS", "MAX_BODY_BYTES", "POOL_SIZE"})
 # A service's connections and address are `up`'s own: set by the plan, never taken from the environment.
-SET_BY_UP_ENV = frozenset({"DATABASE_URL", "SHARED_QUEUE_DB_URL", "SHARED_QUEUE_URL", "HOST", "PORT"})
+# So are the stack's names and its NATS side (`up --messaging`, each service's own NATS password).
+SET_BY_UP_ENV = frozenset({"DATABASE_URL", "SHARED_QUEUE_DB_URL", "SHARED_QUEUE_URL", "HOST", "PORT"}) | {
+    *("MESSAGING_MODE", "NATS_URL", "NATS_PASSWORD", "SINGULARITY_INSTANCES", "STACK_PREFIX")
+}
+
+
+@dataclass(frozen=True)
+class Messaging:
+    """`up --messaging MODE --nats-url URL`: the mode, and every service's NATS password by logical name."""
+
+    mode: str = "pgmq"
+    nats_url: str = ""
+    passwords: Mapping[str, str] = field(default_factory=dict)
+
+
 SETTINGS_ENV: dict[str, frozenset[str]] = {
     "singularity": frozenset(
         {
@@ -210,6 +224,7 @@ SETTINGS_ENV: dict[str, frozenset[str]] = {
             "DAILY_LLM_BUDGET_USD",
             "LLM_REQUESTS_PER_MINUTE",
             "NEXUS_CONSOLE_URL",
+            "SINGULARITY_PUBLISH_TO",
         }
     ),
     "nexus": frozenset(
@@ -281,6 +296,7 @@ def plan_services(
     source_env: Mapping[str, str] | None = None,
     ports: Mapping[str, int] | None = None,
     workers: Mapping[str, int] | None = None,
+    messaging: Messaging | None = None,
 ) -> list[ServiceProcess]:
     """One process per service and per Singularity instance, each with its own port and settings; `workers`
     runs more processes of a shared service (e.g. {"nexus": 2}: "nexus" and "nexus-2", one database and
@@ -310,11 +326,15 @@ def plan_services(
         }
         if role == "singularity":
             env["SINGULARITY_INSTANCE"] = name
+        # Every service knows the stack's names: NATS subjects carry them (dual operation and cutover).
+        env |= {"SINGULARITY_INSTANCES": str(instances), "STACK_PREFIX": prefix}
         if role == "centralcloud":
+            env["SHARED_QUEUE_ANALYTICS_URL"] = creds.shared_queue_analytics_url or ""
+        if messaging is not None and messaging.mode != "pgmq":
             env |= {
-                "SHARED_QUEUE_ANALYTICS_URL": creds.shared_queue_analytics_url or "",
-                "SINGULARITY_INSTANCES": str(instances),
-                "STACK_PREFIX": prefix,
+                "MESSAGING_MODE": messaging.mode,
+                "NATS_URL": messaging.nats_url,
+                "NATS_PASSWORD": messaging.passwords[logical],
             }
         if role == "nexus":
             env["NEXUS_UI_TOKEN"] = ui_token

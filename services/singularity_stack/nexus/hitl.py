@@ -32,6 +32,7 @@ from singularity_stack.contract import ApprovalRequest, ApprovalResponse, Questi
 from singularity_stack.nexus.hitl_feed import HitlFeed, new_origin, notify
 from singularity_stack.sharedqueue import Permanent, SharedQueue
 from singularity_stack.sharedqueue.consumer import AfterCommit
+from singularity_stack.sharedqueue.nats_replies import ReplyRouter
 
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
@@ -163,13 +164,18 @@ class HitlStore:
         self.pool = pool
 
     async def insert(
-        self, conn: psycopg.AsyncConnection[TupleRow], request: ApprovalRequest | QuestionRequest, instance: str
+        self,
+        conn: psycopg.AsyncConnection[TupleRow],
+        request: ApprovalRequest | QuestionRequest,
+        instance: str,
+        path: str = "pgmq",
     ) -> dict[str, Any] | None:
-        """Store a new pending request from `instance` and its 'received' audit row; None if it was stored before."""
+        """Store a new pending request from `instance`, come by `path`, and its 'received' audit row; None if
+        it was stored before."""
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(
-            "INSERT INTO hitl_requests (request_id, kind, instance, agent_id, payload, deadline) "
-            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (request_id) DO NOTHING "
+            "INSERT INTO hitl_requests (request_id, kind, instance, agent_id, payload, deadline, reply_path) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (request_id) DO NOTHING "
             f"RETURNING {_CARD_COLUMNS}",
             (
                 request.request_id,
@@ -178,6 +184,7 @@ class HitlStore:
                 request.agent_id,
                 Jsonb(request.model_dump(mode="json")),
                 request.deadline,
+                path,
             ),
         )
         row = await cur.fetchone()
@@ -216,8 +223,9 @@ class HitlStore:
         state: str,
         actor: str,
         decision: dict[str, Any],
-    ) -> str | None:
-        """Move a pending, not overdue request of `kind` to `state`; returns its instance, or None.
+    ) -> tuple[str, str] | None:
+        """Move a pending, not overdue request of `kind` to `state`; returns its instance and the path it
+        came by (where the answer goes), or None.
 
         A concurrent decision on the same row waits for the row lock, then finds it no longer
         pending: exactly one reviewer wins.
@@ -225,11 +233,11 @@ class HitlStore:
         cur = await conn.execute(
             "UPDATE hitl_requests SET state = %s, decided_at = now(), decided_by = %s, decision = %s "
             "WHERE request_id = %s AND kind = %s AND state = 'pending' AND (deadline IS NULL OR deadline > now()) "
-            "RETURNING instance",
+            "RETURNING instance, reply_path",
             (state, actor, Jsonb(decision), request_id, kind),
         )
         row = await cur.fetchone()
-        return str(row[0]) if row else None
+        return (str(row[0]), str(row[1])) if row else None
 
     async def refusal(self, conn: psycopg.AsyncConnection[TupleRow], request_id: uuid.UUID, kind: str) -> HitlError:
         """Why `settle` found nothing to decide, as the error to raise."""
@@ -292,9 +300,11 @@ def _article(kind: str) -> str:
 
 
 class Hitl:
-    def __init__(self, pool: AsyncConnectionPool, queue: SharedQueue) -> None:
+    def __init__(self, pool: AsyncConnectionPool, queue: SharedQueue, replies: ReplyRouter | None = None) -> None:
         self.store = HitlStore(pool)
         self.queue = queue
+        # Answers go back the way their request came (a request held in dual operation may have come on NATS).
+        self.replies = replies or ReplyRouter(queue, None)
         self.broadcaster = Broadcaster()
         self.origin = new_origin()  # this replica, in the notifications it sends the others
 
@@ -320,11 +330,12 @@ class Hitl:
         request: ApprovalRequest | QuestionRequest,
         sender: str,
         after_commit: Callable[[AfterCommit], None],
+        path: str = "pgmq",
     ) -> None:
-        """Store a request from `sender` (the instance PostgreSQL vouches sent it, which gets the answer)
-        inside the consumer's open transaction `db`; browsers see it once that commits (`after_commit`
-        is the consumer's Delivery.after_commit)."""
-        row = await self.store.insert(db, request, sender)
+        """Store a request from `sender` (the instance PostgreSQL or nats-server vouches sent it, which gets
+        the answer) come by `path` inside the consumer's open transaction `db`; browsers see it once that
+        commits (`after_commit` is the consumer's Delivery.after_commit)."""
+        row = await self.store.insert(db, request, sender, path)
         if row is None:
             return  # stored before (a redelivery that slipped past the idempotency table): nothing new to show
         await notify(db, self.origin, {"type": "added", "request_id": str(request.request_id)})
@@ -389,14 +400,15 @@ class Hitl:
     ) -> R:
         """One transaction: claim the pending row, audit, publish the reply; then tell the browsers."""
         async with self.store.pool.connection() as conn, conn.transaction():
-            instance = await self.store.settle(conn, request_id, kind, state, actor, decision)
-            if instance is None:
+            settled = await self.store.settle(conn, request_id, kind, state, actor, decision)
+            if settled is None:
                 raise await self.store.refusal(conn, request_id, kind)
+            instance, path = settled
             message = reply(instance)
             await self.store.audit(conn, request_id, state, actor, decision)
             await notify(conn, self.origin, _removed(request_id, state, actor))
             # Published before the commit: a failure here rolls the decision back so it can be retried.
-            await self.queue.publish(message)
+            await self.replies.send_by(path, message)
         self.broadcaster.publish(_removed(request_id, state, actor))
         log.info("HITL request %s %s by %s", request_id, state, actor)
         return message

@@ -21,6 +21,7 @@ from singularity_stack.nexus.store import record_llm_call
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
+from singularity_stack.sharedqueue.nats_replies import path_of
 
 if TYPE_CHECKING:
     from singularity_stack.nexus.router import LlmRouter
@@ -67,7 +68,7 @@ class NexusService(Service):
         # Read and checked now (a bad file stops Nexus at start); the router that uses it loads in the background.
         self.routing = load_routing_config(settings.routing_config)
         self._router: asyncio.Task[LlmRouter] | None = None
-        self.hitl = Hitl(self.db, self.queue)
+        self.hitl = Hitl(self.db, self.queue, self.replies)
         self.hitl_feed = self.hitl.feed(settings.database_url)  # the other replicas' HITL changes
         self.reviewers = Reviewers(settings.reviewers_file)  # a bad file stops Nexus here, with the reason
 
@@ -124,11 +125,13 @@ class NexusService(Service):
             log.warning("LLM routing failed", extra={"request_id": str(request.request_id), "error": str(error)})
             result = c.LlmResult(**reply, error=str(error))
         await record_llm_call(delivery.db, request, delivery.sender, completion, result)
-        await self.queue.publish(result)
+        await self.replies.send(delivery, result)  # on the path the request came by (NATS in dual operation)
 
     async def hold_for_humans(self, delivery: Delivery[Any]) -> None:
         assert delivery.sender is not None  # requests always carry their vouched sender
-        await self.hitl.receive(delivery.db, delivery.message, delivery.sender, delivery.after_commit)
+        await self.hitl.receive(
+            delivery.db, delivery.message, delivery.sender, delivery.after_commit, path_of(delivery)
+        )
 
     def consumers(self) -> list[Consumer[Any]]:
         store = IdempotencyStore(self.db)

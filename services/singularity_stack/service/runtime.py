@@ -29,8 +29,10 @@ from singularity_stack.service.body_limit import BodyLimit
 from singularity_stack.service.console import LOGIN_PATH, STATIC_PREFIX, ConsoleLogin
 from singularity_stack.service.guard import FormRoute, GuardPolicy, RequestGuard
 from singularity_stack.service.http import error_response
+from singularity_stack.service.messaging import Messaging
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, NotifyListener, SharedQueue
+from singularity_stack.sharedqueue.nats_replies import ReplyRouter
 from singularity_stack.sharedqueue.pool import connection_pool, short_waits
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,17 @@ class Service:
         self._listener: NotifyListener | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: list[asyncio.Task[None]] = []
+        # The NATS side of the migration from NATS (MESSAGING_MODE); nothing in pgmq mode.
+        self.messaging = Messaging(settings, self.queue, self.nats_user())
+
+    @property
+    def replies(self) -> ReplyRouter:
+        """Where a handler sends its reply: back on the path its request came by (NATS or pgmq)."""
+        return self.messaging.replies
+
+    def nats_user(self) -> str:
+        """The service's NATS user, by logical name (an instance overrides it with its id)."""
+        return self.name
 
     # -- what a service declares -----------------------------------------------------------------
 
@@ -145,6 +158,9 @@ class Service:
             self._background.append(asyncio.create_task(self._listener.run(), name="notify-listener"))
         self._tasks = [asyncio.create_task(c.run(self.stop_event), name=f"consume-{c.queue}") for c in self._consumers]
         self._tasks += [asyncio.create_task(job(self.stop_event)) for job in self.jobs()]
+        if self.messaging.enabled:
+            nats = self.messaging.run(self.stop_event, self._consumers)
+            self._tasks.append(asyncio.create_task(nats, name="nats-readers"))
         log.info("%s started", self.name, extra={"consumers": [c.queue for c in self._consumers]})
 
     async def stop(self) -> None:
@@ -157,6 +173,7 @@ class Service:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.messaging.close()
         await self.queue.close()
         await self.db.close()
         log.info("%s stopped", self.name)
@@ -191,7 +208,7 @@ class Service:
             return JSONResponse({"status": "alive", "service": self.name})
 
         async def readyz(request: Request) -> Response:
-            problems, details = await self.readiness(), self.details()
+            problems, details = await self.readiness(), {**self.messaging.details(), **self.details()}
             extra = {"details": details} if details else {}
             if problems:
                 return JSONResponse({"status": "not ready", "problems": problems, **extra}, status_code=503)

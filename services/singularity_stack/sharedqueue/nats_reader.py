@@ -32,6 +32,7 @@ delivery cannot be given back, so only a reader that died costs a message an att
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -49,7 +50,14 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from pydantic import ValidationError
 
-from singularity_stack.contract import DeadLetter, DeadLetterReason, Message, Request, describe_validation_error
+from singularity_stack.contract import (
+    DeadLetter,
+    DeadLetterReason,
+    Message,
+    Reply,
+    Request,
+    describe_validation_error,
+)
 from singularity_stack.sharedqueue import nats_subjects as subjects
 from singularity_stack.sharedqueue.client import SharedQueue
 from singularity_stack.sharedqueue.consumer import AfterCommit, Delivery, Outcome, RetryPolicy
@@ -79,6 +87,13 @@ def archive_id(consumer_created: datetime, stream_seq: int) -> int:
     """The negative msg_id of a NATS message's pgmq archive row (see the module's docstring)."""
     seconds = max(int(consumer_created.timestamp()) - _EPOCH, 0)
     return -((seconds << 32) | (stream_seq & 0xFFFFFFFF))
+
+
+def reply_archive_id(queue: str, request_id: str) -> int:
+    """A reply's archive msg_id: negative (62 bits of a hash), the same for every copy of one reply, so the
+    replier (nats_replies.py) and the instance reading it here write one row between them."""
+    digest = hashlib.blake2b(f"{queue}:{request_id}".encode(), digest_size=8).digest()
+    return -(int.from_bytes(digest, "big") >> 2) - 1
 
 
 def storable(value: Any) -> Any:
@@ -379,6 +394,12 @@ class NatsReader(Generic[M]):
 
     async def _archive(self, msg: Msg) -> None:
         message = self.model.model_validate_json(msg.data)
+        # A reply was archived by its replier already, under an id of its own: the same row, not a second.
+        msg_id = (
+            reply_archive_id(self.queue, str(message.request_id))
+            if isinstance(message, Reply)
+            else archive_id(self._created, msg.metadata.sequence.stream)
+        )
         await self.client.query(
             sql.SQL(
                 "INSERT INTO {} (msg_id, read_ct, enqueued_at, vt, message, headers) "
@@ -386,7 +407,7 @@ class NatsReader(Generic[M]):
                 "ON CONFLICT (msg_id) DO NOTHING RETURNING msg_id"
             ).format(sql.Identifier("pgmq", f"a_{self.queue}")),
             (
-                archive_id(self._created, msg.metadata.sequence.stream),
+                msg_id,
                 msg.metadata.num_delivered,
                 msg.metadata.timestamp,
                 message.model_dump_json(),

@@ -16,7 +16,6 @@ a negative msg_id derived from the queue and request_id, so writing it again cha
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from singularity_stack.sharedqueue import nats_subjects as subjects
 from singularity_stack.sharedqueue.client import SharedQueue
 from singularity_stack.sharedqueue.consumer import Delivery
 from singularity_stack.sharedqueue.errors import Unavailable
-from singularity_stack.sharedqueue.nats_reader import NatsDelivery
+from singularity_stack.sharedqueue.nats_reader import PATH, NatsDelivery, reply_archive_id
 from singularity_stack.topology import StackLayout, reply_queue
 
 log = logging.getLogger(__name__)
@@ -82,10 +81,9 @@ class NatsReplies:
         )
 
 
-def reply_archive_id(queue: str, request_id: str) -> int:
-    """A negative msg_id (62 bits of a hash), the same for every copy of one reply: never one of pgmq's."""
-    digest = hashlib.blake2b(f"{queue}:{request_id}".encode(), digest_size=8).digest()
-    return -(int.from_bytes(digest, "big") >> 2) - 1
+def path_of(delivery: Delivery[Any]) -> str:
+    """The path a delivery came by: "nats" or "pgmq" (what a reply sent later, e.g. a human's, goes by)."""
+    return PATH if isinstance(delivery, NatsDelivery) else "pgmq"
 
 
 class ReplyRouter:
@@ -96,7 +94,11 @@ class ReplyRouter:
         self.nats = nats
 
     async def send(self, delivery: Delivery[Any], reply: Reply) -> None:
-        if isinstance(delivery, NatsDelivery):
+        await self.send_by(path_of(delivery), reply)
+
+    async def send_by(self, path: str, reply: Reply) -> None:
+        """Send `reply` on `path` ("nats" or "pgmq"), e.g. the path a held request came by."""
+        if path == PATH:
             if self.nats is None:
                 raise Unavailable("a NATS request but no NATS connection to answer it on")
             await self.nats.publish(reply)

@@ -22,6 +22,7 @@ from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.service.text import RequiredText, StorableText
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore, Unavailable
 from singularity_stack.singularity.console import TaskConsole, base_url
+from singularity_stack.singularity.publisher import PublishTo, RequestPublisher
 from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
 from singularity_stack.singularity.workflow import Context, TaskLimits, TaskRun
@@ -41,6 +42,8 @@ class SingularitySettings(ServiceSettings):
     requests_per_minute: int = Field(60, validation_alias=AliasChoices("LLM_REQUESTS_PER_MINUTE"))
     # Nexus's review page (e.g. http://127.0.0.1:8002): a task page links to its pending card. Unset: no link.
     nexus_console_url: str = Field("", validation_alias=AliasChoices("NEXUS_CONSOLE_URL", "nexus_console_url"))
+    # Dual operation (MESSAGING_MODE=dual): requests on the shared queue, on NATS, or on both.
+    publish_to: PublishTo = Field("pgmq", validation_alias=AliasChoices("SINGULARITY_PUBLISH_TO", "publish_to"))
 
     @field_validator("nexus_console_url")
     @classmethod
@@ -55,6 +58,10 @@ class SingularitySettings(ServiceSettings):
             if not match:
                 raise ValueError("set SINGULARITY_INSTANCE (e.g. singularity_1): DATABASE_URL does not name it")
             self.instance_id = match.group(1)
+        if self.publish_to != "pgmq" and self.messaging_mode != "dual":
+            raise ValueError(
+                f"SINGULARITY_PUBLISH_TO={self.publish_to} needs MESSAGING_MODE=dual (it is {self.messaging_mode})"
+            )
         return self
 
     def limits(self) -> TaskLimits:
@@ -83,12 +90,16 @@ class SingularityService(Service):
         super().__init__(settings)
         self.store = TaskStore(self.db)
         self.waiter = ReplyWaiter()
-        self.context = Context(settings.instance_id, self.store, self.queue, self.waiter, settings.limits())
+        publisher = RequestPublisher(self.queue, self.messaging, settings.instance_id, settings.publish_to)
+        self.context = Context(settings.instance_id, self.store, publisher, self.waiter, settings.limits())
         self.running: dict[uuid.UUID, asyncio.Task[None]] = {}
         self.interrupted: set[uuid.UUID] = set()  # workflows a database outage ended: replayed once it is back
         instance = settings.instance_id
         self.login = ConsoleLogin(settings.api_token, instance, f"Singularity · {instance}", landing="/")
         self.pages = TaskConsole(self.store, instance)
+
+    def nats_user(self) -> str:
+        return self.settings.instance_id
 
     # -- tasks -----------------------------------------------------------------------------------
 

@@ -19,12 +19,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import Counter
 
 from singularity_stack import contract as c
-from singularity_stack.sharedqueue import SharedQueue
 from singularity_stack.singularity.code import ambiguity, extract_code, unified_diff
 from singularity_stack.singularity.store import TaskStore
 from singularity_stack.singularity.waiter import ReplyWaiter
@@ -67,13 +66,19 @@ class TaskLimits:
     requests_per_minute: int = 60
 
 
+class Publisher(Protocol):
+    """Where requests go: the shared queue, or NATS too in dual operation (publisher.py)."""
+
+    async def publish(self, message: c.Message) -> int: ...
+
+
 @dataclass
 class Context:
     """What every task run of one instance shares."""
 
     instance: str
     store: TaskStore
-    queue: SharedQueue
+    queue: Publisher
     waiter: ReplyWaiter
     limits: TaskLimits
 

@@ -1,0 +1,2 @@
+-- Back to every answer on pgmq.
+ALTER TABLE hitl_requests DROP COLUMN reply_path;
