@@ -1,12 +1,14 @@
 """The chart's Localhost seccomp profile for Genesis (charts/singularity-stack/files/): derived from the
-runtime's default profile (singularity_stack_testing/seccomp_profile.py says how), and loaded with
-libseccomp the way runc loads a Pod's profile, with Genesis's bubblewrap options run under it as an
-unprivileged user: bwrap runs under the profile, and fails under the default or with any one of the
-added system calls taken away, so the profile is the default plus exactly what bubblewrap needs."""
+runtime's default profile (singularity_stack_testing/seccomp_profile.py says how), then run two ways with
+Genesis's bubblewrap options as an unprivileged user: loaded with libseccomp as runc loads it, and as the
+linux.seccomp of a real runc container (the local node's runtime; containerd copies a Localhost profile
+there) with a Pod's restrictions. bwrap runs under the profile, and fails under the default or with any
+one of the added system calls taken away: the profile is the default plus exactly what bubblewrap needs."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -113,3 +115,67 @@ def test_each_added_call_is_needed(call: str, tmp_path: Path):
     fewer = tuple(c for c in seccomp_profile.BUBBLEWRAP_CALLS if c != call)
     ran = bwrap_under(seccomp_profile.genesis_profile(fewer), VARIANTS["with /proc"], tmp_path)
     assert ran.returncode != 0 and ran.stderr.startswith("bwrap: "), ran
+
+
+# -- in a real container: runc, the local node's runtime, with the profile as containerd hands it over --------
+
+
+def runc_run(profile: dict[str, Any] | None, options: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """bwrap in a container as a Pod runs Genesis: uid 10001, no capabilities, no_new_privs, read-only root,
+    the runtime's masked /proc; containerd reads a Localhost profile into the OCI spec's linux.seccomp as is."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    bundle = tmp_path / "bundle"
+    rootfs = bundle / "rootfs"
+    for directory in ("usr", "proc", "dev", "tmp", "sys"):
+        (rootfs / directory).mkdir(parents=True)
+    for link in ("bin", "lib", "lib64", "sbin"):
+        (rootfs / link).symlink_to(f"usr/{link}")
+    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    config["root"] = {"path": "rootfs", "readonly": True}
+    config["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]})
+    config["process"].update(
+        terminal=False,
+        user={"uid": 10001, "gid": 10001},
+        capabilities={kind: [] for kind in ("bounding", "effective", "permitted", "ambient")},
+        noNewPrivileges=True,
+        args=["/usr/bin/bwrap", *options, "/bin/sh", "-c", 'echo "ran on $(hostname) as $(id -u)"'],
+    )
+    if profile is not None:
+        config["linux"]["seccomp"] = profile
+    (bundle / "config.json").write_text(json.dumps(config))
+    name = f"genesis-seccomp-{tmp_path.name}"[-60:]
+    return subprocess.run(
+        ["runc", "--root", str(tmp_path / "runc"), "run", "--bundle", str(bundle), name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def runc() -> None:
+    if shutil.which("runc") is None or os.geteuid() != 0:
+        pytest.skip("SKIPPED LOUDLY: runc (scripts/debian-test-packages.txt) and root are needed to run a container")
+
+
+@pytest.mark.usefixtures("runc")
+def test_bubblewrap_runs_in_a_container_under_the_profile(tmp_path: Path):
+    profile = json.loads(seccomp_profile.PROFILE_FILE.read_text())
+    ran = runc_run(profile, VARIANTS["in a container (no /proc)"], tmp_path)
+    assert (ran.returncode, ran.stdout.strip()) == (0, "ran on genesis as 1000"), ran.stderr
+
+
+@pytest.mark.usefixtures("runc")
+def test_in_a_container_a_proc_of_its_own_fails_with_or_without_seccomp(tmp_path: Path):
+    """Why Genesis mounts no /proc in a container: the runtime's masked /proc forbids it, not the profile."""
+    for profile in (json.loads(seccomp_profile.PROFILE_FILE.read_text()), None):
+        ran = runc_run(profile, VARIANTS["with /proc"], tmp_path / ("profile" if profile else "unconfined"))
+        assert ran.returncode != 0 and "Can't mount proc" in ran.stderr, ran
+
+
+@pytest.mark.usefixtures("runc")
+def test_bubblewrap_fails_in_a_container_under_the_runtime_default(tmp_path: Path):
+    default = seccomp_profile.runtime_default(json.loads(seccomp_profile.UPSTREAM.read_text()))
+    ran = runc_run(default, VARIANTS["in a container (no /proc)"], tmp_path)
+    assert ran.returncode != 0 and "bwrap:" in ran.stderr, ran
