@@ -127,10 +127,42 @@ class SingularitySpec(ServiceSpec):
 MAX_SERVICE_REPLICAS = 20
 
 
-class NexusSpec(ServiceSpec):
-    replicas: int = Field(
-        1, ge=1, le=MAX_SERVICE_REPLICAS, description="Nexus pods sharing LLM requests, approvals and questions."
+class Autoscale(Model):
+    """Replicas that follow the service's queue (operator/singularity_operator/autoscale.py)."""
+
+    min_replicas: int = Field(1, ge=1, le=MAX_SERVICE_REPLICAS)
+    max_replicas: int = Field(ge=1, le=MAX_SERVICE_REPLICAS)
+    target_queue_depth: int = Field(
+        ge=1, le=1_000_000, description="Requests waiting per replica: depth / this = replicas wanted."
     )
+    target_oldest_age_seconds: int | None = Field(
+        None, ge=1, description="One more replica while the oldest request waits longer than this."
+    )
+    stabilization_window_seconds: int = Field(
+        120, ge=0, le=3600, description="Scale down only to the most any recommendation of this window asked."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscale:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) is more than maxReplicas ({self.max_replicas})")
+        return self
+
+
+class ScalableService(ServiceSpec):
+    """A service any number of pods can run at once, sharing its queues' work (Nexus, Genesis)."""
+
+    replicas: int = Field(1, ge=1, le=MAX_SERVICE_REPLICAS, description="Pods sharing the service's queues.")
+    autoscale: Autoscale | None = Field(
+        None, description="Follow the backlog of the service's work queue instead of a fixed replicas."
+    )
+
+    def most_replicas(self) -> int:
+        """The most pods this service may run: what the connection budget must admit."""
+        return self.autoscale.max_replicas if self.autoscale else self.replicas
+
+
+class NexusSpec(ScalableService):
     routing_config_map: ConfigMapKeyRef | None = Field(
         None, description="ConfigMap (name, key) with a routing YAML; the packaged default otherwise."
     )
@@ -168,8 +200,7 @@ class GenesisSeccomp(Model):
         return self
 
 
-class GenesisSpec(ServiceSpec):
-    replicas: int = Field(1, ge=1, le=MAX_SERVICE_REPLICAS, description="Genesis pods sharing the code jobs.")
+class GenesisSpec(ScalableService):
     max_concurrent_jobs: int = Field(2, ge=1, le=64)
     seccomp_profile: GenesisSeccomp = Field(default_factory=GenesisSeccomp)
 
@@ -224,7 +255,7 @@ class StackSpec(Model):
 
     def connection_budget(self) -> budget.Budget:
         """What every pod of the stack may open at once (each Nexus and Genesis replica its own pools)."""
-        replicas = {"nexus": self.nexus.replicas, "genesis": self.genesis.replicas}
+        replicas = {"nexus": self.nexus.most_replicas(), "genesis": self.genesis.most_replicas()}
         return self.connections.stack_budget(self.singularity.replicas, replicas)
 
     def image_of(self, service: ServiceSpec) -> str:
@@ -258,6 +289,12 @@ class BackupStatus(Model):
     restored: str | None = Field(None, description="The backup this stack was restored from.")
 
 
+class ScalingStatus(Model):
+    current_replicas: int
+    desired_replicas: int
+    reason: str
+
+
 class StackStatus(Model):
     observed_generation: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
@@ -267,6 +304,9 @@ class StackStatus(Model):
     backup: BackupStatus | None = Field(None, description="spec.backup's newest backups; the restore, if any.")
     services: dict[str, ServiceRollout] = Field(
         default_factory=dict, description="Per service and instance: the image it runs and its last migration."
+    )
+    autoscale: dict[str, ScalingStatus] = Field(
+        default_factory=dict, description="Per autoscaled service: its replicas now, those wanted and why."
     )
 
 

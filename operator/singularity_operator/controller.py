@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from singularity_operator import api, migration_jobs, naming, objects
 from singularity_operator import conditions as cond
+from singularity_operator.autoscale import Autoscaler, ScaleMemory
 from singularity_operator.backups import Backups
 from singularity_operator.kube import Kube
 from singularity_operator.rollout import Rollout
@@ -79,11 +80,15 @@ def describe_failure(error: Exception) -> str:
 
 
 class StackController:
-    def __init__(self, kube: Kube, *, adopt: Adopt, event: EventRecorder) -> None:
+    def __init__(
+        self, kube: Kube, *, adopt: Adopt, event: EventRecorder, scale_memory: ScaleMemory | None = None
+    ) -> None:
         self.kube = kube
         self.adopt = adopt
         self.event = event
         self.rollout = Rollout(kube, adopt=adopt, event=event)
+        # Shared across reconciles (the operator's handlers keep one): the autoscaler's scale-down window.
+        self.autoscaler = Autoscaler(scale_memory if scale_memory is not None else ScaleMemory(), event)
 
     # -- PostgreSQL ----------------------------------------------------------------------------------
 
@@ -292,6 +297,8 @@ class StackController:
             new = [logical for logical, deployment in live.items() if deployment is None]
             status, applied = self.provision(stack, namespace, spec, admin_dsn, public, prefix, new)
             status.update(backed_up.status)
+            spec, scaled = self.autoscaler.scale(stack, namespace, spec, admin_dsn, prefix, live)
+            status.update(scaled)
         except RetryLater as waiting:
             return self._not_ready("Waiting", str(waiting), delay=waiting.delay)
         except PgmqUpgradeRequired as error:

@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 
 from singularity_operator import api
 from singularity_operator import conditions as cond
+from singularity_operator.autoscale import ScaleMemory
 from singularity_operator.config import OperatorConfig
 from singularity_operator.controller import API_VERSION, ReconcileOutcome, StackController
 from singularity_operator.kube import Kube
@@ -68,6 +69,7 @@ class StackHandlers:
         self._kube: Kube | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._scale_memory = ScaleMemory()  # the autoscaler's recent recommendations, for every stack
 
     def _lock(self, body: kopf.Body) -> threading.Lock:
         with self._locks_lock:
@@ -105,7 +107,9 @@ class StackHandlers:
                 return  # the same failure as last time: the stack already says so, nothing is new
             kopf.event(body, type=kind, reason=reason, message=message[:1000])
 
-        return StackController(self.kube(), adopt=lambda obj: kopf.adopt(obj, owner=body), event=event)
+        return StackController(
+            self.kube(), adopt=lambda obj: kopf.adopt(obj, owner=body), event=event, scale_memory=self._scale_memory
+        )
 
     def _write_status(self, body: kopf.Body, outcome: ReconcileOutcome) -> None:
         """Patch status through /status, and only when it differs (an idle reconcile writes nothing)."""
