@@ -120,7 +120,7 @@ def test_a_stack_dumped_dropped_and_restored_has_its_rows_queues_and_grants(
     assert "PASSWORD" not in (backups / name / "globals.sql").read_text()  # no credential on the volume
 
     drop_stack(admin_dsn, result.layout)
-    assert restore(admin_dsn, tools, backups) == {"restored": name, "databases": 6}
+    assert restore(admin_dsn, tools, backups) == {"restored": name, "databases": 6, "instances": 2}
     after = fingerprint(admin_dsn, result.layout)
     assert after == before and len(after) > 40
 

@@ -184,7 +184,7 @@ def test_restore_from_holds_provisioning_until_its_job_restored_then_the_roles_g
     _, admin, kube = plane
     dsn = fresh_postgres
     # the old stack (a managed server's names: no prefix), its backup on "its claim" (a directory here), then gone
-    old = Provisioner(dsn, StackLayout(1), report=lambda _: None).run()
+    old = Provisioner(dsn, StackLayout(2), report=lambda _: None).run()  # two instances; the new stack asks one
     ids = fill(old)
     tools = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() or "/usr/bin")
     env = {**backup.libpq_environment(dsn), **backup.dump_environment(old.layout, str(open_tmp), 3)}
@@ -225,8 +225,9 @@ def test_restore_from_holds_provisioning_until_its_job_restored_then_the_roles_g
 
     finished = step()
     assert finished.waiting is None and finished.status == {"backup": {"restored": taken}}
-    assert ("Normal", "Restored", f"restored backup {taken}; its 5 roles got passwords") in seen.events
+    assert ("Normal", "Restored", f"restored backup {taken}; its 6 roles got passwords") in seen.events
     assert backup.passwordless_roles(dsn, old.layout) == []
+    assert "singularity_2" in seen.credentials  # kept for a scale to two: its role has a known password
     # provisioning as the operator does, from the Secrets just written: nothing refused, the old task is there
     result = Provisioner(
         dsn, StackLayout(1), known_passwords=creds.known_passwords(seen.credentials), owner="bk-restore/new",

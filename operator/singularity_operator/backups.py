@@ -24,7 +24,7 @@ from singularity_operator.kube import Kube
 from singularity_stack.provision import backup
 from singularity_stack.provision import credentials as creds
 from singularity_stack.provision.provisioner import Endpoint, Provisioner
-from singularity_stack.topology import StackLayout
+from singularity_stack.topology import MAX_INSTANCES, StackLayout
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5
@@ -104,7 +104,12 @@ class Backups:
             why = f"restore Job {name} failed: {message or 'see its Pods'}"
             self.event("Warning", "RestoreFailed", why)
             return BackupStep(("RestoreFailed", why[:1000]))
-        restored = str(bo.report_of(message).get("restored") or source.backup)
+        report = bo.report_of(message)
+        restored = str(report.get("restored") or source.backup)
+        # every restored instance gets its password, also those above spec's replicas (scaled to later)
+        instances = report.get("instances")
+        if isinstance(instances, int) and instances > layout.instances:
+            layout = StackLayout(min(instances, MAX_INSTANCES))
         roles = backup.passwordless_roles(_timed(admin_dsn), layout)
         if roles:
             passwords = known(layout)

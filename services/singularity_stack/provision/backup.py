@@ -169,7 +169,9 @@ for db in $databases; do
         || die "pg_restore of $db: see the lines above"
     case "$db" in *shared_queue) q -c "COMMENT ON DATABASE \"$db\" IS NULL" ;; esac
 done
-report=$(printf '{"restored": "%s", "databases": %s}' "$name" "$(printf '%s\n' $databases | wc -l)")
+instances=$(printf '%s\n' $databases | grep -Ec 'singularity_[0-9]+$' || true)
+report=$(printf '{"restored": "%s", "databases": %s, "instances": %s}' \
+    "$name" "$(printf '%s\n' $databases | wc -l)" "$instances")
 if [ -n "$REPORT" ]; then printf '%s\n' "$report" > "$REPORT"; fi
 printf '%s\n' "$report"
 """
