@@ -235,3 +235,23 @@ def test_a_server_that_does_not_answer_is_one_line_with_the_client_s_reason(pg_c
     message = str(refused.value)
     assert message.startswith("backup failed: pg_dumpall --globals-only: see the lines above (")
     assert "Connection refused" in message and "\n" not in message
+
+
+def test_a_tampered_globals_file_runs_nothing_but_the_stack_s_plain_role_lines(
+    admin_dsn, pg_cluster: LocalCluster, provision_stack, backups
+):
+    result = provision_stack(1, prefix="bkx_")
+    tools = pg_cluster.installation.bindir
+    name = str(dump(admin_dsn, tools, result.layout, backups)["backup"])
+    globals_sql = backups / name / "globals.sql"
+    globals_sql.write_text(
+        globals_sql.read_text()
+        + "ALTER ROLE bkx_nexus WITH SUPERUSER;\n"  # a plain line: run, then the provisioner's attributes win
+        + "ALTER ROLE bkx_genesis WITH LOGIN; CREATE ROLE bkx_intruder SUPERUSER LOGIN;\n"  # more in it: not run
+        + "CREATE ROLE bkx_intruder2;\n"  # not the stack's
+    )
+    drop_stack(admin_dsn, result.layout)
+    restore(admin_dsn, tools, backups, name)
+    with psycopg.connect(admin_dsn) as conn:
+        roles = dict(conn.execute("SELECT rolname, rolsuper FROM pg_roles WHERE rolname LIKE 'bkx_%'").fetchall())
+    assert roles == dict.fromkeys(backup.stack_roles(result.layout), False)

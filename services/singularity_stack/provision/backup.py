@@ -159,7 +159,12 @@ present="$present $(q -c "SELECT string_agg(rolname, ' ') FROM pg_roles WHERE ro
 present=$(echo $present)
 [ -z "$present" ] \
     || die "the server already has $present: a restore needs a server without the stack's databases and roles"
-statements=$(for role in $roles; do grep -E "^(CREATE|ALTER) ROLE \"?$role\"?[ ;]" "$dir/globals.sql" || true; done)
+# Only the stack's roles, and of pg_dumpall's lines for them only the two plain shapes (a line with more in it
+# is not run); their attributes are then the provisioner's, whatever the file says.
+statements=$(for role in $roles; do
+    grep -E "^(CREATE ROLE \"?$role\"?|ALTER ROLE \"?$role\"? WITH( [A-Z]+)+);$" "$dir/globals.sql" || true
+    echo "ALTER ROLE \"$role\" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;"
+done)
 for role in $roles; do
     printf '%s\n' "$statements" | grep -Eq "^CREATE ROLE \"?$role\"?;" || die "backup $name has no role $role"
 done
