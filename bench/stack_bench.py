@@ -101,9 +101,14 @@ def nexus_startup(stack: ProvisionResult, samples: int) -> None:
 
 
 def readyz_details(port: int) -> dict[str, str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as response:
-        details: dict[str, str] = json.load(response).get("details", {})
-        return details
+    """/readyz's details; {} while it does not answer within 5 s (litellm's import in its worker thread
+    holds the GIL for long stretches on a busy machine)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
+            details: dict[str, str] = json.load(response).get("details", {})
+            return details
+    except OSError:
+        return {}
 
 
 def cpu_seconds(pid: int) -> float:
