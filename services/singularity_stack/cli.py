@@ -337,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help=f"{service} processes sharing its queues (default 1; at most {MAX_WORKERS})",
         )
+    p.add_argument(
+        "--messaging",
+        choices=("pgmq", "dual", "cutover"),
+        default="pgmq",
+        help="the migration from NATS: pgmq only (default), dual operation (NATS too), or cutover",
+    )
+    p.add_argument("--nats-url", metavar="URL", help="the platform's nats-server, for --messaging dual or cutover")
     p.add_argument("--state-dir", type=Path, default=Path(".local-stack"))
     p.add_argument("--admin-dsn", help="use this PostgreSQL instead of starting a local one")
     p.add_argument("--state-file", type=Path, help="write every service's URL and the UI token here once ready")

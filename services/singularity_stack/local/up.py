@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from singularity_stack.local import lifecycle
+from singularity_stack.local import lifecycle, nats
 from singularity_stack.local.supervisor import (
     PostgresProcess,
     ServiceProcess,
@@ -162,6 +162,7 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
     from singularity_stack import cli  # the provisioning and token helpers `up` shares with other commands
     from singularity_stack.nexus.reviewers import ReviewerFile
 
+    nats.check(args.messaging, args.nats_url)
     left = stop_recorded(state / "children.json", say)
     datadir, moved = (state / "postgres", None) if args.admin_dsn else postgres_dir(state)
     if not args.admin_dsn:  # before the ports are chosen: a leftover server holds PostgreSQL's
@@ -216,6 +217,12 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
         reviewers_file = state / "reviewers.json"
         ReviewerFile(reviewers_file).ensure()
         extra_env = {role: {cli.API_TOKENS[role][0]: value} for role, value in api_tokens.items()}
+        messaging, nats_users = nats.messaging(state, result.layout, args.messaging, args.nats_url)
+        if nats_users:
+            say(
+                f"  messaging {messaging.mode} with {messaging.nats_url}; its nats-server must include {nats_users} "
+                "(a path relative to its config file)"
+            )
         services = plan_services(
             result.credentials,
             state,
@@ -224,6 +231,7 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
             extra_env=extra_env | {"nexus": {"NEXUS_REVIEWERS_FILE": str(reviewers_file)}},
             ports=ports,
             workers=workers_of(args),
+            messaging=messaging,
         )
         consoles = link_consoles(services)
         supervisor.start_all(services=services)
@@ -236,6 +244,7 @@ def _run(args: argparse.Namespace, state: Path, stop: lifecycle.Stop, supervisor
             "api_tokens": api_tokens,
             "consoles": {name: url + "/" for name, url in consoles.items()},
             "logs": str(state / "logs"),
+            "messaging": {"mode": messaging.mode, "nats_url": messaging.nats_url, "nats_users": str(nats_users or "")},
         }
         if args.state_file:
             write_state(args.state_file, summary)
