@@ -209,6 +209,50 @@ class CentralCloudSpec(ServiceSpec):
     retention_days: int = Field(90, ge=1, le=3650, description="Archived messages older than this are pruned.")
 
 
+class MessagingMode(enum.StrEnum):
+    PGMQ = "pgmq"  # the shared queue only
+    DUAL = "dual"  # the migration from NATS, phase 1: NATS requests served too
+    CUTOVER = "cutover"  # phase 2: NATS requests refused on their reply subject
+
+
+class PublishTo(enum.StrEnum):
+    PGMQ = "pgmq"
+    NATS = "nats"
+    BOTH = "both"
+
+
+class MessagingSpec(Model):
+    """The migration from NATS: the stack beside the platform's nats-server (its users: nats_permissions.py)."""
+
+    mode: MessagingMode = MessagingMode.PGMQ
+    nats_url: str | None = Field(
+        None,
+        pattern=r"^(nats|tls)://[^\s/]+$",
+        description="The nats-server, e.g. nats://nats.messaging:4222; unset: the natsSecret's url key.",
+    )
+    nats_secret: KubeName | None = Field(
+        None,
+        description="Secret of the NATS users' passwords, one key per service and instance "
+        "(centralcloud, nexus, genesis, singularity_1, ...), and the url when natsUrl is unset.",
+    )
+    nats_port: int = Field(4222, ge=1, le=65535, description="The port the NetworkPolicies open, if natsUrl is unset.")
+    singularity_publish_to: PublishTo = Field(PublishTo.PGMQ, description="Where instances publish, in dual.")
+
+    @model_validator(mode="after")
+    def _nats_needs(self) -> MessagingSpec:
+        if self.mode is not MessagingMode.PGMQ and self.nats_secret is None:
+            raise ValueError(f"messaging: mode {self.mode.value} needs natsSecret (and natsUrl, or its url key)")
+        if self.singularity_publish_to is not PublishTo.PGMQ and self.mode is not MessagingMode.DUAL:
+            raise ValueError("messaging: singularityPublishTo other than pgmq needs mode dual")
+        return self
+
+    def egress_port(self) -> int:
+        """The nats-server's port, which the NetworkPolicies let the services reach."""
+        hostport = (self.nats_url or "").split("://", 1)[-1].rsplit("@", 1)[-1]
+        port = hostport.rsplit(":", 1)[1] if ":" in hostport and not hostport.endswith("]") else ""
+        return int(port) if port.isdigit() else self.nats_port if self.nats_url is None else 4222
+
+
 class Connections(Model):
     """How many connections each service may open, so that the PostgreSQL server can be sized to admit them."""
 
@@ -240,6 +284,7 @@ class StackSpec(Model):
         DeletionPolicy.RETAIN, description="Delete drops the stack's databases and roles with it; Retain keeps them."
     )
     backup: BackupSpec | None = Field(None, description="Scheduled backups of managed PostgreSQL.")
+    messaging: MessagingSpec = Field(default_factory=MessagingSpec, description="The migration from NATS.")
 
     @model_validator(mode="after")
     def _one_postgres(self) -> StackSpec:

@@ -202,6 +202,37 @@ def _deployment(
     }
 
 
+NATS_URL_KEY = "url"  # in spec.messaging.natsSecret, when spec.messaging.natsUrl is unset
+
+
+def _messaging_env(spec: api.StackSpec, logical: str, prefix: str) -> list[dict[str, Any]]:
+    """The migration from NATS: the mode, the nats-server, the service's own NATS password (its key in the
+    Secret is its logical name) and the stack's names, which NATS subjects carry. Nothing in pgmq mode."""
+    messaging = spec.messaging
+    if messaging.mode is api.MessagingMode.PGMQ:
+        return []
+    assert messaging.nats_secret  # MessagingSpec's check
+    secret = messaging.nats_secret
+    url: dict[str, Any] = (
+        {"value": messaging.nats_url}
+        if messaging.nats_url
+        else {"valueFrom": {"secretKeyRef": {"name": secret, "key": NATS_URL_KEY}}}
+    )
+    env: list[dict[str, Any]] = [
+        {"name": "MESSAGING_MODE", "value": messaging.mode.value},
+        {"name": "NATS_URL", **url},
+        {"name": "NATS_PASSWORD", "valueFrom": {"secretKeyRef": {"name": secret, "key": logical}}},
+    ]
+    if logical != "centralcloud":  # CentralCloud has them already (its queues)
+        env += [
+            {"name": "SINGULARITY_INSTANCES", "value": str(spec.singularity.replicas)},
+            {"name": "STACK_PREFIX", "value": prefix},
+        ]
+    if logical.startswith("singularity_"):
+        env.append({"name": "SINGULARITY_PUBLISH_TO", "value": messaging.singularity_publish_to.value})
+    return env
+
+
 def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]:
     """Nexus, Genesis, CentralCloud and one Deployment per Singularity instance."""
 
@@ -216,6 +247,7 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
             env = [*env, *_secret_env(api_token_secret_name(stack, role), API_TOKEN_KEYS[role])]
         # The pool sizes the connection budget (and so managed PostgreSQL's max_connections) counts on.
         env = [*env, {"name": "POOL_SIZE", "value": str(pool_size_for(logical, spec.connections.pools()))}]
+        env = [*env, *_messaging_env(spec, logical, prefix)]
         return _container(spec, service, role, env, allowed_hosts(stack, namespace, logical))
 
     nexus_env = [*db("nexus"), *_secret_env(ui_secret_name(stack), "NEXUS_UI_TOKEN")]
@@ -422,6 +454,8 @@ def network_policies(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
     in_stack = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": stack}}}
     http_in = [{"ports": [{"protocol": "TCP", "port": HTTP_PORT}]}]
     base_egress = [_to_postgres(stack, spec), DNS]
+    if spec.messaging.mode is not api.MessagingMode.PGMQ:  # the platform's nats-server, wherever it runs
+        base_egress.append({"ports": [{"protocol": "TCP", "port": spec.messaging.egress_port()}]})
     policies = [
         policy(
             "singularity",
