@@ -27,7 +27,7 @@ from sandbox_support import (
     require_tool,
 )
 
-from singularity_stack.genesis import sandbox
+from singularity_stack.genesis import phase_output, sandbox
 from singularity_stack.genesis.languages import RUFF, UnsupportedLanguage, get_language
 from singularity_stack.genesis.runner import JobOutcome, JobRunner, JobStatus
 from singularity_stack.genesis.sandbox import SANDBOX_UID, KiB, Limits, MiB
@@ -552,3 +552,64 @@ async def test_jobs_cannot_create_user_namespaces_with_or_without_proc(monkeypat
     outcome = await JobRunner(1).run(NEW_USER_NAMESPACE, "python")
     assert outcome.status == JobStatus.OK, outcome
     assert outcome.stdout.splitlines() == ["unshare -1 Operation not permitted", "child 7"]
+
+
+# -- one sandbox, its phases one after another --------------------------------------------------------
+
+
+async def test_each_phase_of_a_sandbox_is_reported_on_its_own(sandbox_ready: None, job_watch: JobWatch) -> None:
+    """Outputs without a final newline, exit codes, an address-space limit and an environment of one phase
+    alone: nothing of one phase leaks into another's result, and the later phases see the same /box."""
+    phases = [
+        sandbox.Phase("first", ["sh", "-c", "printf out1; printf err1 >&2; echo made > made; exit 3"]),
+        sandbox.Phase("second", ["sh", "-c", 'printf "%s %s" "$(ulimit -v)" "$ONLY"'], {"ONLY": "x y"}, 64 * MiB),
+        sandbox.Phase("third", ["sh", "-c", 'cat made; printf "[%s] %s" "${ONLY-unset}" "$(ulimit -v)" >&2']),
+    ]
+    async with sandbox.JobSandbox(phases, files={}, limits=LIMITS) as box:
+        results = [await box.run_next() for _ in phases]
+    got = [(r.exit_code, r.stdout, r.stderr, r.timed_out, r.output_truncated) for r in results]
+    assert got == [
+        (3, b"out1", b"err1", False, False),
+        (0, b"65536 x y", b"", False, False),
+        (0, b"made\n", b"[unset] unlimited", False, False),
+    ]
+    assert_nothing_left_running(job_watch)
+
+
+async def test_a_phase_printing_a_marker_of_its_own_stays_in_its_output(sandbox_ready: None) -> None:
+    """A phase that prints what looks like the init's end-of-phase marker (any nonce but the sandbox's
+    own, which it cannot know) neither ends its phase early nor writes the next one's output."""
+    fake = "\\n0123456789abcdef0123456789abcdef 0\\n"
+    phases = [
+        sandbox.Phase("first", ["sh", "-c", f"printf '{fake}'; printf '{fake}' >&2; sleep 0.2; printf after"]),
+        sandbox.Phase("second", ["sh", "-c", "printf second"]),
+    ]
+    async with sandbox.JobSandbox(phases, files={}, limits=LIMITS) as box:
+        first, second = await box.run_next(), await box.run_next()
+    marker = b"\n0123456789abcdef0123456789abcdef 0\n"
+    assert (first.stdout, first.stderr, second.stdout) == (marker + b"after", marker, b"second")
+
+
+async def test_a_program_reads_nothing_on_stdin(runner: JobRunner) -> None:
+    """The init reads the host's go-aheads on its stdin; the job's programs get /dev/null there."""
+    outcome = await runner.run("import sys\nprint(repr(sys.stdin.read()))\n", "python")
+    assert (outcome.status, outcome.stdout) == (JobStatus.OK, "''\n"), outcome
+
+
+def test_phase_output_is_split_at_the_marker_however_the_pipe_cuts_it() -> None:
+    """The marker and its status may arrive a byte at a time; a status line that is not one stays output."""
+    nonce = b"ab" * 16
+    data = b"x\n" + b"\n" + nonce + b" 7\n" + b"y" + b"\n" + nonce + b" no\nz" + b"\n" + nonce + b" 0\n" + b"last"
+
+    async def split(chunk: int) -> tuple[list[bytes], list[int | None]]:
+        stream = phase_output.PhasedStream(3, 1024, nonce, True, lambda: None)
+        reader = asyncio.StreamReader()
+        for at in range(0, len(data), chunk):
+            reader.feed_data(data[at : at + chunk])
+        reader.feed_eof()
+        await stream.drain(reader)
+        return [bytes(c.data) for c in stream.captures], [f.result() for f in stream.ended]
+
+    expected = ([b"x\n", b"y\n" + nonce + b" no\nz", b"last"], [7, 0, None])
+    for chunk in (1, 2, 3, 7, len(data)):
+        assert asyncio.run(split(chunk)) == expected, chunk
