@@ -287,3 +287,53 @@ async def test_cutover_refuses_nats_requests_on_their_reply_subject_and_serves_p
         ("permanent", REFUSAL, str(by_nats.request_id))
     ]
     assert await dual.stream_count("llm_requests") == 0  # settled: nothing left for a reader
+
+
+async def test_cutover_answers_a_request_held_in_dual_on_nats_and_instances_still_read_nats_replies(dual):
+    """A human may decide after the cutover on a request a NATS publisher sent during dual operation: the
+    answer goes back on NATS, and the instance (in cutover too) still reads its NATS reply stream."""
+    await start_central(dual, "dual")
+    nexus = await dual.nexus("dual")
+    held = c.QuestionRequest(reply_to="singularity_1", agent_id="agent-7", question="which port?")
+    await dual.nats_request(held)
+    await until(lambda: len(dual.nexus_rows("SELECT 1 FROM hitl_requests")) == 1, what="the question held")
+    await nexus.stop()
+    dual.services.remove(nexus)
+
+    nexus = await dual.nexus("cutover")
+    singularity = await dual.singularity("cutover", "singularity_1", "pgmq")
+    assert sorted(r.queue for r in singularity.messaging.readers) == sorted(f"{k}_singularity_1" for k in c.REPLIES)
+    await nexus.hitl.answer(held.request_id, "8080", "alice")
+    # Read by the instance from its NATS reply stream and archived once, with the NATS path.
+    await until(lambda: len(dual.archived("question_responses_singularity_1")) == 1, what="the answer read")
+    [(_, message, headers)] = dual.archived("question_responses_singularity_1")
+    assert (message["request_id"], message["response"], headers["path"]) == (str(held.request_id), "8080", "nats")
+    assert dual.pgmq("question_responses_singularity_1") == []
+
+
+@pytest.mark.parametrize(
+    ("values", "says"),
+    [
+        ({"MESSAGING_MODE": "dual"}, "MESSAGING_MODE=dual needs NATS_URL, NATS_PASSWORD, SINGULARITY_INSTANCES"),
+        (
+            {"MESSAGING_MODE": "cutover", "NATS_URL": "nats://n:4222", "NATS_PASSWORD": "p" * 20},
+            "MESSAGING_MODE=cutover needs SINGULARITY_INSTANCES",
+        ),
+        ({"MESSAGING_MODE": "nats"}, "MESSAGING_MODE"),
+        ({"SINGULARITY_PUBLISH_TO": "both"}, "SINGULARITY_PUBLISH_TO=both needs MESSAGING_MODE=dual"),
+    ],
+)
+def test_a_service_refuses_a_messaging_setting_that_cannot_work_in_one_line(monkeypatch, values, says):
+    from singularity_stack.service.run import build_service
+    from singularity_stack.service.settings import SettingsError
+
+    base = {
+        "DATABASE_URL": "postgresql:///singularity_1",
+        "SHARED_QUEUE_DB_URL": "postgresql:///shared_queue",
+        "SINGULARITY_API_TOKEN": TOKEN,
+    }
+    for key, value in {**base, **values}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SettingsError, match=says) as refused:
+        build_service("singularity")
+    assert "\n" not in str(refused.value)
