@@ -89,6 +89,11 @@ STACK_SPECS: dict[str, dict[str, Any]] = {
         "nexus": {"replicas": 2},
         "genesis": {"replicas": 3, "seccompProfile": {"type": "Localhost", "localhostProfile": LOCALHOST_PROFILE}},
     },
+    "spec.messaging dual, the NATS URL and passwords from a Secret": {
+        "singularity": {"replicas": 2},
+        "genesis": {"seccompProfile": {"type": "Localhost", "localhostProfile": LOCALHOST_PROFILE}},
+        "messaging": {"mode": "dual", "natsSecret": "nats-users", "natsPort": 4333, "singularityPublishTo": "both"},
+    },
 }
 
 
