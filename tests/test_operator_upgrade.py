@@ -195,6 +195,14 @@ def test_a_failing_migration_keeps_the_old_image_says_why_and_a_fixed_image_resu
         stacks.wait_condition("fix", "MigrationsSucceeded", "True")
         expected = {"image": "stack:fixed", "lastMigration": "0099.newer-image"}
         wait_for("the new migration in status", lambda: stacks.get("fix")["status"]["services"]["genesis"] == expected)
+        # Once genesis runs the fixed image, the failed Job of the broken one goes; the fixed one's stays.
+        wait_for("the broken image's Job to go", lambda: _job(stacks, name) is None)
+        assert _job(stacks, fixed) is not None
+        stacks.wait_event("fix", "Deleted", f"deleted Job {name}")
+        roll_out(stacks, "fix")
+        stacks.wait_condition("fix", "Ready", "True")
+        idle = writes_while_reconciling(plane, 4)
+        assert idle == [], describe(idle)
 
 
 def test_singularity_instances_roll_one_at_a_time(

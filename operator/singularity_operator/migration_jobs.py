@@ -23,6 +23,7 @@ LOG_TAIL_CHARS = 1500
 IMAGE_ANNOTATION = f"{api.GROUP}/image"
 BACKOFF_LIMIT = 1  # one retry: a failed migration is rolled back, so trying again is safe
 DEADLINE_SECONDS = 900
+COMPONENT_SUFFIX = "-migration"  # the Jobs' component label: never the service's own (its Service selects that)
 
 
 def logical_of(deployment: Manifest) -> str:
@@ -68,7 +69,7 @@ def rolled_out(deployment: Manifest | None, image: str) -> bool:
 
 def migration_job(stack: str, namespace: str, spec: api.StackSpec, logical: str, image: str) -> Manifest:
     """The Job applying `image`'s migrations to `logical`'s database, as its role (the URL in its Secret)."""
-    component = objects.component_of(logical) + "-migration"
+    component = objects.component_of(logical) + COMPONENT_SUFFIX
     kind = service_kind(logical)
     container = {
         "name": "migrate",

@@ -29,6 +29,7 @@ EventRecorder = Callable[[str, str, str], None]  # (type Normal|Warning, reason,
 class Plan:
     deployments: list[dict[str, Any]]
     images: dict[str, str]  # logical owner → the image its Deployment runs after this pass
+    wanted: dict[str, str] = field(default_factory=dict)  # logical owner → the image its spec asks for
     failures: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
 
@@ -53,6 +54,7 @@ class Rollout:
         for desired in objects.service_deployments(stack, namespace, spec):
             logical = mj.logical_of(desired)
             wanted = str(mj.image_of(desired))
+            plan.wanted[logical] = wanted
             current = mj.image_of(live.get(logical))
             instance = logical.startswith("singularity_")
             if current is None or current == wanted:
@@ -83,7 +85,28 @@ class Rollout:
         if plan.failures:
             # once per failure: the handler posts a Warning only when the stack does not already show it
             self.event("Warning", "MigrationFailed", "; ".join(plan.failures))
+        self._prune(stack, namespace, plan, live)
         return plan
+
+    def _prune(self, stack: str, namespace: str, plan: Plan, live: dict[str, dict[str, Any] | None]) -> None:
+        """Finished migration Jobs of images a service no longer runs go (with their Pods); the Job of the image
+        it runs stays, for `kubectl logs`. Only once a service runs the image its spec asks for: a failed Job
+        stays while it is what the stack reports (and deleting it would only make it run again)."""
+        selector = f"app.kubernetes.io/instance={stack},app.kubernetes.io/managed-by=singularity-operator"
+        settled = {logical for logical, image in plan.wanted.items() if mj.image_of(live.get(logical)) == image}
+        for job in self.kube.list("batch/v1", "Job", namespace, selector):
+            image = (job["metadata"].get("annotations") or {}).get(mj.IMAGE_ANNOTATION)
+            component = job["metadata"]["labels"].get("app.kubernetes.io/component", "")
+            if image is None or not component.endswith(mj.COMPONENT_SUFFIX):
+                continue  # not a migration Job (a backup's, say)
+            logical = component.removesuffix(mj.COMPONENT_SUFFIX).replace("-", "_")
+            state = mj.job_state(job)
+            if logical in settled and image != plan.wanted[logical] and (state.succeeded or state.failed):
+                name = job["metadata"]["name"]
+                self.kube.client.resources.get(api_version="batch/v1", kind="Job").delete(
+                    name=name, namespace=namespace, body={"propagationPolicy": "Background"}
+                )
+                self.event("Normal", "Deleted", f"deleted Job {name}: {logical} runs {plan.wanted[logical]}")
 
     def _job(
         self, stack: str, namespace: str, spec: api.StackSpec, logical: str, image: str
