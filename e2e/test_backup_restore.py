@@ -150,3 +150,11 @@ def test_a_stack_backed_up_deleted_and_restored_has_its_tasks_and_runs_new_ones(
 
     cluster.kubectl("delete", "singularitystack", NEW, "-n", NAMESPACE, "--wait=true", "--timeout=5m")
     cluster.kubectl("delete", "pvc", CLAIM, "-n", NAMESPACE, "--wait=false")
+    for name in (OLD, NEW):  # every Pod gone (the Jobs' too) before the node is torn down
+        selector = f"app.kubernetes.io/instance={name}"
+        wait_until(
+            f"{name}'s Pods to go",
+            lambda s=selector: not cluster.json("get", "pods", "-n", NAMESPACE, "-l", s)["items"],
+            300,
+        )
+    wait_until("the backups' claim to go", lambda: CLAIM not in claims(), 180)
