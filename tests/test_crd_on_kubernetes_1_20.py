@@ -5,6 +5,8 @@ check (api.py) is what refuses a stack with both or neither of managed and exter
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from typing import Any
 
@@ -14,6 +16,8 @@ from kubernetes.config import new_client_from_config
 from pydantic import ValidationError
 
 from singularity_operator import api, crd
+from singularity_stack_testing import manifests
+from singularity_stack_testing.kube.apiserver import cache_dir
 
 
 def rules_in(node: Any) -> list[Any]:
@@ -75,3 +79,29 @@ def _raw_crd(admin: ApiClient, name: str) -> dict[str, Any]:
     response = ApiextensionsV1Api(admin).read_custom_resource_definition(name, _preload_content=False)
     stored: dict[str, Any] = json.loads(response.data)
     return stored
+
+
+def test_the_chart_rendered_for_1_20_leaves_the_rules_out_and_for_1_25_keeps_them():
+    def crd_of(version: str | None) -> dict[str, Any]:
+        [definition] = [d for d in manifests.render_chart({}, version) if d["kind"] == "CustomResourceDefinition"]
+        return definition
+
+    assert rules_in(crd_of("v1.20.2")) == [] and crd_of("v1.20.2") == crd.build_crd(cel=False)
+    assert crd_of("v1.25.0") == crd_of(None) == crd.build_crd()  # Helm's default is the newest it knows
+
+
+def test_kubectl_1_20_applies_the_chart_rendered_for_its_server_and_refuses_the_rules(kube):
+    """What the e2e suite and `helm install` do on 1.20: validation against the server's OpenAPI, which has
+    no x-kubernetes-validations, so the CRD with its rules is refused there (not by the API server)."""
+    kubectl = cache_dir() / "bin" / "kubectl"
+    assert os.access(kubectl, os.X_OK), f"{kubectl} (scripts/build-kubernetes.sh builds it)"
+
+    def dry_run(definition: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        argv = [str(kubectl), "--kubeconfig", str(kube.kubeconfig), "apply", "--dry-run=server", "-f", "-"]
+        return subprocess.run(argv, input=json.dumps(definition), capture_output=True, text=True, timeout=60)
+
+    [for_1_20] = [d for d in manifests.render_chart({}, "v1.20.2") if d["kind"] == "CustomResourceDefinition"]
+    accepted = dry_run(for_1_20)
+    assert accepted.returncode == 0, accepted.stderr
+    refused = dry_run(crd.build_crd())
+    assert refused.returncode != 0 and 'unknown field "x-kubernetes-validations"' in refused.stderr, refused

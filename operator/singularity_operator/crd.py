@@ -52,7 +52,10 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
 
 # What api.py's model validators check that a structural schema cannot, as CEL rules
 # (x-kubernetes-validations) on the model's schema: Kubernetes >= 1.25 enforces them itself (422 on a
-# create or update), older servers drop the field and leave the check to the operator.
+# create or update). Older API servers drop the field, but their OpenAPI does not know it, so kubectl's and
+# Helm's client-side validation refuse the CRD there: the chart's template leaves the rules out below 1.25
+# (the operator's own check remains), and crds/ (plain YAML) is for 1.25 and newer.
+CEL_SINCE = "1.25"
 CEL_RULES: dict[str, list[dict[str, str]]] = {
     api.PostgresSpec.__name__: [
         {"rule": "has(self.managed) != has(self.external)", "message": "set exactly one of managed and external"}
@@ -66,21 +69,21 @@ CEL_RULES: dict[str, list[dict[str, str]]] = {
 }
 
 
-def _with_cel_rules(schema: dict[str, Any]) -> dict[str, Any]:
+def _with_cel_rules(schema: dict[str, Any], cel: bool) -> dict[str, Any]:
     defs = schema.get("$defs", {})
-    for name, rules in CEL_RULES.items():
+    for name, rules in CEL_RULES.items() if cel else ():
         if name in defs:
             defs[name] = {**defs[name], "x-kubernetes-validations": rules}
     return schema
 
 
-def model_schema(model: type[api.Model]) -> dict[str, Any]:
-    schema = _with_cel_rules(model.model_json_schema(by_alias=True, mode="validation"))
+def model_schema(model: type[api.Model], cel: bool = True) -> dict[str, Any]:
+    schema = _with_cel_rules(model.model_json_schema(by_alias=True, mode="validation"), cel)
     structural: dict[str, Any] = _structural(schema, schema.get("$defs", {}))
     return structural
 
 
-def build_crd() -> dict[str, Any]:
+def build_crd(cel: bool = True) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -127,7 +130,7 @@ def build_crd() -> dict[str, Any]:
                                         }
                                     },
                                 },
-                                "spec": model_schema(api.StackSpec),
+                                "spec": model_schema(api.StackSpec, cel),
                                 "status": model_schema(api.StackStatus),
                             },
                             "required": ["spec"],
@@ -145,13 +148,21 @@ CRD_FILE = REPO / "crds" / "singularitystack.yaml"
 CHART_TEMPLATE = REPO / "charts" / "singularity-stack" / "templates" / "crd.yaml"
 
 
-def crd_yaml() -> str:
-    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def crd_yaml(cel: bool = True) -> str:
+    return HEADER + yaml.safe_dump(build_crd(cel), sort_keys=False, width=120)
 
 
 def chart_template() -> str:
-    """The same CRD as a chart template behind `crds.create` (Helm never upgrades a chart's crds/ folder)."""
-    return "{{- if .Values.crds.create }}\n" + crd_yaml() + "{{- end }}\n"
+    """The same CRD as a chart template behind `crds.create` (Helm never upgrades a chart's crds/ folder),
+    with its CEL rules where the cluster (Helm's .Capabilities) is new enough to know them."""
+    return (
+        "{{- if .Values.crds.create }}\n"
+        + f'{{{{- if semverCompare ">={CEL_SINCE}-0" .Capabilities.KubeVersion.Version }}}}\n'
+        + crd_yaml()
+        + "{{- else }}\n"
+        + crd_yaml(cel=False)
+        + "{{- end }}\n{{- end }}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ which values or spec produced them, so a failure names the option that asks for 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import helm_python as helm
 import yaml
+from helm_python import _native as helm_native
 
 from singularity_operator import api, backup_objects, migration_jobs, objects
 
@@ -97,8 +98,23 @@ STACK_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-def render_chart(values: dict[str, Any], chart: Path = CHART) -> list[Manifest]:
-    rendered = helm.Chart.load(str(chart)).render(values, name="ops", namespace="operators", is_install=True)
+def render_templates(
+    values: dict[str, Any], kube_version: str | None = None, name: str = "ops", namespace: str = "operators"
+) -> dict[str, str]:
+    """The chart's templates as `helm install` renders them for a cluster of `kube_version`
+    (.Capabilities.KubeVersion; Helm's default, the newest it knows, when None). helm-python-sdk's
+    Chart.render does not take a version yet; its native call does (helm-python-sdk is pinned)."""
+    chart = helm.Chart.load(str(CHART))
+    if kube_version is None:
+        return chart.render(values, name=name, namespace=namespace, is_install=True)
+    options = {"name": name, "namespace": namespace, "is_install": True, "kube_version": kube_version}
+    rendered = helm_native.call_string("helm_render", chart._raw(), json.dumps(values), json.dumps(options))
+    templates: dict[str, str] = json.loads(rendered)
+    return templates
+
+
+def render_chart(values: dict[str, Any], kube_version: str | None = None) -> list[Manifest]:
+    rendered = render_templates(values, kube_version)
     return [doc for path, text in rendered.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
 
 

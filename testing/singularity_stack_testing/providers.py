@@ -17,11 +17,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import helm_python as helm
 import yaml
 
-from singularity_stack_testing import ROOT
-from singularity_stack_testing.cluster import CHART, IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, Cluster, run
+from singularity_stack_testing import ROOT, manifests
+from singularity_stack_testing.cluster import IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, Cluster, run
 from singularity_stack_testing.kube import localnode
 
 PROVIDERS = ("local", "kind")
@@ -96,9 +95,9 @@ def local_cluster(tmp: Path, timings: dict[str, float]) -> Iterator[Cluster]:
 def install_chart(cluster: Cluster, values: dict | None = None) -> None:
     """The chart, rendered by Helm's own engine (the helm-python-sdk wheel), applied with kubectl; then wait for
     the operator Deployment to be available. (No helm CLI needed: Debian does not package one.)"""
-    rendered = helm.Chart.load(str(CHART)).render(
-        values or {}, name="ops", namespace=OPERATOR_NAMESPACE, is_install=True
-    )
+    # As `helm install` renders for the cluster's version: below 1.25 the CRD goes without its CEL rules.
+    server = cluster.json("version")["serverVersion"]["gitVersion"]
+    rendered = manifests.render_templates(values or {}, server, namespace=OPERATOR_NAMESPACE)
     docs = [doc for path, text in sorted(rendered.items()) if path.endswith(".yaml")
             for doc in yaml.safe_load_all(text) if doc]  # fmt: skip
     cluster.kubectl("create", "namespace", OPERATOR_NAMESPACE)
