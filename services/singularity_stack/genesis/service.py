@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import Counter, Gauge
 from pydantic import AliasChoices, Field
 
 from singularity_stack import contract as c
+from singularity_stack.genesis.pod_sandbox import PodRunner, PodSandboxSettings, kubernetes_core
 from singularity_stack.genesis.runner import JobOutcome, JobRunner, probe_linters
 from singularity_stack.genesis.sandbox import SandboxError, job_bounds_in_force, probe_sandbox
 from singularity_stack.genesis.store import record_execution
@@ -23,6 +24,8 @@ SANDBOX_READY = Gauge("singularity_genesis_sandbox_ready", "1 when the job sandb
 
 class GenesisSettings(ServiceSettings):
     max_concurrent_jobs: int = Field(2, ge=1, validation_alias=AliasChoices("GENESIS_MAX_CONCURRENT_JOBS"))
+    # bubblewrap: every job in a bubblewrap sandbox here; pod: every job in a Pod of its own (pod_sandbox.py).
+    sandbox: Literal["bubblewrap", "pod"] = Field("bubblewrap", validation_alias=AliasChoices("GENESIS_SANDBOX"))
 
 
 def job_result(request: c.JobRequest, outcome: JobOutcome) -> c.JobResult:
@@ -43,11 +46,18 @@ class GenesisService(Service):
 
     def __init__(self, settings: GenesisSettings) -> None:
         super().__init__(settings)
-        self.runner = JobRunner(settings.max_concurrent_jobs)
+        self.runner: JobRunner | PodRunner
+        if settings.sandbox == "pod":
+            self.runner = PodRunner(kubernetes_core(), PodSandboxSettings(), settings.max_concurrent_jobs)
+        else:
+            self.runner = JobRunner(settings.max_concurrent_jobs)
         self.sandbox_problem: str | None = None
         self.linters: dict[c.Language, tuple[bool, str]] = {}  # linted language -> (works, where | why not)
 
     async def on_start(self) -> None:
+        if isinstance(self.runner, PodRunner):
+            await self._start_pod_mode(self.runner)
+            return
         # A host (or Pod) where bubblewrap cannot build a sandbox must not look ready: say why instead.
         self.sandbox_problem = await probe_sandbox()
         SANDBOX_READY.set(0 if self.sandbox_problem else 1)
@@ -60,6 +70,15 @@ class GenesisService(Service):
             if not works:
                 log.error("%s jobs will fail: %s", language.value, text)
 
+    async def _start_pod_mode(self, runner: PodRunner) -> None:
+        """Job Pods a previous run of this Genesis Pod left are deleted; not being allowed to is not ready."""
+        try:
+            await runner.sweep()
+        except Exception as error:
+            self.sandbox_problem = f"cannot manage job Pods in namespace {runner.namespace}: {error}"
+            log.error("the job Pod sandbox does not work here", extra={"problem": self.sandbox_problem})
+        SANDBOX_READY.set(0 if self.sandbox_problem else 1)
+
     async def readiness(self) -> dict[str, str]:
         problems = await super().readiness()
         if self.sandbox_problem:
@@ -68,6 +87,8 @@ class GenesisService(Service):
 
     def details(self) -> dict[str, str]:
         lint = {f"lint_{lang.value}": text if ok else f"error: {text}" for lang, (ok, text) in self.linters.items()}
+        if isinstance(self.runner, PodRunner):
+            return {"job_bounds": f"a Pod per job in namespace {self.runner.namespace} (sandbox: pod)", **lint}
         return {"job_bounds": job_bounds_in_force(), **lint}
 
     async def handle(self, delivery: Delivery[c.JobRequest]) -> None:
