@@ -1,8 +1,10 @@
 """Reconciling one SingularityStack: the logic behind the kopf handlers (which stay thin).
 
-One idempotent pass: PostgreSQL (managed StatefulSet or external), databases, roles, pgmq,
-queues and migrations through the project's provisioner, a Secret per service and instance
-(never regenerating a password), the workloads, then conditions. Each step reports Events.
+One idempotent pass: PostgreSQL (managed StatefulSet or external), databases, roles, pgmq and
+queues through the project's provisioner, a Secret per service and instance (never regenerating a
+password), the workloads, then conditions. Each step reports Events. Migrations: a new service's
+database gets the packaged ones before its first pods; a running service's come from its new image,
+in a Job that gates its rollout (rollout.py).
 """
 
 from __future__ import annotations
