@@ -290,6 +290,7 @@ def test_every_pod_kind_is_covered():
         "StatefulSet demo-postgres",
         "CronJob demo-backup",
         "Job demo-restore",
+        "Pod genesis-job-0123456789ab",  # a job Pod of spec.genesis.sandbox pod, as Genesis builds it
     }
     # the chart's operator once per values; each spec's four services and their migrations
     cases = {label.split(" / ", 1)[0] for label, _ in PODS}
@@ -314,6 +315,18 @@ def test_the_exception_is_genesis_unconfined_by_default_only():
         "operator: defaults (spec.genesis.seccompProfile.type=Unconfined) / Deployment demo-genesis",
         "operator: spec.postgres.managed with storageClassName and resources / Deployment demo-genesis",
     ]  # the migration Jobs run no sandbox: RuntimeDefault, whatever Genesis's profile
+
+
+def test_genesis_and_its_job_pods_with_sandbox_pod_meet_restricted():
+    """spec.genesis.sandbox pod: Genesis needs no user namespaces (RuntimeDefault), its job Pods pass too."""
+    labels = [label for label, _ in PODS if label.startswith("operator: spec.genesis.sandbox=pod")]
+    assert any(label.endswith("Deployment demo-genesis") for label in labels)
+    assert any(label.endswith("Pod genesis-job-0123456789ab") for label in labels)
+    for label, pod in PODS:
+        if label in labels:
+            assert violations(pod) == {}, label
+            assert pod_sc(pod)["seccompProfile"] == {"type": "RuntimeDefault"}, label
+            assert all("seccompProfile" not in sc(c) for c in containers(pod)), label
 
 
 def test_genesis_with_the_localhost_profile_meets_restricted():

@@ -200,9 +200,24 @@ class GenesisSeccomp(Model):
         return self
 
 
+class GenesisSandbox(enum.StrEnum):
+    BUBBLEWRAP = "bubblewrap"  # each job in bubblewrap inside Genesis's Pod (needs user namespaces)
+    POD = "pod"  # each job in a Pod of its own, which passes the restricted Pod Security Standard
+
+
 class GenesisSpec(ScalableService):
     max_concurrent_jobs: int = Field(2, ge=1, le=64)
     seccomp_profile: GenesisSeccomp = Field(default_factory=GenesisSeccomp)
+    sandbox: GenesisSandbox = Field(
+        GenesisSandbox.BUBBLEWRAP,
+        description="bubblewrap: jobs in Genesis's Pod (seccompProfile applies); pod: each job in its own Pod.",
+    )
+    runtime_class_name: KubeName | None = Field(
+        None, description="With sandbox pod: the job Pods' RuntimeClass (e.g. gVisor or Kata where installed)."
+    )
+    job_image: str | None = Field(
+        None, min_length=1, description="With sandbox pod: the job Pods' image; unset: Genesis's own."
+    )
 
 
 class CentralCloudSpec(ServiceSpec):

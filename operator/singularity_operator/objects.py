@@ -269,16 +269,25 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
         nexus["volumeMounts"].append({"name": "routing", "mountPath": ROUTING_MOUNT, "readOnly": True})
         nexus_pod["volumes"].append({"name": "routing", "configMap": {"name": ref.name}})
 
-    genesis = container(
-        spec.genesis,
-        "genesis",
-        [*db("genesis"), {"name": "GENESIS_MAX_CONCURRENT_JOBS", "value": str(spec.genesis.max_concurrent_jobs)}],
-    )
-    # bubblewrap creates user namespaces for each job, which the runtime's default seccomp profile forbids:
-    # Unconfined, or the chart's Localhost profile (the default plus what bubblewrap needs), by spec.
-    genesis["securityContext"]["seccompProfile"] = spec.genesis.seccomp_profile.model_dump(
-        by_alias=True, exclude_none=True, mode="json"
-    )
+    genesis_env = [
+        *db("genesis"),
+        {"name": "GENESIS_MAX_CONCURRENT_JOBS", "value": str(spec.genesis.max_concurrent_jobs)},
+    ]
+    pod_sandbox = spec.genesis.sandbox is api.GenesisSandbox.POD
+    if pod_sandbox:
+        genesis_env += genesis_pod_sandbox_env(stack, spec)
+    genesis = container(spec.genesis, "genesis", genesis_env)
+    genesis_pod: dict[str, Any] = {}
+    if pod_sandbox:
+        # Jobs run in Pods of their own: Genesis needs no user namespaces (the Pod's RuntimeDefault holds), but
+        # its own ServiceAccount's token, whose Role lets it manage job Pods in this namespace and nothing else.
+        genesis_pod = {"serviceAccountName": genesis_service_account_name(stack), "automountServiceAccountToken": True}
+    else:
+        # bubblewrap creates user namespaces for each job, which the runtime's default seccomp profile forbids:
+        # Unconfined, or the chart's Localhost profile (the default plus what bubblewrap needs), by spec.
+        genesis["securityContext"]["seccompProfile"] = spec.genesis.seccomp_profile.model_dump(
+            by_alias=True, exclude_none=True, mode="json"
+        )
 
     central_env = [
         *db("centralcloud"),
@@ -290,7 +299,7 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
     deployments = [
         _deployment(stack, namespace, "centralcloud", container(spec.centralcloud, "centralcloud", central_env)),
         _deployment(stack, namespace, "nexus", nexus, nexus_pod, replicas=spec.nexus.replicas),
-        _deployment(stack, namespace, "genesis", genesis, replicas=spec.genesis.replicas),
+        _deployment(stack, namespace, "genesis", genesis, genesis_pod, replicas=spec.genesis.replicas),
     ]
     for index in range(1, spec.singularity.replicas + 1):
         logical = instance_id(index)
@@ -312,6 +321,82 @@ def http_services(stack: str, namespace: str, spec: api.StackSpec) -> list[Manif
             },
         }
         for logical in logicals
+    ]
+
+
+# -- Genesis's sandbox: pod ---------------------------------------------------------------------------------
+
+GENESIS_JOB_COMPONENT = "genesis-job"  # the job Pods' component label (genesis/pod_sandbox.py sets it)
+KUBE_API_PORTS = (443, 6443)  # the API server, as the kubernetes Service's port and as its endpoints'
+# The chart's ClusterRole of what Genesis may do with job Pods (templates/rbac.yaml), bound per stack namespace.
+GENESIS_JOBS_CLUSTER_ROLE = "singularity-genesis-jobs"
+
+
+def genesis_service_account_name(stack: str) -> str:
+    return f"{stack}-genesis"
+
+
+def genesis_jobs_name(stack: str) -> str:
+    return f"{stack}-genesis-jobs"
+
+
+def genesis_job_selector(stack: str) -> dict[str, str]:
+    return selector(stack, GENESIS_JOB_COMPONENT)
+
+
+def genesis_pod_sandbox_env(stack: str, spec: api.StackSpec) -> list[dict[str, Any]]:
+    """What Genesis needs to run each job in a Pod: the image, namespace, RuntimeClass, labels, its own Pod."""
+    labels = ",".join(f"{k}={v}" for k, v in labels_of_jobs(stack).items())
+
+    def field(path: str) -> dict[str, Any]:
+        return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
+
+    return [
+        {"name": "GENESIS_SANDBOX", "value": "pod"},
+        {"name": "GENESIS_JOB_IMAGE", "value": spec.genesis.job_image or spec.image_of(spec.genesis)},
+        {"name": "GENESIS_JOB_IMAGE_PULL_POLICY", "value": spec.image_pull_policy},
+        {"name": "GENESIS_JOB_NAMESPACE", **field("metadata.namespace")},
+        {"name": "GENESIS_RUNTIME_CLASS", "value": spec.genesis.runtime_class_name or ""},
+        {"name": "GENESIS_JOB_LABELS", "value": labels},
+        {"name": "POD_NAME", **field("metadata.name")},
+        {"name": "POD_UID", **field("metadata.uid")},
+    ]
+
+
+def labels_of_jobs(stack: str) -> dict[str, str]:
+    return labels(stack, GENESIS_JOB_COMPONENT)
+
+
+def genesis_pod_sandbox(stack: str, namespace: str) -> list[Manifest]:
+    """Genesis's ServiceAccount; a RoleBinding, in the stack's namespace, of the chart's ClusterRole that lets
+    it create, watch, read the logs of and delete Pods (GENESIS_JOBS_CLUSTER_ROLE): so Genesis can do that in
+    its namespace and nothing else, and the operator itself holds only `bind` on that one ClusterRole, never a
+    Pod write; and the NetworkPolicy that gives job Pods no network at all."""
+    name, jobs = genesis_service_account_name(stack), genesis_jobs_name(stack)
+    rbac = "rbac.authorization.k8s.io"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": _meta(stack, namespace, name, "genesis"),
+            "automountServiceAccountToken": False,  # only Genesis's Pod mounts it (service_deployments)
+        },
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(stack, namespace, jobs, "genesis"),
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": GENESIS_JOBS_CLUSTER_ROLE},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(stack, namespace, jobs, GENESIS_JOB_COMPONENT),
+            "spec": {
+                "podSelector": {"matchLabels": genesis_job_selector(stack)},
+                "policyTypes": ["Ingress", "Egress"],  # and no rule of either: nothing in, nothing out
+            },
+        },
     ]
 
 
@@ -456,6 +541,9 @@ def network_policies(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
     base_egress = [_to_postgres(stack, spec), DNS]
     if spec.messaging.mode is not api.MessagingMode.PGMQ:  # the platform's nats-server, wherever it runs
         base_egress.append({"ports": [{"protocol": "TCP", "port": spec.messaging.egress_port()}]})
+    genesis_egress = list(base_egress)
+    if spec.genesis.sandbox is api.GenesisSandbox.POD:  # the API server, for its job Pods
+        genesis_egress.append({"ports": [{"protocol": "TCP", "port": port} for port in KUBE_API_PORTS]})
     policies = [
         policy(
             "singularity",
@@ -478,7 +566,7 @@ def network_policies(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
             http_in,
             [*base_egress, {"ports": [{"protocol": "TCP", "port": 443}]}],
         ),
-        policy("genesis", {"matchLabels": selector(stack, "genesis")}, http_in, base_egress),
+        policy("genesis", {"matchLabels": selector(stack, "genesis")}, http_in, genesis_egress),
         policy("centralcloud", {"matchLabels": selector(stack, "centralcloud")}, http_in, base_egress),
     ]
     if spec.postgres.managed:
@@ -510,6 +598,8 @@ def network_policies(stack: str, namespace: str, spec: api.StackSpec) -> list[Ma
 def workloads(stack: str, namespace: str, spec: api.StackSpec) -> list[Manifest]:
     """Everything but secrets: the operator writes those only when missing."""
     objects = [service_account(stack, namespace)]
+    if spec.genesis.sandbox is api.GenesisSandbox.POD:
+        objects += genesis_pod_sandbox(stack, namespace)
     if spec.postgres.managed:
         objects += managed_postgres(stack, namespace, spec)
     return (

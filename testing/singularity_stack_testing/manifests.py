@@ -15,6 +15,9 @@ import yaml
 from helm_python import _native as helm_native
 
 from singularity_operator import api, backup_objects, migration_jobs, objects
+from singularity_stack.genesis import pod_sandbox
+from singularity_stack.genesis.languages import get_language
+from singularity_stack.genesis.sandbox import Limits
 
 from . import ROOT
 
@@ -90,6 +93,9 @@ STACK_SPECS: dict[str, dict[str, Any]] = {
         "nexus": {"replicas": 2},
         "genesis": {"replicas": 3, "seccompProfile": {"type": "Localhost", "localhostProfile": LOCALHOST_PROFILE}},
     },
+    "spec.genesis.sandbox=pod, runtimeClassName, jobImage": {
+        "genesis": {"sandbox": "pod", "runtimeClassName": "gvisor", "jobImage": "registry.example/jobs:1"},
+    },
     "spec.messaging dual, the NATS URL and passwords from a Secret": {
         "singularity": {"replicas": 2},
         "genesis": {"seccompProfile": {"type": "Localhost", "localhostProfile": LOCALHOST_PROFILE}},
@@ -145,7 +151,40 @@ def operator_objects(spec: api.StackSpec, stack: str = "demo", namespace: str = 
         built += [backup_objects.backup_cron_job(stack, namespace, spec, v) for v in backup_objects.CRON_JOB_VERSIONS]
     if spec.postgres.managed and spec.postgres.managed.restore_from:
         built.append(backup_objects.restore_job(stack, namespace, spec))
+    if spec.genesis.sandbox is api.GenesisSandbox.POD:
+        built.append(genesis_job_pod(stack, namespace, spec))
     return built
+
+
+def genesis_job_pod(stack: str, namespace: str, spec: api.StackSpec, language: str = "python") -> Manifest:
+    """A job Pod as Genesis creates it from the environment the operator gives it (sandbox: pod)."""
+    genesis = next(
+        d for d in objects.service_deployments(stack, namespace, spec) if d["metadata"]["name"].endswith("-genesis")
+    )
+    env = {e["name"]: e.get("value", "") for e in genesis["spec"]["template"]["spec"]["containers"][0]["env"]}
+    settings = pod_sandbox.PodSandboxSettings(
+        job_image=env["GENESIS_JOB_IMAGE"],
+        runtime_class=env["GENESIS_RUNTIME_CLASS"],
+        job_labels=env["GENESIS_JOB_LABELS"],
+        pod_name=f"{stack}-genesis-5d8f7c9b4-x2x7q",
+    )
+    lang = get_language(language)
+    phases = pod_sandbox.job_phases(lang, Limits(), run=True)
+    return pod_sandbox.job_pod_manifest(
+        name="genesis-job-0123456789ab",
+        namespace=namespace,
+        image=settings.job_image,
+        code="print('hello')\n",
+        language=lang,
+        phases=phases,
+        limits=Limits(),
+        nonce="0" * 32,
+        uid=pod_sandbox.JOB_UID_RANGE[0],
+        labels=settings.labels(),
+        runtime_class=settings.runtime_class,
+        owner=(settings.pod_name, "8d3c2f4e-0000-4000-8000-000000000000"),
+        image_pull_policy=env["GENESIS_JOB_IMAGE_PULL_POLICY"],
+    )
 
 
 def operator_cases() -> Iterator[tuple[str, list[Manifest]]]:
