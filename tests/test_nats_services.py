@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from nats.js.errors import NotFoundError
 from nats_fixture import NatsStack
+from prometheus_client import REGISTRY
 from support import Stack
 
 from singularity_stack import contract as c
@@ -177,6 +178,10 @@ async def start_central(dual: Dual, mode: str) -> CentralCloudService:
     return central
 
 
+def held_for_nats() -> float:
+    return REGISTRY.get_sample_value("singularity_nexus_hitl_pending_nats") or 0.0
+
+
 def llm(reply_to: str, text: str = "write fizzbuzz") -> c.LlmRequest:
     return c.LlmRequest(
         reply_to=reply_to, agent_id="agent-7", task_type="coder", messages=[{"role": "user", "content": text}]
@@ -244,8 +249,12 @@ async def test_dual_a_human_answers_a_nats_request_on_nats(dual):
     held = dict(dual.nexus_rows("SELECT request_id::text, reply_path FROM hitl_requests"))
     assert held == {str(by_nats.request_id): "nats", str(by_pgmq.request_id): "pgmq"}
 
+    await until(lambda: held_for_nats() == 1, what="the gauge of answers owed on NATS")  # Nexus's own job
+
     await nexus.hitl.decide(by_nats.request_id, True, "", "alice")
     await nexus.hitl.decide(by_pgmq.request_id, False, "no tests", "bob")
+    await nexus.count_held_for_nats()
+    assert held_for_nats() == 0
     on_nats = await dual.nats_replies("approval_responses_singularity_2", 1)
     assert [(r["request_id"], r["approved"], r["decided_by"]) for r in on_nats] == [
         (str(by_nats.request_id), True, "alice")

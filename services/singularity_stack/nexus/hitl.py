@@ -270,6 +270,16 @@ class HitlStore:
             (request_id, action, actor, Jsonb(detail)),
         )
 
+    async def pending_on_nats(self) -> int:
+        """Pending requests that came by NATS: their answers still go out on NATS (the migration's phase 3
+        waits for none to be left)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM hitl_requests WHERE state = 'pending' AND reply_path = 'nats'"
+            )
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
     async def expire_overdue(self, origin: str) -> list[uuid.UUID]:
         """Expire every pending request past its deadline, with its audit row and its notification to the
         other replicas, in one transaction."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from prometheus_client import Gauge
 from pydantic import AliasChoices, Field, field_validator
 from starlette.routing import BaseRoute
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from singularity_stack.nexus.router import LlmRouter
 
 log = logging.getLogger(__name__)
+HELD_FOR_NATS = Gauge(
+    "singularity_nexus_hitl_pending_nats", "Pending approvals and questions whose answer goes out on NATS"
+)
 
 
 class NexusSettings(ServiceSettings):
@@ -150,11 +154,17 @@ class NexusService(Service):
             Consumer(self.queue, "question_requests", c.QuestionRequest, self.hold_for_humans, store=store),
         ]
 
+    async def count_held_for_nats(self) -> None:
+        HELD_FOR_NATS.set(await self.hitl.store.pending_on_nats())
+
     def jobs(self) -> list[Job]:
-        return [
+        jobs: list[Job] = [
             lambda stop: every(self.settings.expiry_interval_seconds, stop, self.hitl.expire_overdue, "expiry"),
             self.hitl_feed.run,
         ]
+        if self.messaging.enabled:  # readiness to retire NATS: no human's answer may still be owed on it
+            jobs.append(lambda stop: every(10.0, stop, self.count_held_for_nats, "hitl-pending-nats"))
+        return jobs
 
     def routes(self) -> list[BaseRoute]:
         return self.hitl.routes(self.settings.ui_token, self.reviewers, self.settings.singularity_console_urls)
