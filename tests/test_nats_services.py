@@ -23,6 +23,7 @@ from support import Stack
 
 from singularity_stack import contract as c
 from singularity_stack.centralcloud.service import CentralCloudService, CentralCloudSettings
+from singularity_stack.genesis.service import GenesisService, GenesisSettings
 from singularity_stack.nexus.service import NexusService, NexusSettings
 from singularity_stack.service.runtime import Service
 from singularity_stack.sharedqueue import nats_subjects as subjects
@@ -346,3 +347,15 @@ def test_a_service_refuses_a_messaging_setting_that_cannot_work_in_one_line(monk
     with pytest.raises(SettingsError, match=says) as refused:
         build_service("singularity")
     assert "\n" not in str(refused.value)
+
+
+async def test_dual_genesis_runs_a_nats_job_and_answers_it_on_nats(dual):
+    await start_central(dual, "dual")
+    await dual.start(GenesisService(GenesisSettings(**dual.common("genesis", "dual"))))
+    job = c.JobRequest(reply_to="singularity_2", agent_id="a-1", code="print(6 * 7)\n", language="python", run=True)
+    await dual.nats_request(job)
+    [result] = await dual.nats_replies("job_results_singularity_2", 1, timeout=60)
+    assert (result["request_id"], result["status"], result["output"]) == (str(job.request_id), "ok", "42\n")
+    assert dual.pgmq("job_results_singularity_2") == []
+    paths = [(m["request_id"], h["path"]) for _, m, h in dual.archived("job_requests")]
+    assert paths == [(str(job.request_id), "nats")]
