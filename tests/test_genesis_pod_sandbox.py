@@ -305,3 +305,32 @@ def test_the_runner_deletes_the_pod_even_when_the_wait_fails():
         asyncio.run(runner.run("print(1)", "python"))
     created, deleted = core.calls
     assert created.replace("create", "delete") == deleted
+
+
+def test_a_network_call_is_refused(tmp_path: Path):
+    """Even to a port that listens here: the job's IPv4 and IPv6 sockets are refused (EACCES)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')\n"
+        outcome = run_entry(tmp_path, code, "python")
+    assert outcome.status is JobStatus.RUNTIME_ERROR, outcome
+    assert "connected" not in outcome.stdout and "PermissionError" in outcome.stderr
+
+
+def test_ptrace_is_refused_as_in_the_bubblewrap_mode(tmp_path: Path):
+    code = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    code += "print(libc.ptrace(0, 0, 0, 0), ctypes.get_errno())\n"  # PTRACE_TRACEME
+    outcome = run_entry(tmp_path, code, "python")
+    assert outcome.stdout == "-1 1\n", outcome  # EPERM
+
+
+@pytest.mark.parametrize(
+    ("language", "code"),
+    [("javascript", "console.log('hi from node')\n"), ("elixir", 'IO.puts("hi from elixir")\n')],
+)
+def test_node_and_elixir_run_under_the_filters(tmp_path: Path, language: str, code: str):
+    outcome = run_entry(tmp_path, code, language, limits=Limits(wall_time_s=10, cpu_time_s=5))
+    assert outcome.status is JobStatus.OK, outcome
+    assert outcome.stdout.startswith("hi from")

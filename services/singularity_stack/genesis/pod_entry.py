@@ -5,7 +5,10 @@ GENESIS_JOB_SPEC (JSON) and its source in GENESIS_JOB_CODE (base64), both remove
 before anything of the job starts. Every phase runs as a child with an empty environment (plus what its
 language needs), stdin /dev/null, /box as its directory and the same per-process rlimits as in the
 bubblewrap sandbox; its stdout and stderr are read here, each kept up to the cap (past it the phase is
-killed), and its wall time is bounded here. After each phase whatever it left running is killed
+killed), and its wall time is bounded here. Each phase also runs under the bubblewrap mode's seccomp filter
+(seccomp.py: no ptrace, no new namespaces, ...) and one more that refuses IPv4 and IPv6 sockets, so a job
+has no network even where the cluster's network plugin does not enforce the job Pods' NetworkPolicy.
+After each phase whatever it left running is killed
 (`kill(-1)` from a pid namespace's init reaches every other process in it), then one frame is written to
 stdout: `\\n<nonce> <json>\\n`. Genesis reads the frames from the Pod's log, in order, and takes the first
 one of each phase: a phase's frame is written before the next phase starts, so the job's program (always
@@ -24,11 +27,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
+import errno
 import json
 import os
+import platform
 import resource
 import selectors
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -40,6 +46,9 @@ SPEC_ENV = "GENESIS_JOB_SPEC"
 CODE_ENV = "GENESIS_JOB_CODE"
 TOOL_PREFIX = "tool:"  # argv[0] "tool:ruff": the linter of that name, located in this image
 _PR_SET_DUMPABLE = 4
+_PR_SET_SECCOMP = 22
+_PR_SET_NO_NEW_PRIVS = 38
+_SECCOMP_MODE_FILTER = 2
 _READ_CHUNK = 64 * 1024
 _BASE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
@@ -61,7 +70,52 @@ def oom_kills() -> int:
     return 0
 
 
-def _rlimits(limits: dict[str, Any], address_space: int | None) -> Callable[[], None]:
+def no_inet_filter(machine: str | None = None) -> bytes | None:
+    """A seccomp filter refusing IPv4 and IPv6 sockets (EACCES), stacked on the job filter: a job Pod has no
+    network by its NetworkPolicy, and this holds on a cluster whose network plugin does not enforce one."""
+    from singularity_stack.genesis import seccomp
+
+    column = {"x86_64": 0, "aarch64": 1}.get(machine or platform.machine())
+    if column is None:
+        return None
+    socket_nr = seccomp.CHECKED_CALLS["socket"][column]
+    allow, eacces = 0x7FFF0000, 0x00050000 | errno.EACCES
+    code = [
+        (0x20, 0, 0, 0),  # load the call's number
+        (0x15, 0, 4, socket_nr),  # socket? else allow
+        (0x20, 0, 0, 16),  # load its family (args[0], low word)
+        (0x15, 1, 0, seccomp.SOCKET_FAMILIES["AF_INET"]),
+        (0x15, 0, 1, seccomp.SOCKET_FAMILIES["AF_INET6"]),
+        (0x06, 0, 0, eacces),
+        (0x06, 0, 0, allow),
+    ]
+    return b"".join(struct.pack("<HBBI", op, jt, jf, k) for op, jt, jf, k in code)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _load_filters(filters: list[bytes]) -> None:
+    """Each filter on this process (no_new_privs first, as an unprivileged process must)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    for program in filters:
+        buffer = ctypes.create_string_buffer(program, len(program))
+        fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+        if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+def job_filters() -> list[bytes]:
+    """The bubblewrap mode's job filter (seccomp.py) and no IPv4/IPv6 sockets, where the architecture is known."""
+    from singularity_stack.genesis import seccomp
+
+    return [f for f in (seccomp.job_filter(), no_inet_filter()) if f is not None]
+
+
+def _rlimits(limits: dict[str, Any], address_space: int | None, filters: list[bytes]) -> Callable[[], None]:
     def apply() -> None:
         cpu = limits["cpu_time_s"]
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU, then SIGKILL a second later
@@ -76,6 +130,7 @@ def _rlimits(limits: dict[str, Any], address_space: int | None) -> Callable[[], 
         with contextlib.suppress(OSError):  # the job first in line for the OOM killer, before this init
             Path("/proc/self/oom_score_adj").write_text("1000")
         os.setsid()
+        _load_filters(filters)  # last: the filters refuse nothing of the above, but bind all the job runs
 
     return apply
 
@@ -111,7 +166,7 @@ def _reap() -> None:
             pass
 
 
-def run_phase(phase: dict[str, Any], limits: dict[str, Any], workdir: str) -> dict[str, Any]:
+def run_phase(phase: dict[str, Any], limits: dict[str, Any], workdir: str, filters: list[bytes]) -> dict[str, Any]:
     """One phase, to its frame: exit code (128+N for signal N, None when killed here), output, limits hit."""
     started = time.perf_counter()
     argv = _locate(list(phase["argv"]))
@@ -127,7 +182,7 @@ def run_phase(phase: dict[str, Any], limits: dict[str, Any], workdir: str) -> di
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        preexec_fn=_rlimits(limits, phase.get("address_space_bytes")),
+        preexec_fn=_rlimits(limits, phase.get("address_space_bytes"), filters),
         close_fds=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
@@ -212,8 +267,9 @@ def main() -> int:
     source.write_bytes(code)
     source.chmod(0o644)
     nonce = spec["nonce"]
+    filters = job_filters()
     for phase in spec["phases"]:
-        frame = run_phase(phase, spec["limits"], workdir)
+        frame = run_phase(phase, spec["limits"], workdir, filters)
         sys.stdout.write(f"\n{nonce} {json.dumps(frame, separators=(',', ':'))}\n")
         sys.stdout.flush()
         carry_on = phase.get("continue_on", [])
