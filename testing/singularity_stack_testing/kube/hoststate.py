@@ -28,9 +28,15 @@ def cgroup_dirs() -> list[Path]:
     for hierarchy in CGROUP_ROOT.iterdir():
         top = hierarchy / KUBEPODS_CGROUP
         if top.is_dir():
-            found.extend(path for path in top.rglob("*") if path.is_dir())
+            found.extend(_directories_under(top))
             found.append(top)
     return sorted(found, key=lambda path: len(path.parts), reverse=True)
+
+
+def _directories_under(top: Path) -> list[Path]:
+    """Every directory below `top`, walked with os.walk, which skips a cgroup kubelet removes mid-walk
+    (Path.rglob raises FileNotFoundError on one)."""
+    return [Path(root) / name for root, names, _ in os.walk(top) for name in names]
 
 
 def kill_cgroup_processes(timeout: float = 15) -> None:
