@@ -5,6 +5,7 @@ can then create, watch, read the logs of and delete Pods in its namespace and no
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from test_operator_kube import install_chart, operator_kubeconfig, wait_for
 
 from singularity_operator import api, objects
 from singularity_operator.kube import Kube
+from singularity_stack.genesis.pod_sandbox import PodRunner, PodSandboxSettings
 from singularity_stack_testing import manifests
 from singularity_stack_testing.kube.apiserver import ControlPlane
 
@@ -231,3 +233,31 @@ def test_genesis_creates_reads_and_deletes_a_job_pod_with_its_own_token(plane):
     with pytest.raises(ApiException) as refused:
         core.list_namespaced_secret(NAMESPACE)
     assert refused.value.status == 403
+
+
+def test_the_sweep_at_start_deletes_this_genesis_pods_leftovers_only(plane):
+    """PodRunner.sweep, with Genesis's own token: job Pods labelled with this Genesis Pod go, others stay."""
+    control, admin = plane
+    spec = api.parse_spec(POD_SPEC)
+    kube = Kube(config.new_client_from_config(config_file=str(operator_kubeconfig(control, admin))))
+    for manifest in objects.workloads(STACK, NAMESPACE, spec):
+        kube.apply(manifest)
+    as_genesis = config.new_client_from_config(
+        config_file=str(operator_kubeconfig(control, admin, account="demo-genesis", namespace=NAMESPACE))
+    )
+    core = client.CoreV1Api(as_genesis)
+    labels = ",".join(f"{k}={v}" for k, v in objects.labels_of_jobs(STACK).items())
+    for index, owner in enumerate(("demo-genesis-old", "demo-genesis-old", "demo-genesis-other")):
+        job = manifests.genesis_job_pod(STACK, NAMESPACE, spec)
+        job["metadata"].pop("ownerReferences")
+        job["metadata"]["name"] = f"genesis-job-left{index}"
+        job["metadata"]["labels"]["singularity.dev/genesis-owner"] = owner
+        core.create_namespaced_pod(NAMESPACE, job)
+    settings = PodSandboxSettings(job_namespace=NAMESPACE, job_labels=labels, pod_name="demo-genesis-old")
+    assert asyncio.run(PodRunner(core, settings).sweep()) == 2
+
+    def left() -> list[str]:
+        return sorted(p.metadata.name for p in core.list_namespaced_pod(NAMESPACE).items)
+
+    wait_for("the sweep", lambda: left() == ["genesis-job-left2"], timeout=30)
+    core.delete_namespaced_pod("genesis-job-left2", NAMESPACE, grace_period_seconds=0)
