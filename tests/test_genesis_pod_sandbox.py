@@ -156,6 +156,9 @@ def test_a_phase_the_pod_ended_reports_the_pods_reason():
     assert timeout.status is JobStatus.TIMEOUT
     oom = job_outcome(lang, phases, frames, PodEnd("Failed", "OOMKilled", 137), LIMITS, 1.0)
     assert oom.status is JobStatus.MEMORY_LIMIT
+    # an entry that never reported (a broken image) is a sandbox failure, never the job's syntax error
+    with pytest.raises(pod_sandbox.SandboxError, match="without reporting its syntax phase"):
+        job_outcome(lang, phases, [], PodEnd("Failed", "Error", 1), LIMITS, 1.0)
 
 
 def test_frames_are_taken_in_phase_order_first_one_each():

@@ -328,7 +328,12 @@ def job_outcome(
     cap = limits.max_output_bytes
 
     def result(name: str) -> SandboxResult:
-        return frame_result(by_name.get(name), end, cap)
+        frame = by_name.get(name)
+        if frame is None and not (end.deadline_exceeded or end.oom_killed):
+            # Not the job's doing (its limits would say so): the entry did not run, or the Pod was lost.
+            detail = f"{end.phase}, {end.reason or 'no reason'}, exit {end.exit_code}"
+            raise SandboxError(f"the job Pod ended without reporting its {name} phase ({detail})")
+        return frame_result(frame, end, cap)
 
     def outcome(status: JobStatus, res: SandboxResult | None, exit_code: int | None, lint: list[str]) -> JobOutcome:
         return JobOutcome(
@@ -468,13 +473,17 @@ class PodRunner:
             raise SandboxError(f"could not create the job Pod: {_reason(error)}") from None
         try:
             end = await self._wait(name, active_deadline_seconds(self.limits, len(phases)) + 30)
-            text = await asyncio.to_thread(
-                self.core.read_namespaced_pod_log,
-                name,
-                self.namespace,
-                container=JOB_CONTAINER,
-                limit_bytes=_LOG_LIMIT_BYTES,
-            )
+            try:
+                text = await asyncio.to_thread(
+                    self.core.read_namespaced_pod_log,
+                    name,
+                    self.namespace,
+                    container=JOB_CONTAINER,
+                    limit_bytes=_LOG_LIMIT_BYTES,
+                )
+            except Exception as error:  # e.g. a Pod its deadline ended before its container started
+                log.warning("no log of the job Pod %s: %s", name, _reason(error))
+                text = ""
         finally:
             await asyncio.shield(self._delete(name))
         frames = parse_frames("\n" + str(text), nonce, phases)
