@@ -124,4 +124,12 @@ def test_a_failing_migration_rolls_nothing_and_says_why_while_the_old_pods_answe
                     "-p", json.dumps([{"op": "remove", "path": "/spec/nexus/image"}]))  # fmt: skip
     wait_until("Ready again", lambda: ready(cluster, STACK) and service_pods_on(cluster, UP2), 300)
     assert condition(cluster, "MigrationsSucceeded")["status"] == "True"
+
+    def migration_jobs() -> dict[str, str]:
+        found = cluster.json("get", "jobs", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={STACK}")["items"]
+        return {j["metadata"]["name"]: j["metadata"]["annotations"]["singularity.dev/image"] for j in found}
+
+    # up3's failed Job goes with its Pods once Nexus runs the image it asks for; each service keeps up2's
+    wait_until("up3's Job to go", lambda: UP3 not in migration_jobs().values(), 120)
+    assert sorted(migration_jobs().values()) == [UP2] * len(KINDS)
     cluster.kubectl("delete", "singularitystack", STACK, "-n", NAMESPACE, "--wait=true", "--timeout=5m")
