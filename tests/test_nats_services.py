@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from nats.js.errors import NotFoundError
@@ -179,6 +180,10 @@ async def start_central(dual: Dual, mode: str) -> CentralCloudService:
     return central
 
 
+async def _empty(dual: Dual, queue: str) -> bool:
+    return await dual.stream_count(queue) == 0
+
+
 def held_for_nats() -> float:
     return REGISTRY.get_sample_value("singularity_nexus_hitl_pending_nats") or 0.0
 
@@ -209,6 +214,7 @@ async def test_dual_serves_a_nats_and_a_pgmq_publisher_each_answered_on_its_own_
     assert await dual.stream_count("llm_results_singularity_2") == 0  # nor the pgmq one's on NATS
 
     # Both requests are in pgmq's archive, each saying its path; the NATS reply is archived by Nexus too.
+    await until(lambda: len(dual.archived("llm_requests")) == 2, what="both requests archived")
     paths = {m["request_id"]: h.get("path", "pgmq") for _, m, h in dual.archived("llm_requests")}
     assert paths == {str(by_nats.request_id): "nats", str(by_pgmq.request_id): "pgmq"}
     replies = [(m["request_id"], h.get("path")) for _, m, h in dual.archived("llm_results_singularity_1")]
@@ -278,7 +284,8 @@ async def test_dual_an_instance_publishes_on_both_paths_and_reads_its_replies_fr
     await until(lambda: len(dual.archived("llm_requests")) == 2, what="both copies settled by Nexus")
     await until(lambda: dual.pgmq("llm_results_singularity_1") == [], what="the reply read")
     await until(lambda: len(dual.archived("llm_results_singularity_1")) == 1, what="the reply archived")
-    assert await dual.stream_count("llm_results_singularity_1") == 0  # read and acknowledged, or never sent
+    # read and acknowledged (after its archive row), or never sent
+    await until_async(lambda: _empty(dual, "llm_results_singularity_1"), what="the reply acknowledged")
 
 
 async def test_cutover_refuses_nats_requests_on_their_reply_subject_and_serves_pgmq(dual):
@@ -292,11 +299,13 @@ async def test_cutover_refuses_nats_requests_on_their_reply_subject_and_serves_p
     assert [(r["request_id"], r["error"]) for r in refused] == [(str(by_nats.request_id), REFUSAL)]
     await until(lambda: llm_calls(dual, by_pgmq) == 1, what="the pgmq request served")
     assert llm_calls(dual, by_nats) == 0  # refused, never handled
-    letters = [row[0] for row in dual.stack.owner_query("SELECT message FROM pgmq.q_llm_requests_dlq")]
+    dead = "SELECT message FROM pgmq.q_llm_requests_dlq"
+    await until(lambda: dual.stack.owner_query(dead) != [], what="the refused request dead-lettered")
+    letters = [row[0] for row in dual.stack.owner_query(dead)]
     assert [(d["reason"], d["error"], d["message"]["request_id"]) for d in letters] == [
         ("permanent", REFUSAL, str(by_nats.request_id))
     ]
-    assert await dual.stream_count("llm_requests") == 0  # settled: nothing left for a reader
+    await until_async(lambda: _empty(dual, "llm_requests"), what="the refused request acknowledged")
 
 
 async def test_cutover_answers_a_request_held_in_dual_on_nats_and_instances_still_read_nats_replies(dual):
@@ -351,11 +360,16 @@ def test_a_service_refuses_a_messaging_setting_that_cannot_work_in_one_line(monk
 
 async def test_dual_genesis_runs_a_nats_job_and_answers_it_on_nats(dual):
     await start_central(dual, "dual")
-    await dual.start(GenesisService(GenesisSettings(**dual.common("genesis", "dual"))))
+    genesis = await dual.start(GenesisService(GenesisSettings(**dual.common("genesis", "dual"))))
     job = c.JobRequest(reply_to="singularity_2", agent_id="a-1", code="print(6 * 7)\n", language="python", run=True)
     await dual.nats_request(job)
     [result] = await dual.nats_replies("job_results_singularity_2", 1, timeout=60)
     assert (result["request_id"], result["status"], result["output"]) == (str(job.request_id), "ok", "42\n")
     assert dual.pgmq("job_results_singularity_2") == []
+    await until(lambda: dual.archived("job_requests") != [], what="the job archived")  # after its reply
     paths = [(m["request_id"], h["path"]) for _, m, h in dual.archived("job_requests")]
     assert paths == [(str(job.request_id), "nats")]
+    # /readyz says which mode the service is in and whether its NATS connection is up.
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=genesis.app()), base_url="http://localhost")
+    details = (await client.get("/readyz")).json()["details"]
+    assert (details["messaging_mode"], details["nats"]) == ("dual", "connected")
