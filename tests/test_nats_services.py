@@ -373,3 +373,19 @@ async def test_dual_genesis_runs_a_nats_job_and_answers_it_on_nats(dual):
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=genesis.app()), base_url="http://localhost")
     details = (await client.get("/readyz")).json()["details"]
     assert (details["messaging_mode"], details["nats"]) == ("dual", "connected")
+
+
+async def test_dual_without_a_reachable_nats_server_still_serves_pgmq_and_stops_promptly(dual):
+    common = dual.common("genesis", "dual") | {"nats_url": "nats://127.0.0.1:9", "shutdown_grace_seconds": 2}
+    genesis = GenesisService(GenesisSettings(**common))
+    await genesis.start()
+    try:
+        job = c.JobRequest(reply_to="singularity_1", agent_id="a-1", code="print(1)\n", language="python", run=True)
+        await (await dual.stack.queue("singularity_1")).publish(job)
+        await until(lambda: dual.pgmq("job_results_singularity_1") != [], timeout=60, what="the pgmq job answered")
+        assert genesis.messaging.details() == {"messaging_mode": "dual", "nats": "not connected"}
+    finally:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await genesis.stop()
+        assert loop.time() - started < 10  # the grace, not a NATS timeout
