@@ -172,3 +172,32 @@ def test_covers_ignores_server_defaults_but_not_differences():
     assert covers(live, desired)
     assert not covers(live, {"spec": {"ports": [{"port": 81}]}})
     assert not covers(live, {"spec": {"ports": [{"port": 80}, {"port": 81}]}})
+
+
+def test_every_service_pod_first_applies_its_own_images_migrations_as_its_role():
+    """A new stack or instance on a newer image gets that image's schema, not the operator's: each pod's
+    init container runs `singularity-stack migrate <service>` from the pod's image with its database URL."""
+    from singularity_operator import migration_jobs
+
+    spec = api.parse_spec({"image": "stack:2", "genesis": {"image": "genesis:3"}, "singularity": {"replicas": 2}})
+    seen = {}
+    for deployment in objects.service_deployments("s", "ns", spec):
+        pod = deployment["spec"]["template"]["spec"]
+        [init] = pod["initContainers"]
+        logical = migration_jobs.logical_of(deployment)
+        assert init["image"] == pod["containers"][0]["image"]
+        [url] = init["env"]
+        secret = objects.credentials_secret_name("s", logical)
+        assert url == {"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": "DATABASE_URL"}}}
+        assert init["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        seen[logical] = (init["image"], init["args"])
+        # An upgrade held back until its migration Job succeeded holds the init container back too.
+        held = migration_jobs.with_image(deployment, "stack:1")["spec"]["template"]["spec"]
+        assert held["initContainers"][0]["image"] == held["containers"][0]["image"] == "stack:1"
+    assert seen == {
+        "centralcloud": ("stack:2", ["migrate", "centralcloud"]),
+        "nexus": ("stack:2", ["migrate", "nexus"]),
+        "genesis": ("genesis:3", ["migrate", "genesis"]),
+        "singularity_1": ("stack:2", ["migrate", "singularity"]),
+        "singularity_2": ("stack:2", ["migrate", "singularity"]),
+    }

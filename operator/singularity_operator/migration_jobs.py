@@ -47,7 +47,9 @@ def image_of(deployment: Manifest | None) -> str | None:
 def with_image(deployment: Manifest, image: str) -> Manifest:
     """The desired Deployment, but still on `image` (held back until the new image's migrations ran)."""
     held = copy.deepcopy(deployment)
-    held["spec"]["template"]["spec"]["containers"][0]["image"] = image
+    pod = held["spec"]["template"]["spec"]
+    for container in [pod["containers"][0], *pod.get("initContainers", [])]:  # the init container migrates
+        container["image"] = image
     return held
 
 

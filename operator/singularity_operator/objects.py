@@ -11,6 +11,7 @@ from typing import Any
 
 from singularity_operator import api
 from singularity_stack.provision.budget import pool_size_for
+from singularity_stack.provision.migrations import service_kind
 from singularity_stack.topology import instance_id
 
 Manifest = dict[str, Any]
@@ -241,6 +242,21 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
 
     prefix = database_prefix(namespace, stack) if spec.postgres.external else ""
 
+    def migrate(logical: str, main: dict[str, Any]) -> dict[str, Any]:
+        """The pod's init container: this image's migrations of its database, as its role, before the
+        service starts (a new stack or instance on a newer image gets that image's schema; an upgrade's
+        Job has already applied them, so here it finds nothing to do)."""
+        return {
+            "name": "migrate",
+            "image": main["image"],
+            "imagePullPolicy": main["imagePullPolicy"],
+            "args": ["migrate", service_kind(logical)],
+            "env": _secret_env(credentials_secret_name(stack, logical), "DATABASE_URL"),
+            "resources": main["resources"],
+            # the pod's RuntimeDefault seccomp, whatever the service's own container needs (Genesis)
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        }
+
     def container(service: api.ServiceSpec, logical: str, env: list[dict[str, Any]]) -> dict[str, Any]:
         role = "singularity" if logical.startswith("singularity_") else logical
         if role in API_TOKEN_KEYS:
@@ -305,6 +321,10 @@ def service_deployments(stack: str, namespace: str, spec: api.StackSpec) -> list
         logical = instance_id(index)
         env = [*db(logical), {"name": "SINGULARITY_INSTANCE", "value": logical}]
         deployments.append(_deployment(stack, namespace, logical, container(spec.singularity, logical, env)))
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]["spec"]
+        logical = deployment["metadata"]["labels"]["app.kubernetes.io/component"].replace("-", "_")
+        pod["initContainers"] = [migrate(logical, pod["containers"][0])]
     return deployments
 
 
