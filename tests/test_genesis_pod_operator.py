@@ -17,6 +17,8 @@ from test_operator_kube import install_chart, operator_kubeconfig, wait_for
 from singularity_operator import api, objects
 from singularity_operator.kube import Kube
 from singularity_stack.genesis.pod_sandbox import PodRunner, PodSandboxSettings
+from singularity_stack.genesis.runner import JobRunner
+from singularity_stack.genesis.service import GenesisService, GenesisSettings
 from singularity_stack_testing import manifests
 from singularity_stack_testing.kube.apiserver import ControlPlane
 
@@ -261,3 +263,37 @@ def test_the_sweep_at_start_deletes_this_genesis_pods_leftovers_only(plane):
 
     wait_for("the sweep", lambda: left() == ["genesis-job-left2"], timeout=30)
     core.delete_namespaced_pod("genesis-job-left2", NAMESPACE, grace_period_seconds=0)
+
+
+@pytest.mark.parametrize(("account", "ready"), [("demo-genesis", True), ("demo", False)])
+async def test_genesis_in_pod_mode_is_ready_only_with_its_rights(plane, monkeypatch, account: str, ready: bool):
+    """GENESIS_SANDBOX=pod: the service runs jobs with a PodRunner and, at start, sweeps its leftovers; with
+    an account that may not (the stack's own, token-less one), it says so instead of looking ready."""
+    control, admin = plane
+    spec = api.parse_spec(POD_SPEC)
+    kube = Kube(config.new_client_from_config(config_file=str(operator_kubeconfig(control, admin))))
+    for manifest in objects.workloads(STACK, NAMESPACE, spec):
+        kube.apply(manifest)
+    kubeconfig = operator_kubeconfig(control, admin, account=account, namespace=NAMESPACE)
+    for name, value in {"KUBECONFIG": str(kubeconfig), "GENESIS_JOB_NAMESPACE": NAMESPACE, "POD_NAME": "g-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    settings = GenesisSettings(
+        database_url="postgresql://unused", shared_queue_url="postgresql://unused", sandbox="pod"
+    )
+    service = GenesisService(settings)
+    assert isinstance(service.runner, PodRunner)
+    await service.on_start()
+    if ready:
+        assert service.sandbox_problem is None
+        assert service.details()["job_bounds"] == f"a Pod per job in namespace {NAMESPACE} (sandbox: pod)"
+    else:
+        assert service.sandbox_problem is not None
+        assert f"cannot manage job Pods in namespace {NAMESPACE}" in service.sandbox_problem
+        assert "Forbidden" in service.sandbox_problem or "403" in service.sandbox_problem
+
+
+def test_bubblewrap_is_the_services_default():
+    settings = GenesisSettings(database_url="postgresql://unused", shared_queue_url="postgresql://unused")
+    assert settings.sandbox == "bubblewrap"
+    assert isinstance(GenesisService(settings).runner, JobRunner)

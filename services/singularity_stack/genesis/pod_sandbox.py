@@ -525,5 +525,5 @@ def kubernetes_core() -> Any:
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
     else:
-        config.load_kube_config()
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # as set now, not at import
     return client.CoreV1Api()
