@@ -19,6 +19,7 @@ from singularity_stack.nexus.hitl import Hitl
 from singularity_stack.nexus.reviewers import Reviewers
 from singularity_stack.nexus.routing_config import RoutingConfig, load_routing_config
 from singularity_stack.nexus.store import record_llm_call
+from singularity_stack.service.logs import route_library_loggers
 from singularity_stack.service.runtime import Job, Service, every
 from singularity_stack.service.settings import ServiceSettings
 from singularity_stack.sharedqueue import Consumer, Delivery, IdempotencyStore
@@ -174,4 +175,7 @@ def load_router(config: RoutingConfig) -> LlmRouter:
     """Import litellm and build the router (in a worker thread: the event loop keeps serving meanwhile)."""
     from singularity_stack.nexus.router import LlmRouter
 
-    return LlmRouter(config)
+    route_library_loggers()  # litellm just installed its own (plain, coloured) handlers: one JSON stream
+    router = LlmRouter(config)
+    route_library_loggers()
+    return router

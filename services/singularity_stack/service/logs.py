@@ -49,11 +49,17 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Loggers that brought their own handlers (litellm's, at import) write through the root's instead.
+    logging.captureWarnings(True)
+    route_library_loggers()
+
+
+def route_library_loggers() -> None:
+    """Loggers that brought their own handlers (litellm's, at import) write through the root's instead, and
+    the chatty ones only from WARNING. Call again after importing such a library later (Nexus loads litellm
+    in the background, after logging is configured)."""
     for logger in list(logging.Logger.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger) and logger.handlers:
             logger.handlers.clear()
             logger.propagate = True
-    logging.captureWarnings(True)
     for noisy in QUIET_LOGGERS:
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
