@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,8 +22,8 @@ from kubernetes import client, config
 
 from singularity_stack.contract import JobStatus
 from singularity_stack.genesis.pod_sandbox import JOB_COMPONENT, PodRunner, PodSandboxSettings
-from singularity_stack.genesis.runner import JobOutcome
-from singularity_stack_testing.cluster import IMAGE, Cluster, wait_until
+from singularity_stack.genesis.runner import JobOutcome, JobRunner
+from singularity_stack_testing.cluster import IMAGE, TIMINGS, Cluster, wait_until
 from singularity_stack_testing.stacks import NAMESPACE, OTHER_PODS, example, stack_pods, wait_ready
 
 pytestmark = pytest.mark.timeout(1800)
@@ -179,3 +181,24 @@ def test_an_ordinary_job_in_pod_mode(pod_stack: Cluster, runner: PodRunner) -> N
     outcome = run_job(pod_stack, runner, "import os\nprint('hello from a job Pod')\n", "python")
     assert outcome.status is JobStatus.OK and outcome.stdout == "hello from a job Pod\n", outcome
     assert any("F401" in finding for finding in outcome.lint)
+
+
+def test_a_jobs_latency_in_each_mode(pod_stack: Cluster, runner: PodRunner) -> None:
+    """The median of a few trivial python jobs (syntax, lint, run): each in a job Pod on the node, and in
+    bubblewrap as Genesis runs them in that mode (JobRunner, here on the node's host); printed in the timings."""
+    code = "print('hello')\n"
+
+    def median(run: Callable[[], JobOutcome], rounds: int = 5) -> float:
+        took = []
+        for _ in range(rounds):
+            started = time.monotonic()
+            outcome = run()
+            took.append(time.monotonic() - started)
+            assert outcome.status is JobStatus.OK and outcome.stdout == "hello\n", outcome
+        return statistics.median(took)
+
+    pod = median(lambda: asyncio.run(runner.run(code, "python")))
+    bubblewrap = median(lambda: asyncio.run(JobRunner(1).run(code, "python")))
+    TIMINGS["genesis python job, sandbox pod (median of 5)"] = pod
+    TIMINGS["genesis python job, bubblewrap (median of 5)"] = bubblewrap
+    assert not job_pods(pod_stack)
