@@ -11,7 +11,8 @@ on stdout; Genesis reads the frames from the Pod's log and applies its caps. Wha
 - its container's resources (memory and CPU: the job's cgroup) and `activeDeadlineSeconds` (the wall clock
   of all its phases, the entry bounding each phase's too);
 - the network: a NetworkPolicy of the operator denies job Pods all ingress and egress (the label
-  app.kubernetes.io/component=genesis-job; it needs a CNI that enforces NetworkPolicies);
+  app.kubernetes.io/component=genesis-job; it needs a CNI that enforces NetworkPolicies), and the entry's
+  seccomp filters refuse the job IPv4 and IPv6 sockets wherever it runs (pod_entry.py);
 - afterwards the Pod is deleted; job Pods a previous run of this Genesis Pod left are deleted at start, and
   each has the Genesis Pod as its owner, so the garbage collector removes them when that Pod goes.
 The source travels base64-encoded in an environment variable of the Pod, so it is bounded
