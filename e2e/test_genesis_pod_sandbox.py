@@ -17,12 +17,16 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psycopg
+import psycopg.conninfo
 import pytest
 from kubernetes import client, config
 
+from singularity_stack import contract as c
 from singularity_stack.contract import JobStatus
 from singularity_stack.genesis.pod_sandbox import JOB_COMPONENT, PodRunner, PodSandboxSettings
 from singularity_stack.genesis.runner import JobOutcome, JobRunner
+from singularity_stack.sharedqueue import SharedQueue
 from singularity_stack_testing.cluster import IMAGE, TIMINGS, Cluster, wait_until
 from singularity_stack_testing.stacks import NAMESPACE, OTHER_PODS, example, stack_pods, wait_ready
 
@@ -202,3 +206,50 @@ def test_a_jobs_latency_in_each_mode(pod_stack: Cluster, runner: PodRunner) -> N
     TIMINGS["genesis python job, sandbox pod (median of 5)"] = pod
     TIMINGS["genesis python job, bubblewrap (median of 5)"] = bubblewrap
     assert not job_pods(pod_stack)
+
+
+def as_reachable(url: str, host: str, port: int) -> str:
+    """A stack's database URL (Service DNS names) as the host reaches the Service."""
+    return psycopg.conninfo.make_conninfo(url, host=host, port=str(port), connect_timeout="10")
+
+
+@pytest.mark.parametrize(
+    ("language", "code", "status"),
+    [
+        ("bash", ":(){ :|:& };:\nsleep 60\n", JobStatus.TIMEOUT),
+        ("python", "x = bytearray(2 * 1024 ** 3)\n", JobStatus.MEMORY_LIMIT),
+        ("python", "while True:\n    pass\n", JobStatus.TIMEOUT),
+        ("python", "import socket\nsocket.create_connection(('1.1.1.1', 443), timeout=3)\n", JobStatus.RUNTIME_ERROR),
+    ],
+    ids=["fork bomb", "memory hog", "endless loop", "network call"],
+)
+def test_the_live_genesis_answers_a_hostile_job_sent_as_an_instance(
+    pod_stack: Cluster, language: str, code: str, status: JobStatus
+) -> None:
+    """Through the live system: the job request sent on the shared queue as Singularity instance 1 (its own
+    role), answered by Genesis in its Pod, which ran the job in a job Pod; the answer is read in Genesis's
+    database (the row it writes with each reply), and no job Pod is left."""
+    cluster = pod_stack
+    request = c.JobRequest(reply_to="singularity_1", agent_id="e2e", code=code, language=language, run=True)
+    with cluster.service_address(NAMESPACE, f"{STACK}-postgres", 5432) as (host, port):
+        sender = secret_value(cluster, f"{STACK}-singularity-1-db", "SHARED_QUEUE_DB_URL")
+
+        async def send() -> None:
+            queue = SharedQueue(as_reachable(sender, host, port), max_size=1, name="e2e-singularity-1")
+            await queue.open()
+            try:
+                await queue.publish(request)
+            finally:
+                await queue.close()
+
+        asyncio.run(send())
+        genesis_db = as_reachable(secret_value(cluster, f"{STACK}-genesis-db", "DATABASE_URL"), host, port)
+
+        def answered() -> tuple | None:
+            with psycopg.connect(genesis_db) as conn:
+                query = "SELECT status, instance FROM executions WHERE request_id = %s"
+                return conn.execute(query, (request.request_id,)).fetchone()
+
+        row = wait_until("Genesis's answer", answered, 180)
+    assert row == (status.value, "singularity_1"), row
+    wait_until("no job Pod left", lambda: not job_pods(cluster), 60)
