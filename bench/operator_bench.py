@@ -1,7 +1,7 @@
 """Operator benchmark: apply → databases provisioned and workloads created, for N Singularity instances;
 and the API writes idle reconciles make (goal: 0).
 
-    .venv/bin/python bench/operator_bench.py [--instances 1 10 50] [--samples 3] [--warmup 1]
+    .venv/bin/python bench/operator_bench.py [--instances 1 10 50] [--samples 3] [--warmup 1] [--phases]
 
 Runs a real kube-apiserver (scripts/build-kubernetes.sh builds it), a throwaway PostgreSQL, and the
 operator in-process (kopf's KopfRunner) with a 2 s health timer, as a ServiceAccount of its own. The
@@ -9,15 +9,22 @@ sizes are measured interleaved (1, 10, 50, 1, 10, 50, ...; warm-up rounds discar
 stack (policy Delete, deleted after it), and reported as median and spread. Writes are counted as the
 tests count them: every write request in the API server's audit log (ControlPlane(audit_writes=True)),
 Events included; the idle windows end on the operator's own reconcile counter, not on a clock.
+
+--phases: where an apply's time goes. The provisioner's steps, its migrations and the operator's API calls are
+timed (wall time, summed over the threads that ran them, so parallel work can add up to more than the sample)
+and printed per N as the median over the samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import itertools
 import shutil
+import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +55,52 @@ def wait(what: str, check: Callable[[], object], timeout: float = 600.0) -> floa
     return time.monotonic() - started
 
 
+class Phases:
+    """Wall time spent in named functions, summed over calls and threads: `wrap` replaces them in place."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()  # the provisioner migrates on several threads
+
+    def wrap(self, owner: Any, name: str) -> None:
+        original = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}".rsplit(".", 2)[-2:]
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.seconds[".".join(label)] += time.monotonic() - started
+                    self.calls[".".join(label)] += 1
+
+        setattr(owner, name, timed)
+
+    def snapshot(self) -> tuple[dict[str, float], dict[str, int]]:
+        with self._lock:
+            return dict(self.seconds), dict(self.calls)
+
+
+def timed_phases() -> Phases:
+    """The steps an apply spends its time in: the provisioner's, each database's migrations, the API calls."""
+    from singularity_operator import controller, kube
+    from singularity_stack.provision import provisioner
+
+    phases = Phases()
+    for step in ("_roles_and_databases", "_shared_queue", "_migrate"):
+        phases.wrap(provisioner.Provisioner, step)
+    for function in ("migrate", "applied_migrations"):  # the provisioner's own bindings, looked up at each call
+        phases.wrap(provisioner, function)
+    for step in ("provision", "apply_workloads", "live_deployments", "services_verdict", "_known_passwords"):
+        phases.wrap(controller.StackController, step)
+    for call in ("get", "apply", "list"):
+        phases.wrap(kube.Kube, call)
+    return phases
+
+
 def reconciles() -> float:
     name = "singularity_operator_reconciles_total"
     return sum(REGISTRY.get_sample_value(name, {"result": r}) or 0.0 for r in ("ok", "not_ready", "error"))
@@ -62,6 +115,9 @@ class Bench:
         self.custom, self.rbac = client.CustomObjectsApi(api_client), client.RbacAuthorizationV1Api(api_client)
         self.extensions = client.ApiextensionsV1Api(api_client)
         self.writes_per_sample: dict[int, list[float]] = collections.defaultdict(list)  # by N
+        self.phases: Phases | None = None
+        # by N: per sample, (seconds, calls) spent in each phase
+        self.phases_per_sample: dict[int, list[tuple[dict[str, float], dict[str, int]]]] = collections.defaultdict(list)
 
     def install(self) -> str:
         """The CRD, and the operator's own identity (cluster-admin): its writes are told from the bench's."""
@@ -135,10 +191,16 @@ class Bench:
         """One sample: seconds from the stack's creation to every database and Deployment there."""
 
         def measure() -> float:
+            before = self.phases.snapshot() if self.phases else None
             started = time.monotonic()
             namespace = self.create_stack(n)
             self.wait_provisioned(namespace, n)
             seconds = time.monotonic() - started
+            if self.phases and before:
+                after = self.phases.snapshot()
+                spent = {k: v - before[0].get(k, 0.0) for k, v in after[0].items()}
+                calls = {k: v - before[1].get(k, 0) for k, v in after[1].items()}
+                self.phases_per_sample[n].append((spent, calls))
             # the operator's writes in this stack's namespace until then (Events it is still posting excluded)
             writes = [w for w in self.plane.api_writes(OPERATOR_USER) if w["objectRef"].get("namespace") == namespace]
             self.writes_per_sample[n].append(len(writes))
@@ -160,6 +222,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--idle-windows", type=int, default=3)
+    parser.add_argument("--phases", action="store_true", help="print where each apply's time goes")
     args = parser.parse_args()
     # Every instance's pools count against max_connections (the provisioner refuses a stack that could
     # exhaust it): room for the largest N.
@@ -170,6 +233,8 @@ def main() -> None:
     try:
         bench = Bench(plane, postgres)
         kubeconfig = bench.install()
+        if args.phases:
+            bench.phases = timed_phases()
 
         from kopf.testing import KopfRunner
 
@@ -222,6 +287,12 @@ def report(
             f"  N = {n:>3}: {n + 4} databases, {2 * (4 + 4 * n)} queues, {n + 3} Deployments: "
             f"{times[str(n)].format('s', '{:.1f}')}; API writes {writes.format()}"
         )
+        measured = bench.phases_per_sample[n][args.warmup :]
+        names = sorted({name for spent, _ in measured for name in spent}, key=lambda k: -measured[0][0].get(k, 0.0))
+        for name in names:
+            spent = Samples(name, [s.get(name, 0.0) for s, _ in measured])
+            calls = statistics.median(c.get(name, 0) for _, c in measured)
+            print(f"      {name:<40} {spent.median:6.1f} s in {calls:>6.0f} calls (median of {len(measured)})")
     anyone = Samples("anyone", [float(len(found)) for found, _ in windows])
     operator = [float(sum(w["user"]["username"] == OPERATOR_USER for w in found)) for found, _ in windows]
     spans = Samples("seconds", [span for _, span in windows])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -22,12 +23,14 @@ from singularity_stack.postgres.pgmq_install import Method, PgmqInstall, ensure_
 from singularity_stack.provision import privileges
 from singularity_stack.provision.credentials import ServiceCredentials, generate_password, postgres_url
 from singularity_stack.provision.errors import ProvisionError as ProvisionError  # re-exported: callers import it here
-from singularity_stack.provision.migrations import applied_migrations, apply_migrations, service_kind
+from singularity_stack.provision.migrations import applied_migrations, migrate, service_kind
 from singularity_stack.provision.pgmq_upgrade import ensure_current_pgmq
 from singularity_stack.provision.queues import ensure_queues
 from singularity_stack.topology import StackLayout
 
 log = logging.getLogger(__name__)
+# Databases migrated at once: connections beside the admin one, well within budget.HEADROOM.
+MIGRATION_WORKERS = 4
 
 
 @dataclass
@@ -234,16 +237,33 @@ class Provisioner:
     def _migrates(self, logical: str) -> bool:
         return self.migrate if isinstance(self.migrate, bool) else logical in self.migrate
 
+    def _migrate_one(self, logical: str, database_url: str) -> tuple[list[str] | None, list[str]]:
+        """(the migrations applied now, None when this database is not ours to migrate; all it records)."""
+        if self._migrates(logical):
+            return migrate(service_kind(logical), database_url)
+        return None, applied_migrations(database_url)
+
     def _migrate(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """(applied now, applied in all) per logical owner."""
-        now, applied = {}, {}
-        for logical, creds in self.credentials(self.admin_endpoint).items():
-            if self._migrates(logical):
-                done = apply_migrations(service_kind(logical), creds.database_url)
-                if done:
-                    self._changed(f"migrated {self.layout.database(logical)}: {', '.join(done)}")
-                now[logical] = done
-            applied[logical] = applied_migrations(creds.database_url)
+        """(applied now, applied in all) per logical owner. The databases are independent (each its own role's,
+        each migration under yoyo's lock in its own database): a few at a time, on MIGRATION_WORKERS
+        connections, within the budget's headroom. Reported in the layout's order, as one at a time would."""
+        urls = {logical: creds.database_url for logical, creds in self.credentials(self.admin_endpoint).items()}
+        workers = min(MIGRATION_WORKERS, len(urls)) or 1
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="migrate") as pool:
+            futures = {logical: pool.submit(self._migrate_one, logical, url) for logical, url in urls.items()}
+            now, applied = {}, {}
+            for logical, future in futures.items():  # a failure is raised after the ones before it are reported
+                try:
+                    done, recorded = future.result()
+                except BaseException:
+                    for pending in futures.values():  # those not started yet are not started at all
+                        pending.cancel()
+                    raise
+                if done is not None:
+                    if done:
+                        self._changed(f"migrated {self.layout.database(logical)}: {', '.join(done)}")
+                    now[logical] = done
+                applied[logical] = recorded
         return now, applied
 
     def run(self) -> ProvisionResult:
