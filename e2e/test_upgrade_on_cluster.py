@@ -4,14 +4,18 @@ Two variants of the built image, each one layer more (buildah, from the image th
 one more migration for every service; `up3` adds one to Nexus that fails. Bump to up2: every service's
 Job runs from up2 before its Deployment rolls, and status records the new migration. Bump to up3: Nexus's
 Job fails, nothing of Nexus rolls, the condition says why (the Job's reason and its log's end, read through
-pods/log) and the old pods answer. Back to up2: the stack is Ready again.
+pods/log) and the old pods answer. Back to up2: the stack is Ready again. A task started before the
+first bump, waiting for its approval while every service rolls, completes on the new pods.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -42,6 +46,37 @@ def service_pods_on(cluster: Cluster, image: str) -> bool:
     return image_variants.service_pods_on(cluster, NAMESPACE, STACK, image, SERVICE_PODS)
 
 
+def secret_value(cluster: Cluster, name: str, key: str) -> str:
+    return base64.b64decode(cluster.json("get", "secret", name, "-n", NAMESPACE)["data"][key]).decode()
+
+
+@contextlib.contextmanager
+def apis(cluster: Cluster) -> Iterator[tuple[httpx.Client, httpx.Client]]:
+    """Singularity instance 1's and Nexus's APIs, through their Services (opened anew after a rollout)."""
+    token = secret_value(cluster, f"{STACK}-nexus-ui", "NEXUS_UI_TOKEN")
+    api_token = secret_value(cluster, f"{STACK}-singularity-api", "SINGULARITY_API_TOKEN")
+    with (
+        cluster.service_address(NAMESPACE, f"{STACK}-singularity-1", 8000) as singularity,
+        cluster.service_address(NAMESPACE, f"{STACK}-nexus", 8000) as nexus,
+        httpx.Client(
+            base_url=f"http://{singularity[0]}:{singularity[1]}",
+            headers={"Host": f"{STACK}-singularity-1.{NAMESPACE}.svc", "Authorization": f"Bearer {api_token}"},
+            timeout=10,
+        ) as singularity_api,
+        httpx.Client(
+            base_url=f"http://{nexus[0]}:{nexus[1]}",
+            headers={"Host": f"{STACK}-nexus.{NAMESPACE}.svc", "Authorization": f"Bearer {token}"},
+            timeout=10,
+        ) as nexus_api,
+    ):
+        yield singularity_api, nexus_api
+
+
+def pending_approval(nexus_api: httpx.Client) -> dict | None:
+    approvals = nexus_api.get("/api/pending").json()["approvals"]
+    return next((a for a in approvals if a["instance"] == "singularity_1"), None)
+
+
 @pytest.fixture(scope="module")
 def variants(operator_installed: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
     if not shutil.which("buildah"):
@@ -62,6 +97,11 @@ def test_a_bump_runs_the_new_image_s_migrations_in_jobs_before_the_rollout(varia
     before = stack_status(cluster, STACK)["services"]
     assert {s["image"] for s in before.values()} == {IMAGE}
     assert NEW_MIGRATION not in {s.get("lastMigration") for s in before.values()}
+    with apis(cluster) as (singularity_api, nexus_api):  # a task in flight across the whole rollout
+        created = singularity_api.post("/tasks", json={"description": "Write a program that prints a greeting"})
+        assert created.status_code == 202, created.text
+        task_id = created.json()["id"]
+        card = wait_until("the task's approval card", lambda: pending_approval(nexus_api), 300)
 
     started = time.monotonic()
     cluster.kubectl("patch", "singularitystack", STACK, "-n", NAMESPACE, "--type=merge",
@@ -94,6 +134,20 @@ def test_a_bump_runs_the_new_image_s_migrations_in_jobs_before_the_rollout(varia
     messages = {p["status"]["containerStatuses"][0]["state"]["terminated"].get("message", "") for p in pods
                 if p["metadata"]["labels"].get("app.kubernetes.io/instance") == STACK}  # fmt: skip
     assert {m.strip() for m in messages} == {f"last applied {NEW_MIGRATION}"}, messages
+
+    # The task started on the old image, its approval still pending, completes on the new pods.
+    with apis(cluster) as (singularity_api, nexus_api):
+        assert (pending_approval(nexus_api) or {}).get("request_id") == card["request_id"]
+        approved = nexus_api.post(f"/api/approvals/{card['request_id']}", json={"approved": True, "reason": ""})
+        assert approved.status_code == 200, approved.text
+
+        def finished() -> dict | None:
+            task = singularity_api.get(f"/tasks/{task_id}").json()
+            return task if task["state"] in ("succeeded", "failed") else None
+
+        task = wait_until("the task started before the upgrade to finish", finished, 300)
+    assert task["state"] == "succeeded", task.get("failure_reason")
+    assert len(task["steps"]) == 7  # nothing asked twice across the rollout
 
 
 def test_a_failing_migration_rolls_nothing_and_says_why_while_the_old_pods_answer(variants: Cluster) -> None:
