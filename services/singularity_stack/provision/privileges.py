@@ -21,23 +21,28 @@ from singularity_stack.topology import Access, Grant, StackLayout
 PGMQ_CATALOG = ("meta", "notify_insert_throttle", "topic_bindings")
 
 
-def _table(prefix: str, queue: str) -> sql.Identifier:
-    return sql.Identifier("pgmq", f"{prefix}_{queue}")
+# (the privileges, as GRANT spells them; the pgmq table): what one role needs on one table.
+TableGrant = tuple[str, str]
+
+
+def _table_grants(grant: Grant) -> list[TableGrant]:
+    queue, archive = f"q_{grant.queue}", f"a_{grant.queue}"
+    if grant.access is Access.SEND:
+        return [("INSERT", queue), ("SELECT (msg_id)", queue)]
+    return [("SELECT, UPDATE, DELETE", queue), ("INSERT", archive), ("SELECT (msg_id)", archive)]
+
+
+def _reply_archive_grants(queue: str) -> list[TableGrant]:
+    return [("INSERT", f"a_{queue}"), ("SELECT (msg_id)", f"a_{queue}")]
+
+
+def _statement(privileges: str, tables: list[str], role: str) -> sql.Composed:
+    names = sql.SQL(", ").join(sql.Identifier("pgmq", table) for table in tables)
+    return sql.SQL("GRANT " + privileges + " ON {} TO {}").format(names, sql.Identifier(role))
 
 
 def grant_statements(grant: Grant, role: str) -> list[sql.Composed]:
-    who = sql.Identifier(role)
-    queue, archive = _table("q", grant.queue), _table("a", grant.queue)
-    if grant.access is Access.SEND:
-        return [
-            sql.SQL("GRANT INSERT ON {} TO {}").format(queue, who),
-            sql.SQL("GRANT SELECT (msg_id) ON {} TO {}").format(queue, who),
-        ]
-    return [
-        sql.SQL("GRANT SELECT, UPDATE, DELETE ON {} TO {}").format(queue, who),
-        sql.SQL("GRANT INSERT ON {} TO {}").format(archive, who),
-        sql.SQL("GRANT SELECT (msg_id) ON {} TO {}").format(archive, who),
-    ]
+    return [_statement(privileges, [table], role) for privileges, table in _table_grants(grant)]
 
 
 def schema_statements(layout: StackLayout) -> list[sql.Composed]:
@@ -67,22 +72,22 @@ def schema_statements(layout: StackLayout) -> list[sql.Composed]:
 
 def reply_archive_statements(queue: str, role: str) -> list[sql.Composed]:
     """What a replier needs to archive a reply it sent on NATS: append to the archive, never read it."""
-    archive, who = _table("a", queue), sql.Identifier(role)
-    return [
-        sql.SQL("GRANT INSERT ON {} TO {}").format(archive, who),
-        sql.SQL("GRANT SELECT (msg_id) ON {} TO {}").format(archive, who),
-    ]
+    return [_statement(privileges, [table], role) for privileges, table in _reply_archive_grants(queue)]
 
 
 def queue_statements(layout: StackLayout) -> list[sql.Composed]:
-    """Per-queue privileges for every grant of the layout, plus read-only archives for analytics."""
+    """Per-queue privileges for every grant of the layout, plus read-only archives for analytics: the same
+    privileges as a GRANT per table would give, one GRANT per role and kind of privilege over all its tables
+    (a stack of N instances has about 45 N of them, rerun at each reconcile: a statement each cost seconds)."""
     replied = set(layout.work_queues) - set(REQUESTS)  # the reply queues (their dead-letter queues excluded)
-    statements: list[sql.Composed] = []
+    tables: dict[tuple[str, str], dict[str, None]] = {}  # (role, privileges) -> tables, in first-seen order
     for grant in layout.grants:
-        statements += grant_statements(grant, layout.role(grant.role))
+        role = layout.role(grant.role)
+        wanted = _table_grants(grant)
         if grant.access is Access.SEND and grant.queue in replied:
-            statements += reply_archive_statements(grant.queue, layout.role(grant.role))
-    analytics = sql.Identifier(layout.analytics_role)
+            wanted += _reply_archive_grants(grant.queue)
+        for privileges, table in wanted:
+            tables.setdefault((role, privileges), {})[table] = None
     for queue in layout.queues:
-        statements.append(sql.SQL("GRANT SELECT ON {} TO {}").format(_table("a", queue), analytics))
-    return statements
+        tables.setdefault((layout.analytics_role, "SELECT"), {})[f"a_{queue}"] = None
+    return [_statement(privileges, list(found), role) for (role, privileges), found in tables.items()]
