@@ -556,7 +556,8 @@ def test_a_namespaced_install_reconciles_only_its_namespaces(cluster, operator, 
         scratch_namespace(api_client) as inside,
         scratch_namespace(api_client) as outside,
     ):
-        values = {"watchNamespaces": [inside], "crds": {"create": False}}
+        # The CRD and Genesis's cluster-wide ClusterRole are the first release's: one each per cluster.
+        values = {"watchNamespaces": [inside], "crds": {"create": False}, "genesisJobsRole": {"create": False}}
         install_chart(api_client, values, release="scoped", namespace=home)
         account = "scoped-singularity-stack"
         kubeconfig = operator_kubeconfig(plane, api_client, account, home)

@@ -237,7 +237,7 @@ SETTINGS_ENV: dict[str, frozenset[str]] = {
             "NEXUS_SINGULARITY_CONSOLE_URLS",
         }
     ),
-    "genesis": frozenset({"GENESIS_MAX_CONCURRENT_JOBS", "GENESIS_SANDBOX_PROC"}),
+    "genesis": frozenset({"GENESIS_MAX_CONCURRENT_JOBS", "GENESIS_SANDBOX_PROC", "GENESIS_SANDBOX"}),
     "centralcloud": frozenset(
         {
             "SHARED_QUEUE_ANALYTICS_URL",
