@@ -28,6 +28,15 @@ from singularity_stack_testing.providers import (
 REQUIRE_ENV = "SINGULARITY_REQUIRE_KUBE"
 
 
+# Modules that start a local node of their own: they run before any test that needs the shared cluster,
+# whose node stays up for the rest of the session and would be "another local node" to them.
+OWN_NODE_MODULES = frozenset({"test_local_node.py"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: item.path.name not in OWN_NODE_MODULES)  # stable: the rest keep their order
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--cluster-provider",

@@ -2,7 +2,8 @@
 node removes before it starts. (Its clean teardown is checked after every e2e session: see
 singularity_stack_testing.providers.)
 
-Runs before the stack suite (file order), while no other node is up; only with the local provider.
+Runs first (e2e/conftest.py puts it before every module that uses the shared cluster), while no other node
+is up; only with the local provider.
 """
 
 from __future__ import annotations
