@@ -83,3 +83,17 @@ async def test_a_replica_whose_feed_reconnects_tells_its_browsers_to_resync(repl
         assert killed is not None and killed[0] >= 1
         events = [await next_event(there)]
         assert RESYNC in events  # changes made while it was not listening were not heard: start over
+
+
+async def test_a_notification_the_feed_cannot_read_is_skipped_and_the_feed_goes_on(replicas, sq):
+    """Only Nexus's role may NOTIFY on its database, but a bad payload (a bug, an older replica) must not stop
+    every replica's feed: it is skipped, and the next real change still arrives."""
+    one, two = replicas
+    request = approval(description="after the garbage")
+    with two.broadcaster.subscribe() as there:
+        with psycopg.connect(sq.db_url("nexus"), autocommit=True) as conn:
+            for garbage in ("not json", "[1, 2]", '{"type": "added"}', '{"type": "removed", "request_id": 7}'):
+                conn.execute("SELECT pg_notify('hitl_events', %s)", (garbage,))
+        await deliver(one, request)
+        added = await next_event(there)
+    assert added["type"] == "added" and added["card"]["request_id"] == str(request.request_id)

@@ -70,9 +70,7 @@ class HitlFeed:
                     heard_before = True
                     while not stop.is_set():
                         async for note in conn.notifies(timeout=self.check_every):
-                            event = json.loads(note.payload)
-                            if event.pop("origin", None) != self.origin:
-                                await self.deliver(event)
+                            await self._hear(note.payload)
                         await conn.execute("SELECT 1")  # a dead connection raises here
             except (psycopg.OperationalError, OSError) as error:
                 log.warning("HITL feed lost its connection (%s); reconnecting", error.__class__.__name__)
@@ -80,3 +78,15 @@ class HitlFeed:
                 self.connected.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), RECONNECT_SECONDS)
+
+    async def _hear(self, payload: str) -> None:
+        """One notification: another replica's change goes to `deliver`; one that is not ours to read (bad
+        JSON, missing fields) is logged and skipped, never the end of the feed."""
+        try:
+            event = json.loads(payload)
+            if not isinstance(event, dict):
+                raise ValueError("not an object")
+            if event.pop("origin", None) != self.origin:
+                await self.deliver(event)
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            log.warning("HITL feed: skipped a notification it cannot read (%s): %.200s", error, payload)
