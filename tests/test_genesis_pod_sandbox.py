@@ -175,8 +175,11 @@ def test_frames_are_taken_in_phase_order_first_one_each():
 # -- the entry, running real phases ------------------------------------------------------------------------
 
 
-def run_entry(tmp_path: Path, code: str, language: str, run: bool = True, limits: Limits = LIMITS) -> Any:
-    """The entry as the job Pod's container starts it (its environment from the manifest), here."""
+def run_entry(
+    tmp_path: Path, code: str, language: str, run: bool = True, limits: Limits = LIMITS, as_init: bool = False
+) -> Any:
+    """The entry as the job Pod's container starts it (its environment from the manifest), here; `as_init`:
+    as pid 1 of a pid namespace of its own, as in the Pod (needs root)."""
     lang = get_language(language)
     phases = job_phases(lang, limits, run)
     pod = job_pod_manifest(
@@ -194,7 +197,8 @@ def run_entry(tmp_path: Path, code: str, language: str, run: bool = True, limits
     env = env_of(pod)
     spec = json.loads(env[SPEC_ENV])
     spec["workdir"] = str(tmp_path)
-    entry = [sys.executable, *pod_sandbox.ENTRY[2:]]
+    init = ["unshare", "--pid", "--fork", "--kill-child"] if as_init else []
+    entry = [*init, sys.executable, *pod_sandbox.ENTRY[2:]]
     assert pod["spec"]["containers"][0]["command"][1:] == list(pod_sandbox.ENTRY[1:])
     done = subprocess.run(
         entry,
@@ -337,3 +341,18 @@ def test_node_and_elixir_run_under_the_filters(tmp_path: Path, language: str, co
     outcome = run_entry(tmp_path, code, language, limits=Limits(wall_time_s=10, cpu_time_s=5))
     assert outcome.status is JobStatus.OK, outcome
     assert outcome.stdout.startswith("hi from")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="NEEDS ROOT: the entry as pid 1 of its own pid namespace (unshare)")
+def test_a_job_cannot_interrupt_or_kill_the_entry_it_runs_under(tmp_path: Path):
+    """The entry is the Pod's init: a job of its uid signalling pid 1 (SIGINT, which Python would handle,
+    SIGTERM, SIGKILL) changes nothing, and the job's own result is what comes back."""
+    code = (
+        "import os, signal\n"
+        "for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):\n"
+        "    os.kill(1, sig)\n"
+        "print('still reported')\n"
+    )
+    outcome = run_entry(tmp_path, code, "python", as_init=True)
+    assert outcome.status is JobStatus.OK, outcome
+    assert outcome.stdout == "still reported\n"

@@ -8,6 +8,7 @@ two Nexus processes is in test_nexus_ui_browser.py.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -87,13 +88,17 @@ async def test_a_replica_whose_feed_reconnects_tells_its_browsers_to_resync(repl
 
 async def test_a_notification_the_feed_cannot_read_is_skipped_and_the_feed_goes_on(replicas, sq):
     """Only Nexus's role may NOTIFY on its database, but a bad payload (a bug, an older replica) must not stop
-    every replica's feed: it is skipped, and the next real change still arrives."""
+    every replica's feed, and a "removed" it hears clears a card only once the database says it is settled."""
     one, two = replicas
-    request = approval(description="after the garbage")
+    held, after = approval(description="still pending"), approval(description="after the garbage")
     with two.broadcaster.subscribe() as there:
+        await deliver(one, held)
+        assert (await next_event(there))["card"]["request_id"] == str(held.request_id)
+        forged = {"type": "removed", "request_id": str(held.request_id), "state": "approved", "by": "mallory"}
         with psycopg.connect(sq.db_url("nexus"), autocommit=True) as conn:
-            for garbage in ("not json", "[1, 2]", '{"type": "added"}', '{"type": "removed", "request_id": 7}'):
+            for garbage in ("not json", "[1, 2]", '{"type": "added"}', '{"type": "removed", "request_id": 7}',
+                            "[" * 4000, json.dumps(forged)):  # fmt: skip
                 conn.execute("SELECT pg_notify('hitl_events', %s)", (garbage,))
-        await deliver(one, request)
-        added = await next_event(there)
-    assert added["type"] == "added" and added["card"]["request_id"] == str(request.request_id)
+        await deliver(one, after)
+        added = await next_event(there)  # not the forged removal of the pending card
+    assert added["type"] == "added" and added["card"]["request_id"] == str(after.request_id)

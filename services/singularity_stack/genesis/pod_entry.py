@@ -259,6 +259,10 @@ def _decode(returncode: int) -> tuple[int, int | None]:
 
 
 def main() -> int:
+    # The kernel drops a signal sent to a pid namespace's init from inside only while init has no handler
+    # for it: Python's own SIGINT handler would let a job kill this process (KeyboardInterrupt) and lose
+    # its result. Default disposition, so the job can neither interrupt nor kill the entry.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     _non_dumpable()
     spec = json.loads(os.environ.pop(SPEC_ENV))
     code = base64.b64decode(os.environ.pop(CODE_ENV, ""))

@@ -207,6 +207,16 @@ class HitlStore:
             )
             return await cur.fetchone()
 
+    async def settled(self, request_id: uuid.UUID) -> tuple[str, str] | None:
+        """(state, decided by) of a request no longer pending; None while it is pending or unknown."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT state, decided_by FROM hitl_requests WHERE request_id = %s AND state <> 'pending'",
+                (request_id,),
+            )
+            row = await cur.fetchone()
+            return (str(row[0]), str(row[1])) if row else None
+
     async def pending(self) -> list[dict[str, Any]]:
         async with self.pool.connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
@@ -330,7 +340,11 @@ class Hitl:
             if row is not None:
                 self.broadcaster.publish({"type": "added", "card": card(row)})
         elif event.get("type") == "removed":
-            self.broadcaster.publish(_removed(uuid.UUID(event["request_id"]), event["state"], event["by"]))
+            # What the database says, not the payload: a card is cleared only once it is no longer pending.
+            request_id = uuid.UUID(event["request_id"])
+            settled = await self.store.settled(request_id)
+            if settled is not None:
+                self.broadcaster.publish(_removed(request_id, *settled))
 
     # -- arrivals ----------------------------------------------------------------------------------
 

@@ -88,5 +88,7 @@ class HitlFeed:
                 raise ValueError("not an object")
             if event.pop("origin", None) != self.origin:
                 await self.deliver(event)
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            log.warning("HITL feed: skipped a notification it cannot read (%s): %.200s", error, payload)
+        except psycopg.OperationalError:
+            raise  # the connection: reconnect and resync
+        except Exception as error:  # anything a payload can provoke (even a RecursionError) ends one, not the feed
+            log.warning("HITL feed: skipped a notification it cannot read (%r): %.200s", error, payload)
