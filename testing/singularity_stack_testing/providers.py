@@ -2,7 +2,9 @@
 
 - ``local``: the single-node cluster built on this machine (kube/localnode.py); images are built with
   buildah (scripts/build-images.sh) and imported into its containerd. Needs root, no Docker.
-- ``kind``: a kind cluster; images are built with `docker build` and loaded with `kind load`. Needs Docker.
+- ``kind``: a kind cluster made by pytest-kind's KindCluster, with the kind and kubectl on PATH (it downloads
+  its pinned releases where they are missing); images are built with `docker build` and loaded with
+  `kind load docker-image`. Needs a Docker engine.
 
 Each provider is a generator that yields a :class:`Cluster` and tears everything down afterwards; when
 it cannot run here it raises :class:`ProviderUnavailable` with the reason.
@@ -10,6 +12,8 @@ it cannot run here it raises :class:`ProviderUnavailable` with the reason.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+from pytest_kind.cluster import KIND_VERSION, KUBECTL_VERSION, KindCluster
 
 from singularity_stack_testing import ROOT, manifests
 from singularity_stack_testing.cluster import IMAGE, OPERATOR_NAMESPACE, POSTGRES_IMAGE, Cluster, run
@@ -25,35 +30,78 @@ from singularity_stack_testing.kube import localnode
 
 PROVIDERS = ("local", "kind")
 IMAGE_ARCHIVES = (f"{IMAGE.replace(':', '_')}.tar", f"{POSTGRES_IMAGE.replace(':', '_')}.tar")
+KIND_IMAGES = ((IMAGE, "images/Dockerfile"), (POSTGRES_IMAGE, "images/postgres/Dockerfile"))
+log = logging.getLogger(__name__)
 
 
 class ProviderUnavailable(RuntimeError):
     """The provider cannot run on this machine; the message says why and what would fix it."""
 
 
-def _missing(*tools: str) -> list[str]:
-    return [tool for tool in tools if shutil.which(tool) is None]
+def _docker_problem() -> str | None:
+    """Why kind cannot run here (it runs its node as a container of a Docker engine), or None."""
+    if shutil.which("docker") is None:
+        return "docker not on PATH (kind runs its node in a Docker engine)"
+    probe = subprocess.run(["docker", "info"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        said = (probe.stderr.strip() or probe.stdout.strip()).splitlines()
+        return f"the docker client is here but no Docker engine answers: {said[-1] if said else 'no message'}"
+    return None
+
+
+def kind_binaries(tmp: Path) -> tuple[Path, Path]:
+    """(kind, kubectl): the ones on PATH; where one is missing, a path in `tmp` that KindCluster downloads its
+    pinned release to (pytest-kind's KIND_VERSION, KUBECTL_VERSION) the first time it needs it."""
+    kind, kubectl = shutil.which("kind"), shutil.which("kubectl")
+    return (
+        Path(kind) if kind else tmp / f"kind-{KIND_VERSION}",
+        Path(kubectl) if kubectl else tmp / f"kubectl-{KUBECTL_VERSION}",
+    )
+
+
+def _kind(name: str, tmp: Path) -> KindCluster:
+    kind, kubectl = kind_binaries(tmp)
+    scratch = Path(".pytest-kind")
+    existed = scratch.exists()
+    cluster = KindCluster(name, kubeconfig=tmp / "kubeconfig", kind_path=kind, kubectl_path=kubectl)
+    # KindCluster makes .pytest-kind/<name> in the working directory for what it downloads; every path is given
+    # here, so nothing goes there: the empty folders go rather than litter the checkout.
+    with contextlib.suppress(OSError):
+        cluster.path.rmdir()
+        if not existed:
+            scratch.rmdir()
+    return cluster
 
 
 def kind_cluster(tmp: Path, timings: dict[str, float]) -> Iterator[Cluster]:
-    missing = _missing("docker", "kind", "kubectl")
-    if missing:
-        raise ProviderUnavailable(f"{', '.join(missing)} not on PATH (kind needs a Docker engine)")
-    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
-        raise ProviderUnavailable("the docker client is here but no Docker engine answers")
-    name = f"singularity-e2e-{os.getpid()}"
-    kubeconfig = tmp / "kubeconfig"
+    """A kind cluster through pytest-kind's KindCluster, the project's images built with Docker and loaded into
+    it (`kind load docker-image`); deleted afterwards, also when the body failed."""
+    problem = _docker_problem()
+    if problem:
+        raise ProviderUnavailable(problem)
+    kind = _kind(f"singularity-e2e-{os.getpid()}", tmp)
     started = time.monotonic()
-    run("kind", "create", "cluster", "--name", name, "--kubeconfig", str(kubeconfig), "--wait", "180s", capture=False)
-    timings["cluster start"] = time.monotonic() - started
+    finished = False
     try:
-        for image, dockerfile in ((IMAGE, "images/Dockerfile"), (POSTGRES_IMAGE, "images/postgres/Dockerfile")):
-            run("docker", "build", "-f", str(ROOT / dockerfile), "-t", image, str(ROOT), capture=False)
-            run("kind", "load", "docker-image", image, "--name", name, capture=False)
-        yield Cluster(kubeconfig, provider="kind")
+        kind.create()
+        kind.kubectl("wait", "--for=condition=Ready", "nodes", "--all", "--timeout=180s")
+        timings["cluster start"] = time.monotonic() - started
+        started = time.monotonic()
+        for image, dockerfile in KIND_IMAGES:
+            run("docker", "build", "-f", str(ROOT / dockerfile), "-t", image, str(ROOT), capture=False, timeout=1800)
+            kind.load_docker_image(image)
+        timings["image build and load"] = time.monotonic() - started
+        yield Cluster(kind.kubeconfig_path, provider="kind", kubectl_binary=str(kind.kubectl_path))
+        finished = True
     finally:
         started = time.monotonic()
-        run("kind", "delete", "cluster", "--name", name, check=False)
+        try:
+            kind.delete()
+        except subprocess.CalledProcessError:
+            if finished:
+                raise
+            # the body's own error is the one to see; the cluster's name says what to delete by hand
+            log.exception("could not delete kind cluster %s", kind.name)
         timings["cluster teardown"] = time.monotonic() - started
 
 
