@@ -356,3 +356,177 @@ def test_a_job_cannot_interrupt_or_kill_the_entry_it_runs_under(tmp_path: Path):
     outcome = run_entry(tmp_path, code, "python", as_init=True)
     assert outcome.status is JobStatus.OK, outcome
     assert outcome.stdout == "still reported\n"
+
+
+# -- on a real API server (no kubelet: job Pods stay Pending): cancellation, a Pod gone mid-wait -----------
+
+
+@pytest.fixture
+def job_namespace(kube) -> Any:
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=str(kube.kubeconfig))
+    core = client.CoreV1Api(api)
+    name = f"pod-sandbox-{os.getpid()}-{len(core.list_namespace().items)}"
+    core.create_namespace({"metadata": {"name": name}})
+    yield core, name
+    core.delete_namespace(name)
+
+
+def pods_in(core: Any, namespace: str) -> list[str]:
+    return [p.metadata.name for p in core.list_namespaced_pod(namespace).items]
+
+
+async def wait_until(check: Any, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+async def test_a_job_cancelled_while_its_pod_is_created_leaves_no_pod(job_namespace):
+    """The create call is held in its thread until the job has been cancelled; it then reaches the real API
+    server, which makes the Pod: PodRunner waits for that answer and deletes it."""
+    import threading
+
+    core, namespace = job_namespace
+    entered, release, answered = threading.Event(), threading.Event(), threading.Event()
+    real_create = core.create_namespaced_pod
+
+    class HeldCore:
+        api_client = core.api_client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(core, name)
+
+        def create_namespaced_pod(self, namespace: str, body: Any) -> Any:
+            entered.set()
+            release.wait(10)
+            try:
+                return real_create(namespace, body)
+            finally:
+                answered.set()
+
+    runner = PodRunner(HeldCore(), PodSandboxSettings(job_namespace=namespace))
+    job = asyncio.ensure_future(runner.run("print(1)\n", "python"))
+    await asyncio.to_thread(entered.wait, 10)
+    job.cancel()
+    await asyncio.sleep(0.1)  # the cancel is delivered while the create is still in flight
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    await asyncio.to_thread(answered.wait, 10)
+    assert answered.is_set()
+    await wait_until(lambda: not runner._cleanups)
+    assert pods_in(core, namespace) == []
+
+
+async def test_a_second_cancel_during_the_cleanup_still_deletes_the_pod(job_namespace):
+    import threading
+
+    core, namespace = job_namespace
+    entered, release, answered = threading.Event(), threading.Event(), threading.Event()
+    real_create = core.create_namespaced_pod
+
+    class HeldCore:
+        api_client = core.api_client
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(core, name)
+
+        def create_namespaced_pod(self, namespace: str, body: Any) -> Any:
+            entered.set()
+            release.wait(10)
+            try:
+                return real_create(namespace, body)
+            finally:
+                answered.set()
+
+    runner = PodRunner(HeldCore(), PodSandboxSettings(job_namespace=namespace))
+    job = asyncio.ensure_future(runner.run("print(1)\n", "python"))
+    await asyncio.to_thread(entered.wait, 10)
+    job.cancel()
+    await asyncio.sleep(0.1)
+    job.cancel()  # again, while the job waits for the create's answer to delete the Pod
+    await asyncio.sleep(0.1)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    await asyncio.to_thread(answered.wait, 10)
+    assert answered.is_set()
+    await wait_until(lambda: not runner._cleanups)
+    assert pods_in(core, namespace) == []
+
+
+async def test_a_job_cancelled_while_its_pod_waits_leaves_no_pod(job_namespace):
+    core, namespace = job_namespace
+    runner = PodRunner(core, PodSandboxSettings(job_namespace=namespace))
+    job = asyncio.ensure_future(runner.run("print(1)\n", "python"))
+    await wait_until(lambda: pods_in(core, namespace) != [])
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert pods_in(core, namespace) == []
+
+
+async def test_a_pod_deleted_by_someone_else_mid_wait_is_a_sandbox_error(job_namespace):
+    """The API server answers 404 to the wait's read: a SandboxError naming the Pod and the API server's
+    words (the service turns it into the job's `error`), never a raw ApiException."""
+    core, namespace = job_namespace
+    runner = PodRunner(core, PodSandboxSettings(job_namespace=namespace))
+    job = asyncio.ensure_future(runner.run("print(1)\n", "python"))
+    await wait_until(lambda: pods_in(core, namespace) != [])
+    [name] = pods_in(core, namespace)
+    core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+    with pytest.raises(pod_sandbox.SandboxError) as failed:
+        await asyncio.wait_for(job, 10)
+    assert str(failed.value) == f'could not read the job Pod {name} while it ran: pods "{name}" not found'
+
+
+# -- the output caps and the Pod's log ---------------------------------------------------------------------
+
+
+def test_output_caps_whose_frames_pass_the_log_read_are_refused_naming_the_largest():
+    largest = pod_sandbox.largest_output_cap()
+    assert pod_sandbox.log_bytes_needed(largest) <= pod_sandbox.POD_LOG_READ_BYTES
+    assert pod_sandbox.log_bytes_needed(largest + 3) > pod_sandbox.POD_LOG_READ_BYTES
+    PodRunner(None, PodSandboxSettings(job_namespace="team"), limits=Limits(max_output_bytes=largest))
+    with pytest.raises(ValueError) as refused:
+        PodRunner(None, PodSandboxSettings(job_namespace="team"), limits=Limits(max_output_bytes=largest + 3))
+    assert f"Limits.max_output_bytes={largest + 3} is too large for sandbox: pod" in str(refused.value)
+    assert f"more than the {pod_sandbox.POD_LOG_READ_BYTES} bytes Genesis reads; at most {largest}" in str(
+        refused.value
+    )
+    # the default cap is far below
+    assert pod_sandbox.log_bytes_needed(Limits().max_output_bytes) < pod_sandbox.POD_LOG_READ_BYTES // 4
+
+
+def test_at_the_largest_cap_every_phases_frame_fits_the_log_read_and_truncation_is_reported(tmp_path: Path):
+    """The entry's real log with stdout and stderr past the largest cap: within what Genesis reads, the
+    output cut at the cap, output_truncated set."""
+    cap = pod_sandbox.largest_output_cap()
+    limits = Limits(wall_time_s=10, cpu_time_s=5, max_output_bytes=cap)
+    code = f"import sys\nsys.stdout.write('o' * {cap})\nsys.stdout.flush()\nsys.stderr.write('e' * {cap + 10})\n"
+    lang = get_language("python")
+    phases = job_phases(lang, limits, True)
+    pod = job_pod_manifest(
+        name="j", namespace="n", image="i", code=code, language=lang, phases=phases, limits=limits,
+        nonce="a" * 32, uid=1, labels={},
+    )  # fmt: skip
+    env = env_of(pod)
+    spec = json.loads(env[SPEC_ENV])
+    spec["workdir"] = str(tmp_path)
+    done = subprocess.run(
+        [sys.executable, *pod_sandbox.ENTRY[2:]],
+        env={"PATH": os.environ["PATH"], SPEC_ENV: json.dumps(spec), CODE_ENV: env[CODE_ENV]},
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert len(done.stdout) <= pod_sandbox.POD_LOG_READ_BYTES
+    log_read = done.stdout[: pod_sandbox.POD_LOG_READ_BYTES].decode()  # what read_namespaced_pod_log returns
+    frames = parse_frames("\n" + log_read, "a" * 32, phases)
+    outcome = job_outcome(lang, phases, frames, PodEnd("Succeeded", "Completed", 0), limits, 1.0)
+    assert outcome.status is JobStatus.OUTPUT_TRUNCATED, outcome.status
+    assert (outcome.stdout, outcome.stderr) == ("o" * cap, "e" * cap)

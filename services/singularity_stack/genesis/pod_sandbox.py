@@ -13,8 +13,13 @@ on stdout; Genesis reads the frames from the Pod's log and applies its caps. Wha
 - the network: a NetworkPolicy of the operator denies job Pods all ingress and egress (the label
   app.kubernetes.io/component=genesis-job; it needs a CNI that enforces NetworkPolicies), and the entry's
   seccomp filters refuse the job IPv4 and IPv6 sockets wherever it runs (pod_entry.py);
-- afterwards the Pod is deleted; job Pods a previous run of this Genesis Pod left are deleted at start, and
-  each has the Genesis Pod as its owner, so the garbage collector removes them when that Pod goes.
+- afterwards the Pod is deleted, also when the job is cancelled while the Pod is being created (the
+  deletion waits for the create's answer, and a second cancel does not stop it); job Pods a previous run
+  of this Genesis Pod left are deleted at start, and each has the Genesis Pod as its owner, so the garbage
+  collector removes them when that Pod goes.
+The API server's refusals and failures (creating, reading the Pod while it runs) are SandboxErrors: the
+job's `error`, with the reason. The frames of every phase at the output caps must fit in the part of the
+Pod's log Genesis reads (POD_LOG_READ_BYTES): PodRunner refuses larger caps, naming the largest.
 The source travels base64-encoded in an environment variable of the Pod, so it is bounded
 (`MAX_POD_SOURCE_BYTES`; larger sources are refused as in the bubblewrap mode, as invalid input).
 """
@@ -51,7 +56,11 @@ OWNER_LABEL = "singularity.dev/genesis-owner"  # the Genesis Pod whose job this 
 JOB_CONTAINER = "job"
 JOB_UID_RANGE = (100_000, 2_000_000_000)  # a uid per job, used by nothing else on the node
 ENTRY = ("/opt/singularity/bin/python3", "-I", "-m", "singularity_stack.genesis.pod_entry")
-_LOG_LIMIT_BYTES = 4 * 1024 * 1024  # frames of three phases at the output caps, base64: far below
+# The most of a job Pod's log Genesis reads (the API server relays it whole; the kubelet rotates container
+# logs at 10 MiB by default): the frames of every phase at the output caps must fit (PodRunner checks).
+POD_LOG_READ_BYTES = 4 * 1024 * 1024
+MAX_PHASES = 3  # syntax, lint, run
+_FRAME_OVERHEAD_BYTES = 4 * 1024  # a frame's nonce, names, numbers and problem, beside its two outputs
 _POLL_S = 0.25
 _START_FAILURES = {
     "ErrImagePull",
@@ -126,6 +135,28 @@ def _quantity(count: int) -> str:
 
 def active_deadline_seconds(limits: Limits, phases: int) -> int:
     return math.ceil(limits.wall_time_s * phases) + STARTUP_ALLOWANCE_S
+
+
+def log_bytes_needed(max_output_bytes: int, phases: int = MAX_PHASES) -> int:
+    """The most the frames of `phases` phases take in the Pod's log: stdout and stderr each at the cap, base64."""
+    return phases * (2 * 4 * math.ceil(max_output_bytes / 3) + _FRAME_OVERHEAD_BYTES)
+
+
+def largest_output_cap(phases: int = MAX_PHASES) -> int:
+    """The largest max_output_bytes whose frames fit in the POD_LOG_READ_BYTES Genesis reads."""
+    return 3 * ((POD_LOG_READ_BYTES // phases - _FRAME_OVERHEAD_BYTES) // 8)
+
+
+def output_cap_problem(limits: Limits) -> str | None:
+    """Why these limits cannot run in a Pod (a frame cut off by the log read would lose the job's result)."""
+    needed = log_bytes_needed(limits.max_output_bytes)
+    if needed <= POD_LOG_READ_BYTES:
+        return None
+    return (
+        f"Limits.max_output_bytes={limits.max_output_bytes} is too large for sandbox: pod: {MAX_PHASES} phases' "
+        f"stdout and stderr at that cap take up to {needed} bytes of the job Pod's log, more than the "
+        f"{POD_LOG_READ_BYTES} bytes Genesis reads; at most {largest_output_cap()}"
+    )
 
 
 def job_pod_manifest(
@@ -406,6 +437,9 @@ class PodRunner:
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be at least 1, got {max_concurrent}")
+        problem = output_cap_problem(limits or Limits())
+        if problem:
+            raise ValueError(problem)
         self.core = core  # kubernetes.client.CoreV1Api
         self.settings = settings
         self.namespace = settings.namespace()
@@ -414,6 +448,7 @@ class PodRunner:
         self._slots = asyncio.Semaphore(max_concurrent)
         self.active = 0
         self.peak_active = 0
+        self._cleanups: set[asyncio.Future[None]] = set()  # deletions that outlive a cancelled job
 
     def selector(self) -> str:
         labels = self.settings.labels()
@@ -468,11 +503,14 @@ class PodRunner:
             owner=owner,
             image_pull_policy=settings.image_pull_policy,
         )
+        # The create runs on in its thread whatever happens to this job (a cancel, a shutdown): the Pod may
+        # exist once it answers, so the deletion below waits for that answer, then deletes.
+        created = asyncio.ensure_future(asyncio.to_thread(self.core.create_namespaced_pod, self.namespace, manifest))
         try:
-            await asyncio.to_thread(self.core.create_namespaced_pod, self.namespace, manifest)
-        except Exception as error:
-            raise SandboxError(f"could not create the job Pod: {_reason(error)}") from None
-        try:
+            try:
+                await asyncio.shield(created)
+            except Exception as error:
+                raise SandboxError(f"could not create the job Pod: {_reason(error)}") from None
             end = await self._wait(name, active_deadline_seconds(self.limits, len(phases)) + 30)
             try:
                 text = await asyncio.to_thread(
@@ -480,26 +518,45 @@ class PodRunner:
                     name,
                     self.namespace,
                     container=JOB_CONTAINER,
-                    limit_bytes=_LOG_LIMIT_BYTES,
+                    limit_bytes=POD_LOG_READ_BYTES,
                 )
             except Exception as error:  # e.g. a Pod its deadline ended before its container started
                 log.warning("no log of the job Pod %s: %s", name, _reason(error))
                 text = ""
         finally:
-            await asyncio.shield(self._delete(name))
+            await self._remove(name, created)
         frames = parse_frames("\n" + str(text), nonce, phases)
         return job_outcome(language, phases, frames, end, self.limits, (time.perf_counter() - started) * 1000)
 
     async def _wait(self, name: str, timeout_s: float) -> PodEnd:
         deadline = time.monotonic() + timeout_s
         while True:
-            pod = await asyncio.to_thread(self.core.read_namespaced_pod, name, self.namespace)
+            try:
+                pod = await asyncio.to_thread(self.core.read_namespaced_pod, name, self.namespace)
+            except Exception as error:  # deleted by someone else, the API server unreachable, no right to read
+                raise SandboxError(f"could not read the job Pod {name} while it ran: {_reason(error)}") from None
             end = pod_end(self.core.api_client.sanitize_for_serialization(pod))
             if end is not None:
                 return end
             if time.monotonic() > deadline:
                 raise SandboxError(f"the job Pod {name} did not end within {timeout_s:.0f} s")
             await asyncio.sleep(_POLL_S)
+
+    async def _remove(self, name: str, created: asyncio.Future[Any]) -> None:
+        """Delete the job Pod once its create has answered; a cancel of this job (even a second one, while
+        it waits here) does not stop that: the deletion is a task of its own, held until it is done."""
+        removal = asyncio.ensure_future(self._delete_once_created(name, created))
+        self._cleanups.add(removal)
+        removal.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(removal)
+
+    async def _delete_once_created(self, name: str, created: asyncio.Future[Any]) -> None:
+        try:
+            await created
+        except Exception as error:
+            if 400 <= (getattr(error, "status", None) or 0) < 500:
+                return  # refused by the API server: no Pod was made (and a 409 names someone else's)
+        await self._delete(name)
 
     async def _delete(self, name: str) -> None:
         try:
