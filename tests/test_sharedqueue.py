@@ -476,7 +476,9 @@ async def test_retry_after_hides_the_message_for_that_long_then_it_runs(sq, stor
     assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests_dlq") == [(0,)]
 
 
-async def test_a_batch_is_one_transaction_and_a_failing_message_rolls_back_alone(sq, store):
+@pytest.mark.parametrize("begin_early", [False, True])
+async def test_a_batch_is_one_transaction_and_a_failing_message_rolls_back_alone(sq, store, begin_early):
+    """Also with the batch's transaction begun beside its read (`begin_early`, as `run` does after a wake-up)."""
     singularity = await sq.queue("singularity_1")
     sent = [llm_request(agent_id=f"a{n}") for n in range(5)]
     await singularity.publish_batch(sent)
@@ -492,7 +494,7 @@ async def test_a_batch_is_one_transaction_and_a_failing_message_rolls_back_alone
             raise RuntimeError("the third one fails after its write")
 
     consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store, batch_size=5, policy=FAST_RETRY)
-    assert await consumer.run_once() == 5
+    assert await consumer.run_once(begin_early=begin_early) == 5
     notes = [note.split() for (note,) in service_rows(sq, "SELECT note FROM effects ORDER BY note")]
     assert [agent for agent, _ in notes] == ["a0", "a1", "a3", "a4"]
     assert len({transaction for _, transaction in notes}) == 1  # committed by one transaction
@@ -530,7 +532,8 @@ async def test_after_commit_runs_once_committed_and_never_after_a_rollback(sq, s
         await singularity.publish(llm_request(agent_id="ok"))
 
 
-async def test_infrastructure_trouble_hands_the_batch_back_and_counts_against_nothing(sq, store):
+@pytest.mark.parametrize("begin_early", [False, True])
+async def test_infrastructure_trouble_hands_the_batch_back_and_counts_against_nothing(sq, store, begin_early):
     msg_id = await (await sq.queue("singularity_1")).publish(llm_request())
     nexus = await sq.queue("nexus")
 
@@ -541,11 +544,100 @@ async def test_infrastructure_trouble_hands_the_batch_back_and_counts_against_no
     consumer = Consumer(nexus, "llm_requests", c.LlmRequest, shared_queue_down, store=store, policy=FAST_RETRY)
     for _ in range(FAST_RETRY.max_attempts + 2):  # more rounds than the message has attempts
         with pytest.raises(Unavailable):
-            await consumer.run_once()
+            await consumer.run_once(begin_early=begin_early)
     # back at once, with every read given back
     assert sq.owner_query("SELECT msg_id, vt <= now(), read_ct FROM pgmq.q_llm_requests") == [(msg_id, True, 0)]
     assert sq.owner_query("SELECT count(*) FROM pgmq.q_llm_requests_dlq") == [(0,)]
     assert service_rows(sq, "SELECT count(*) FROM processed_messages") == [(0,)]
+
+
+def nothing_held(sq, store: IdempotencyStore) -> None:
+    """Every connection of the store's pool is back in it, and none of its sessions is inside a transaction."""
+    stats = store.pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"], stats
+    open_transactions = service_rows(
+        sq,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()",
+    )
+    assert open_transactions == [(0,)]
+
+
+async def test_a_transaction_begun_beside_a_read_is_ended_when_the_read_finds_nothing_or_fails(sq, store):
+    nexus = await sq.queue("nexus", retry_for=0)
+    handled: list[int] = []
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        handled.append(delivery.msg_id)
+
+    consumer = Consumer(nexus, "llm_requests", c.LlmRequest, handle, store=store)
+    assert await consumer.run_once(begin_early=True) == 0
+    nothing_held(sq, store)
+    real_read = nexus.read
+
+    async def read_fails(*args, **kwargs):
+        await asyncio.sleep(0.05)  # the transaction beside it has begun by now
+        raise Unavailable("shared queue: connection refused")
+
+    nexus.read = read_fails
+    with pytest.raises(Unavailable):
+        await consumer.run_once(begin_early=True)
+    nothing_held(sq, store)
+
+    async def read_hangs(*args, **kwargs):
+        await asyncio.Event().wait()
+
+    nexus.read = read_hangs
+    reading = asyncio.create_task(consumer.run_once(begin_early=True))
+    await asyncio.sleep(0.05)
+    reading.cancel()  # a shutdown in the middle of the read
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    nothing_held(sq, store)
+    nexus.read = real_read
+    msg_id = await (await sq.queue("singularity_1")).publish(llm_request())
+    assert await consumer.run_once(begin_early=True) == 1
+    assert handled == [msg_id]
+    nothing_held(sq, store)
+
+
+async def test_a_notification_inside_the_throttle_window_is_read_at_once(sq, store):
+    """The consumer waits out the window after a wake-up for the inserts pgmq did not notify; a notification
+    in the meantime (an insert after pgmq's own, shorter, window) is read at once, not after the wait."""
+    singularity = await sq.queue("singularity_1")
+    nexus = await sq.queue("nexus")
+    listener = NotifyListener(sq.url("nexus"), ["llm_requests"])
+    listening = asyncio.create_task(listener.run())
+    handled: dict[int, float] = {}
+
+    async def handle(delivery: Delivery[c.LlmRequest]) -> None:
+        handled[delivery.msg_id] = asyncio.get_running_loop().time()
+
+    consumer = Consumer(
+        nexus,
+        "llm_requests",
+        c.LlmRequest,
+        handle,
+        store=store,
+        poll_interval=3600,
+        wakeup=listener.event("llm_requests"),
+        notify_throttle=30.0,  # the consumer's window: far longer than pgmq's 2 ms
+    )
+    stop = asyncio.Event()
+    await asyncio.wait_for(listener.connected.wait(), 10)
+    consuming = asyncio.create_task(consumer.run(stop))
+    first = await singularity.publish(llm_request())
+    while first not in handled:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.1)  # pgmq's window has closed: this insert notifies
+    sent = asyncio.get_running_loop().time()
+    second = await singularity.publish(llm_request())
+    while second not in handled:
+        assert asyncio.get_running_loop().time() - sent < 10, "the notification was not acted on"
+        await asyncio.sleep(0.005)
+    stop.set()
+    await asyncio.wait_for(consuming, 10)
+    listening.cancel()
 
 
 # A consumer in its own process that dies in its after-commit callback: after the commit, before the callback.

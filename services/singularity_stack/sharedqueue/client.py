@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -33,15 +33,23 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class RawMessage:
-    """A message as pgmq returns it; `body` is the JSON text, parsed by the consumer."""
+class RawMessage(NamedTuple):
+    """A message as pgmq returns it; `body` is the JSON text, parsed by the consumer. A tuple, not a dataclass,
+    and its headers left as text until asked for: per message of a batch, a frozen dataclass and parsing
+    headers nobody reads cost more than validating the body. `sender` is the headers' `sender` when it is a
+    string (read by PostgreSQL, so checking a request's sender parses nothing)."""
 
     msg_id: int
     read_ct: int
     enqueued_at: datetime
     body: str
-    headers: dict[str, Any] | None
+    headers_json: str | None
+    sender: str | None = None
+
+    @property
+    def headers(self) -> Any:
+        """The headers as JSON values (a dict, as the provisioner's trigger writes them; None: no headers)."""
+        return None if self.headers_json is None else json.loads(self.headers_json)
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,11 @@ def queue_for(message: Message) -> str:
 
 
 SEND_BATCH_SQL = "SELECT * FROM pgmq.send_batch(%s, ARRAY(SELECT jsonb_array_elements(%s::jsonb)))"
-_READ_SQL = "SELECT msg_id, read_ct, enqueued_at, message::text, headers FROM pgmq.read(%s, %s, %s)"
+_READ_SQL = (
+    "SELECT msg_id, read_ct, enqueued_at, message::text, headers::text, "
+    "CASE WHEN jsonb_typeof(headers->'sender') = 'string' THEN headers->>'sender' END "
+    "FROM pgmq.read(%s, %s, %s)"
+)
 
 
 class SharedQueue:
@@ -151,7 +163,7 @@ class SharedQueue:
 
     async def read(self, queue: str, *, visibility_timeout: int, limit: int) -> list[RawMessage]:
         rows = await self._rows(_READ_SQL, (queue, visibility_timeout, limit))
-        return [RawMessage(*row) for row in rows]
+        return [RawMessage._make(row) for row in rows]
 
     async def archive(self, queue: str, msg_ids: Sequence[int]) -> set[int]:
         if not msg_ids:

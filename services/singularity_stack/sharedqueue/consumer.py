@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import inspect
 import logging
@@ -167,13 +168,12 @@ class Consumer(Generic[M]):
             self._stamps_sender = await self.client.stamps_sender(self.queue)
         if not self._stamps_sender:
             return f"queue {self.queue} does not record senders (provision the stack again): no sender is vouched"
-        headers = raw.headers if isinstance(raw.headers, dict) else {}
-        sender = headers.get("sender")
-        if not isinstance(sender, str):
-            role = headers.get("sender_role")
+        sender = raw.sender
+        if sender is None:
+            role = _sender_role(raw)
             return f"no sender vouched by PostgreSQL (role {role!r}, or sent before senders were recorded)"
         if sender != message.reply_to:
-            return f"reply_to {message.reply_to} but sent by {sender} (role {headers.get('sender_role')})"
+            return f"reply_to {message.reply_to} but sent by {sender} (role {_sender_role(raw)})"
         return None
 
     async def _check(self, raw: RawMessage) -> _Pending[M] | Outcome:
@@ -213,14 +213,16 @@ class Consumer(Generic[M]):
 
     # -- settling a batch ------------------------------------------------------------------------
 
-    async def _in_one_transaction(self, pending: Sequence[_Pending[M]], batch: _Batch) -> None:
+    async def _in_one_transaction(
+        self, pending: Sequence[_Pending[M]], batch: _Batch, opened: _Opened | None = None
+    ) -> None:
         """Every message of the batch in one transaction. Handlers rarely fail, so the batch first runs
         without savepoints (a round trip each); if one does fail, that pass rolls back whole and the batch
         runs again with a savepoint per message (the failed one is not run again), so the failing message
         alone is rolled back. The handlers before it thus run twice, as any handler may after a rollback:
         delivery is at-least-once."""
         try:
-            await self._one_pass(pending, batch, isolate=False)
+            await self._one_pass(pending, batch, isolate=False, opened=opened)
         except _HandlerFailed as failed:
             for item in pending:
                 batch.outcomes.pop(item.raw.msg_id, None)
@@ -233,9 +235,13 @@ class Consumer(Generic[M]):
         *,
         isolate: bool,
         known_failure: _HandlerFailed | None = None,
+        opened: _Opened | None = None,
     ) -> None:
         committed: list[AfterCommit] = []
-        async with self.store.pool.connection() as conn, conn.transaction():
+        if opened is None:
+            opened = await _Opened.begin(self.store)
+        async with opened.scope:
+            conn = opened.conn
             fresh = await self.store.claim(conn, self.model.queue, [item.key for item in pending])
             first = True
             for item in pending:
@@ -286,7 +292,7 @@ class Consumer(Generic[M]):
         batch.outcomes[item.raw.msg_id] = Outcome.HANDLED
         await _run_callbacks(self.queue, delivery._after_commit)
 
-    async def _settle(self, raws: list[RawMessage], batch: _Batch) -> None:
+    async def _settle(self, raws: list[RawMessage], batch: _Batch, opened: _Opened | None) -> None:
         pending: list[_Pending[M]] = []
         for raw in raws:
             checked = await self._check(raw)
@@ -295,7 +301,7 @@ class Consumer(Generic[M]):
             else:
                 pending.append(checked)
         if self.concurrency == 1:
-            await self._in_one_transaction(pending, batch)
+            await self._in_one_transaction(pending, batch, opened)
             await _run_callbacks(self.queue, batch.callbacks)
             return
         slots = asyncio.Semaphore(self.concurrency)
@@ -311,15 +317,26 @@ class Consumer(Generic[M]):
 
     # -- batches and the loop --------------------------------------------------------------------
 
-    async def run_once(self) -> int:
-        """Read one batch and settle every message in it; returns how many were read."""
-        raws = await self.client.read(self.queue, visibility_timeout=self.visibility_timeout, limit=self.batch_size)
+    async def run_once(self, *, begin_early: bool = False) -> int:
+        """Read one batch and settle every message in it; returns how many were read. `begin_early` (a read
+        that should find messages: woken by a notification, or after a full batch) begins the batch's
+        transaction in the service's database beside the read, so its BEGIN costs no round trip of its own
+        between the read and the claims; a read that finds nothing then ends that empty transaction."""
+        opening = _Opened.beside(self.store) if begin_early and self.concurrency == 1 else None
+        try:
+            raws = await self.client.read(self.queue, visibility_timeout=self.visibility_timeout, limit=self.batch_size)
+        except BaseException:
+            await _Opened.discard(opening)
+            raise
+        opened = await _Opened.taken(opening)
         if not raws:
+            if opened is not None:
+                await opened.close()
             return 0
         started = time.perf_counter()
         batch = _Batch()
         try:
-            await self._settle(raws, batch)
+            await self._settle(raws, batch, opened)
         except asyncio.CancelledError:
             await asyncio.shield(self._release(raws, batch))
             raise
@@ -331,6 +348,8 @@ class Consumer(Generic[M]):
             await self._release(raws, batch)  # a fault of ours, not the messages': they go back, uncharged
             raise
         finally:
+            if opened is not None:  # ended by the first pass, unless a check failed before it began
+                await asyncio.shield(opened.close())
             self._record(batch)
         handled = [i for i, outcome in batch.outcomes.items() if outcome in (Outcome.HANDLED, Outcome.DUPLICATE)]
         await self.client.archive(self.queue, handled)
@@ -365,10 +384,10 @@ class Consumer(Generic[M]):
         except (Unavailable, psycopg.Error) as error:
             log.warning("could not release in-flight messages (%s); they return after their timeout", error)
 
-    async def _wait_for_work(self, stop: asyncio.Event) -> None:
+    async def _wait_for_work(self, stop: asyncio.Event, timeout: float) -> None:
         waiters = [asyncio.ensure_future(self.wakeup.wait()), asyncio.ensure_future(stop.wait())]
         try:
-            await asyncio.wait(waiters, timeout=self.poll_interval, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()
@@ -378,11 +397,13 @@ class Consumer(Generic[M]):
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set; the batch in hand is finished first. Cancelling releases it."""
         delay = 0.1
+        full = False
         while not stop.is_set():
+            woken = self.wakeup.is_set()
             self.wakeup.clear()
             read_started = time.monotonic()
             try:
-                read = await self.run_once()
+                read = await self.run_once(begin_early=woken or full)
                 delay = 0.1
             except Unavailable as error:
                 log.warning("queue %s: database unavailable (%s); retrying", self.queue, error)
@@ -395,15 +416,74 @@ class Consumer(Generic[M]):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            if read >= self.batch_size:
+            full = read >= self.batch_size
+            if full:
                 continue
             # Inserts within the notify throttle after a notification send none of their own: make
-            # sure one read starts after that window closes; anything later notifies again.
+            # sure one read starts after that window closes (or at once, on a new notification, which
+            # opens a window of its own); anything later notifies again.
             window_closes = self._woken_at + self.notify_throttle
             if read_started < window_closes:
-                await asyncio.sleep(max(window_closes - time.monotonic(), 0) + 0.002)
+                await self._wait_for_work(stop, max(window_closes - time.monotonic(), 0) + 0.002)
                 continue
-            await self._wait_for_work(stop)
+            await self._wait_for_work(stop, self.poll_interval)
+
+
+class _Opened:
+    """A connection of the store's pool with the batch's transaction begun on it (BEGIN sent and answered).
+    `scope` ends both: the transaction commits, or rolls back on an exception, and the connection goes back
+    to the pool; once ended, ending it again does nothing."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[TupleRow], scope: contextlib.AsyncExitStack) -> None:
+        self.conn = conn
+        self.scope = scope
+
+    @classmethod
+    async def begin(cls, store: IdempotencyStore) -> _Opened:
+        scope = contextlib.AsyncExitStack()
+        try:
+            conn = await scope.enter_async_context(store.pool.connection())
+            await scope.enter_async_context(conn.transaction())
+        except BaseException:
+            await asyncio.shield(scope.aclose())
+            raise
+        return cls(conn, scope)
+
+    @classmethod
+    def beside(cls, store: IdempotencyStore) -> asyncio.Task[_Opened]:
+        """Begin one in a task of its own, to run beside the read."""
+        return asyncio.ensure_future(cls.begin(store))
+
+    @staticmethod
+    async def taken(opening: asyncio.Task[_Opened] | None) -> _Opened | None:
+        """The transaction begun beside the read, or None when there is none or it could not begin: the
+        batch then begins its own, which meets the same trouble and reports it where it always did."""
+        if opening is None:
+            return None
+        try:
+            return await opening
+        except Exception:
+            return None
+
+    @staticmethod
+    async def discard(opening: asyncio.Task[_Opened] | None) -> None:
+        """Stop beginning, or end, a transaction begun beside a read that failed or was cancelled."""
+        if opening is None:
+            return
+        opening.cancel()  # begin() hands its connection back itself when cut short
+        await asyncio.shield(asyncio.wait([opening]))
+        if not opening.cancelled() and opening.exception() is None:
+            await asyncio.shield(opening.result().close())
+
+    async def close(self) -> None:
+        """End the transaction (empty, when no pass used it) and give the connection back."""
+        await self.scope.aclose()
+
+
+def _sender_role(raw: RawMessage) -> object:
+    """The login role the provisioner's trigger recorded as a message's sender (for the dead letter's reason)."""
+    headers = raw.headers
+    return headers.get("sender_role") if isinstance(headers, dict) else None
 
 
 async def _run_callbacks(queue: str, callbacks: Sequence[AfterCommit]) -> None:
