@@ -13,6 +13,7 @@ Docker and no registry. One instance per machine at a time (it owns a fixed node
   (webhook authentication and authorization), kube-proxy in iptables mode; the CNI bridge plugin with
   host-local IPAM; dnsmasq for cluster DNS; local PersistentVolumes behind a default StorageClass
   (kube/clustersync.py). The pause image is compiled from the Kubernetes source and imported.
+- kubelet reads Localhost seccomp profiles from its run directory, where the chart's Genesis profile is.
 - Addresses stay on this machine: the node IP on a dummy interface (a documentation range), Pods in
   198.18.0.0/16 and Services in 198.19.0.0/16 (reserved for testing).
 - stop() leaves nothing behind: processes, mounts, network namespaces, veths and the bridge, iptables
@@ -41,6 +42,7 @@ from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
+from ..seccomp_profile import PROFILE_FILE
 from . import containerd, hostnet, hoststate
 from .apiserver import (
     BUILD_SCRIPT,
@@ -67,6 +69,8 @@ POD_GATEWAY = "198.18.0.1"
 # Files outside the run directory that kubelet and containerd write wherever they are told to run.
 SHARED_DIRS = (Path("/var/log/pods"), Path("/var/log/containers"), Path("/run/containerd/s"))
 NODE_READY_TIMEOUT = 120.0
+# Genesis's Localhost profile (the chart's file) as a stack names it, below the kubelet's seccomp directory.
+SECCOMP_PROFILE = f"singularity-stack/{PROFILE_FILE.name}"
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 RUNTIME_TOOLS = {
     "containerd": "containerd",
@@ -360,6 +364,7 @@ class LocalNode:
         self.workdir.chmod(0o755)
         for name in ("logs", "containerd", "cni/net.d", "cni/ipam", "kubelet", "volumes"):
             self._path(name).mkdir(parents=True, exist_ok=True)
+        self._install_seccomp_profiles()
         self._group = ProcessGroup(self._path("logs"), LocalNodeError)
         self._shared_before = {directory: hoststate.listing(directory) for directory in SHARED_DIRS}
         self._saved_sysctls = hostnet.read_sysctls(hostnet.TOUCHED_SYSCTLS)
@@ -369,6 +374,13 @@ class LocalNode:
             hostnet.write_sysctl("net.bridge.bridge-nf-call-iptables", "1")
         hostnet.add_node_interface(NODE_LINK, NODE_IP, [SERVICE_CLUSTER_IP_RANGE])
         self._timed("host network", started)
+
+    def _install_seccomp_profiles(self) -> None:
+        """The chart's profile where this kubelet reads Localhost profiles (as the README installs it on a node)."""
+        target = self._path("kubelet/seccomp") / SECCOMP_PROFILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROFILE_FILE, target)
+        target.chmod(0o644)
 
     def _start_control_plane(self) -> None:
         started = time.monotonic()
@@ -458,6 +470,8 @@ class LocalNode:
                 "--container-runtime=remote",
                 f"--container-runtime-endpoint=unix://{self._path('containerd/containerd.sock')}",
                 f"--root-dir={self._path('kubelet')}",
+                # 1.20 reads Localhost profiles from /var/lib/kubelet/seccomp whatever --root-dir says: keep them ours.
+                f"--seccomp-profile-root={self._path('kubelet/seccomp')}",
                 f"--hostname-override={NODE_NAME}",
                 f"--node-ip={NODE_IP}",
                 "--v=1",
