@@ -11,9 +11,11 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import kopf
 import psycopg
 import pytest
 from kubernetes import client, config
@@ -24,6 +26,9 @@ from test_operator_kube import _crd_established, install_chart, operator_kubecon
 
 from singularity_operator import api
 from singularity_operator.backups import Backups
+from singularity_operator.config import OperatorConfig
+from singularity_operator.controller import ReconcileOutcome
+from singularity_operator.handlers import StackHandlers
 from singularity_operator.kube import Kube
 from singularity_stack.provision import backup
 from singularity_stack.provision import credentials as creds
@@ -82,10 +87,11 @@ def finish_job(admin: client.ApiClient, job: dict[str, Any], ok: bool, message: 
     core, batch = client.CoreV1Api(admin), client.BatchV1Api(admin)
     meta = job["metadata"]
     container = job["spec"]["template"]["spec"]["containers"][0]
+    labels = {"job-name": meta["name"], "controller-uid": meta["uid"]}  # as the Job controller labels its Pods
     pod = core.create_namespaced_pod(
         meta["namespace"],
         {
-            "metadata": {"name": f"{meta['name']}-pod", "labels": {"job-name": meta["name"]}},
+            "metadata": {"name": f"{meta['name']}-pod-{meta['uid'][:8]}", "labels": labels},
             "spec": {
                 "restartPolicy": "Never",
                 "containers": [{"name": container["name"], "image": container["image"]}],
@@ -163,8 +169,78 @@ def test_backup_cron_job_and_claim_then_status_from_the_newest_finished_jobs(pla
     finish_job(admin, failed, False, "backup failed: pg_dump of nexus: see the lines above", "2026-12-02T02:00:09Z")
     status = backups.apply("bk", "bk-cron", spec)
     assert status["lastBackupSucceeded"] is False and status["job"] == "bk-backup-manual-2"
-    assert status["message"] == "backup failed: pg_dump of nexus: see the lines above"
+    # the Job's reason and what its container said (no kubelet here: no log to add)
+    assert status["message"] == (
+        "backup Job bk-backup-manual-2 failed (BackoffLimitExceeded); "
+        "backup failed: pg_dump of nexus: see the lines above"
+    )
     assert status["lastBackup"] == "20261201T020000Z" and status["sizeBytes"] == 123456  # the last good one
+    # a Warning Event for it, once: the handler then writes status.backup, and later passes find it shown
+    assert seen.events[-1] == ("Warning", "BackupFailed", status["message"])
+    write_backup_status(admin, "bk-cron", "bk", status)
+    assert backups.apply("bk", "bk-cron", spec) == status
+    assert [e[1] for e in seen.events].count("BackupFailed") == 1
+    # the next failed Job is a failure of its own: one Event more
+    again = job_from_cron_job(admin, cron_job, "bk-backup-manual-3")
+    finish_job(admin, again, False, "backup failed: no space left on device", "2026-12-03T02:00:09Z")
+    assert backups.apply("bk", "bk-cron", spec)["job"] == "bk-backup-manual-3"
+    assert [e[2] for e in seen.events if e[1] == "BackupFailed"][1].endswith("no space left on device")
+
+
+def write_backup_status(admin: client.ApiClient, namespace: str, name: str, backup_status: dict[str, Any]) -> None:
+    """What the operator's handler writes after the pass: status.backup as the step returned it."""
+    client.CustomObjectsApi(admin).patch_namespaced_custom_object_status(
+        "singularity.dev", "v1alpha1", namespace, "singularitystacks", name, {"status": {"backup": backup_status}}
+    )
+
+
+def test_removing_spec_backup_removes_the_cron_job_keeps_the_claim_and_clears_status_backup(plane, tmp_path):
+    control, admin, kube = plane
+    owner = new_stack(admin, "bk-stop", "bk", {"backup": {"schedule": "@daily"}})
+    seen = Recorder()
+    backups = Backups(kube, adopt=owned_by(owner), event=seen.event)
+    backed = backups.reconcile("bk", "bk-stop", api.parse_spec(owner["spec"]), "", Endpoint("x", 1), dict, dict)
+    assert backed.status == {"backup": {"claimName": "bk-backups"}}
+    cron_job = kube.get("batch/v1beta1", "CronJob", "bk-backup", "bk-stop")
+    assert cron_job is not None
+    job_from_cron_job(admin, cron_job, "bk-backup-manual")
+
+    # The handler as the operator runs it writes what the pass returned: status.backup shown.
+    handlers = StackHandlers(OperatorConfig(kubeconfig=operator_kubeconfig(control, admin)))
+    outcome = ReconcileOutcome([], backed.status)
+    handlers._write_status(kopf.Body(stack_body(admin, "bk-stop", "bk")), outcome)
+    assert stack_body(admin, "bk-stop", "bk")["status"]["backup"] == {"claimName": "bk-backups"}
+
+    client.CustomObjectsApi(admin).patch_namespaced_custom_object(
+        "singularity.dev", "v1alpha1", "bk-stop", "singularitystacks", "bk", {"spec": {"backup": None}}
+    )
+    spec = api.parse_spec(stack_body(admin, "bk-stop", "bk")["spec"])
+    assert spec.backup is None
+    stopped = backups.reconcile("bk", "bk-stop", spec, "", Endpoint("x", 1), dict, dict)
+    assert stopped.status == {"backup": None}
+    assert kube.get("batch/v1beta1", "CronJob", "bk-backup", "bk-stop") is None
+    assert kube.get("v1", "PersistentVolumeClaim", "bk-backups", "bk-stop") is not None  # the backups stay
+    assert seen.events[-1] == (
+        "Normal", "BackupsStopped",
+        "spec.backup removed: deleted CronJob bk-backup; the backups on claim bk-backups are kept "
+        "(delete the claim to drop them)",
+    )  # fmt: skip
+    # the handler sends status.backup as null: the merge patch deletes it
+    handlers._write_status(kopf.Body(stack_body(admin, "bk-stop", "bk")), ReconcileOutcome([], stopped.status))
+    assert "backup" not in stack_body(admin, "bk-stop", "bk")["status"]
+    # and again: nothing to delete, nothing said, nothing to write
+    events = len(seen.events)
+    assert backups.reconcile("bk", "bk-stop", spec, "", Endpoint("x", 1), dict, dict).status == {"backup": None}
+    assert len(seen.events) == events
+    before = stack_body(admin, "bk-stop", "bk")["metadata"]["resourceVersion"]
+    handlers._write_status(kopf.Body(stack_body(admin, "bk-stop", "bk")), ReconcileOutcome([], stopped.status))
+    assert stack_body(admin, "bk-stop", "bk")["metadata"]["resourceVersion"] == before
+
+
+def stack_body(admin: client.ApiClient, namespace: str, name: str) -> dict[str, Any]:
+    return client.CustomObjectsApi(admin).get_namespaced_custom_object(
+        "singularity.dev", "v1alpha1", namespace, "singularitystacks", name
+    )
 
 
 @pytest.fixture
@@ -251,7 +327,8 @@ def test_a_failed_restore_job_says_why_and_holds_provisioning(plane, fresh_postg
         "claimName": "c", "backup": "20200101T000000Z"}}}})  # fmt: skip
     spec = api.parse_spec(owner["spec"])
     seen = Recorder()
-    backups = Backups(kube, adopt=owned_by(owner), event=seen.event)
+    at = datetime(2026, 12, 1, 3, 0, 10, tzinfo=UTC)  # before the first retry is due
+    backups = Backups(kube, adopt=owned_by(owner), event=seen.event, now=lambda: at)
     args = ("gone", "bk-fail", spec, fresh_postgres, endpoint_of(fresh_postgres), lambda _: {}, seen.write_credentials)
     assert backups.restore(*args).waiting == ("Restoring", "restoring backup 20200101T000000Z from claim c")
     job = kube.get("batch/v1", "Job", "gone-restore", "bk-fail")
@@ -261,8 +338,66 @@ def test_a_failed_restore_job_says_why_and_holds_provisioning(plane, fresh_postg
     )
     finish_job(admin, job, False, message, "2026-12-01T03:00:00Z")
     reason, why = backups.restore(*args).waiting or ("", "")
-    assert reason == "RestoreFailed" and why == f"restore Job gone-restore failed: {message}"
+    assert reason == "RestoreFailed" and why == (
+        f"restore Job gone-restore failed (attempt 1): {message}; retrying at 2026-12-01T03:01:00Z "
+        "(change restoreFrom to retry another backup now)"
+    )
     assert seen.credentials == {}
+
+
+def test_a_failed_restore_is_retried_with_backoff_or_at_once_for_another_backup(plane, fresh_postgres):
+    """No `kubectl delete job`: the same restore again 1, 2, 4 ... minutes after each failure; another one
+    (restoreFrom changed) at once. Each attempt is a Job of its own, each failure one Warning Event."""
+    _, admin, kube = plane
+    source = {"claimName": "c", "backup": "20200101T000000Z"}
+    owner = new_stack(admin, "bk-retry", "again", {"postgres": {"managed": {"restoreFrom": source}}})
+    spec = api.parse_spec(owner["spec"])
+    seen, clock = Recorder(), [datetime(2026, 12, 1, 3, 0, 30, tzinfo=UTC)]
+    backups = Backups(kube, adopt=owned_by(owner), event=seen.event, now=lambda: clock[0])
+
+    def restore(at: api.StackSpec = spec) -> tuple[str, str]:
+        step = backups.restore("again", "bk-retry", at, fresh_postgres, endpoint_of(fresh_postgres), dict, dict)
+        assert step.waiting is not None
+        return step.waiting
+
+    def the_job() -> dict[str, Any]:
+        found = kube.get("batch/v1", "Job", "again-restore", "bk-retry")
+        assert found is not None
+        return found
+
+    assert restore()[0] == "Restoring"
+    first = the_job()
+    assert first["metadata"]["annotations"] == {
+        "singularity.dev/restore-from": "c/20200101T000000Z", "singularity.dev/restore-attempt": "1"
+    }  # fmt: skip
+    finish_job(admin, first, False, "restore failed: the claim is not there yet", "2026-12-01T03:00:00Z")
+    reason, why = restore()
+    assert reason == "RestoreFailed" and "(attempt 1): restore failed: the claim is not there yet" in why
+    assert "retrying at 2026-12-01T03:01:00Z" in why and seen.events[-1] == ("Warning", "RestoreFailed", why)
+    assert the_job()["metadata"]["uid"] == first["metadata"]["uid"]  # before its time: left alone
+
+    clock[0] = datetime(2026, 12, 1, 3, 1, 0, tzinfo=UTC)  # the retry's time: a new Job, the second attempt
+    assert restore()[0] == "Restoring"
+    second = wait_for("the second attempt's Job", lambda: (j := the_job())["metadata"]["uid"] != first["metadata"][
+        "uid"] and j)  # fmt: skip
+    assert second["metadata"]["annotations"]["singularity.dev/restore-attempt"] == "2"
+    assert seen.events[-1] == ("Normal", "RestoreStarted", "restoring backup 20200101T000000Z from claim c (attempt 2)")
+    assert restore()[0] == "Restoring"  # running: the first attempt's Pod says nothing about it
+    finish_job(admin, second, False, "restore failed: still not there", "2026-12-01T03:01:30Z")
+    reason, why = restore()
+    assert "(attempt 2): restore failed: still not there" in why and "retrying at 2026-12-01T03:03:30Z" in why
+
+    # another backup asked for: the failed Job goes at once, and the new request's first attempt runs
+    other = api.parse_spec({"postgres": {"managed": {"restoreFrom": {**source, "backup": "20200102T000000Z"}}}})
+    assert restore(other) == ("Restoring", "restoring backup 20200102T000000Z from claim c")
+    third = wait_for("the new request's Job", lambda: (j := the_job())["metadata"]["uid"] != second["metadata"][
+        "uid"] and j)  # fmt: skip
+    assert third["metadata"]["annotations"] == {
+        "singularity.dev/restore-from": "c/20200102T000000Z", "singularity.dev/restore-attempt": "1"
+    }  # fmt: skip
+    env = {e["name"]: e.get("value") for e in third["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RESTORE_BACKUP"] == "20200102T000000Z"
+    assert [e[1] for e in seen.events].count("RestoreFailed") == 2
 
 
 @pytest.mark.parametrize(

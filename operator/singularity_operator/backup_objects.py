@@ -23,6 +23,13 @@ POSTGRES_UID = 999  # the PostgreSQL image's postgres account
 CRON_JOB_VERSIONS = ("batch/v1", "batch/v1beta1")
 COMPONENT = "backup"
 RESTORE_COMPONENT = "restore"
+LOG_TAIL_LINES = 20
+LOG_TAIL_CHARS = 600
+MESSAGE_CHARS = 1000
+RESTORE_REQUEST_ANNOTATION = f"{api.GROUP}/restore-from"
+RESTORE_ATTEMPT_ANNOTATION = f"{api.GROUP}/restore-attempt"
+RESTORE_RETRY_FIRST_SECONDS = 60
+RESTORE_RETRY_MAX_SECONDS = 1800
 
 
 def backup_claim_name(stack: str) -> str:
@@ -133,7 +140,30 @@ def backup_cron_job(stack: str, namespace: str, spec: api.StackSpec, api_version
     }
 
 
-def restore_job(stack: str, namespace: str, spec: api.StackSpec) -> Manifest:
+def restore_request(source: api.RestoreFrom) -> str:
+    """What a restore Job restores, as its annotation records it: a Job of another request is never retried."""
+    return f"{source.claim_name}/{source.backup}"
+
+
+def restore_attempt(job: Manifest) -> int:
+    value = str((job["metadata"].get("annotations") or {}).get(RESTORE_ATTEMPT_ANNOTATION, "1"))
+    return int(value) if value.isdigit() and 0 < int(value) < 1_000_000 else 1
+
+
+def restore_retry_delay(attempt: int) -> int:
+    """Seconds after the failure of attempt `attempt` before the next: 1, 2, 4 ... minutes, then every 30."""
+    return int(min(RESTORE_RETRY_FIRST_SECONDS * 2 ** min(max(attempt, 1) - 1, 20), RESTORE_RETRY_MAX_SECONDS))
+
+
+def failed_at(job: Manifest) -> str:
+    """When a Job failed (its Failed condition's transition), else when it started or was made."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("lastTransitionTime"):
+            return str(condition["lastTransitionTime"])
+    return str((job.get("status") or {}).get("startTime") or job["metadata"].get("creationTimestamp") or "")
+
+
+def restore_job(stack: str, namespace: str, spec: api.StackSpec, attempt: int = 1) -> Manifest:
     """The Job of spec.postgres.managed.restoreFrom: restores the backup into the stack's fresh server."""
     assert spec.postgres.managed is not None and spec.postgres.managed.restore_from is not None
     source = spec.postgres.managed.restore_from
@@ -148,6 +178,10 @@ def restore_job(stack: str, namespace: str, spec: api.StackSpec) -> Manifest:
             "name": restore_job_name(stack),
             "namespace": namespace,
             "labels": objects.labels(stack, RESTORE_COMPONENT),
+            "annotations": {
+                RESTORE_REQUEST_ANNOTATION: restore_request(source),
+                RESTORE_ATTEMPT_ANNOTATION: str(attempt),
+            },
         },
         # PostgreSQL may still be starting: the script changes nothing before it connects, so a retry is safe
         # until then; a restore that failed half-way fails again ("the server already has ...") and says so.
@@ -191,9 +225,36 @@ def _job_time(job: dict[str, Any]) -> str:
     return str(status.get("completionTime") or status.get("startTime") or job["metadata"].get("creationTimestamp"))
 
 
-def backup_status(claim: str, jobs: list[dict[str, Any]], pods: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """status.backup from the backup Jobs (`pods`: each Job's Pods, by Job name): whether the newest finished
-    one succeeded, and the newest successful backup's name, time and size (from its termination message)."""
+def newest_finished(jobs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    finished = sorted((j for j in jobs if job_finished(j) is not None), key=_job_time)
+    return finished[-1] if finished else None
+
+
+def tail(text: str, lines: int = LOG_TAIL_LINES, chars: int = LOG_TAIL_CHARS) -> str:
+    kept = "\n".join(text.strip().splitlines()[-lines:])
+    return kept if len(kept) <= chars else "…" + kept[-chars:]
+
+
+def failure_message(job: dict[str, Any], termination: str, log: str) -> str:
+    """Why a backup Job failed, in one line: the Job's reason (BackoffLimitExceeded, DeadlineExceeded, ...),
+    what its container wrote as termination message, and its log's last lines (the same text every reconcile)."""
+    conditions: list[dict[str, Any]] = (job.get("status") or {}).get("conditions") or []
+    failed = next((c for c in conditions if c.get("type") == "Failed"), {})
+    why = ": ".join(str(part) for part in (failed.get("reason") or "Failed", failed.get("message")) if part)
+    parts = [f"backup Job {job['metadata']['name']} failed ({why})"]
+    if termination:
+        parts.append(termination)
+    if log.strip() and log.strip() != termination.strip():
+        parts.append(f"log tail: {tail(log)}")
+    return "; ".join(parts)[:MESSAGE_CHARS]
+
+
+def backup_status(
+    claim: str, jobs: list[dict[str, Any]], pods: dict[str, list[dict[str, Any]]], log: str = ""
+) -> dict[str, Any]:
+    """status.backup from the backup Jobs (`pods`: each Job's Pods, by Job name; `log`: the newest finished Job's
+    log tail, read when it failed): whether the newest finished one succeeded (if not, why), and the newest
+    successful backup's name, time and size (from its termination message)."""
     finished = sorted((j for j in jobs if job_finished(j) is not None), key=_job_time)
     status: dict[str, Any] = {"claimName": claim}
     if not finished:
@@ -202,9 +263,7 @@ def backup_status(claim: str, jobs: list[dict[str, Any]], pods: dict[str, list[d
     status["job"] = newest["metadata"]["name"]
     status["lastBackupSucceeded"] = bool(job_finished(newest))
     if not status["lastBackupSucceeded"]:
-        message = termination_message(pods.get(status["job"], []))
-        reasons = [c.get("message") for c in (newest.get("status") or {}).get("conditions") or [] if c.get("message")]
-        status["message"] = (message or (reasons[-1] if reasons else "the backup Job failed"))[:1000]
+        status["message"] = failure_message(newest, termination_message(pods.get(status["job"], [])), log)
     for job in reversed(finished):
         report = report_of(termination_message(pods.get(job["metadata"]["name"], [])))
         if job_finished(job) and backup.BACKUP_NAME.fullmatch(str(report.get("backup", ""))):

@@ -25,6 +25,7 @@ REVIEWERS_MOUNT = "/etc/singularity/reviewers"
 REVIEWERS_KEY = "reviewers.json"
 CLUSTER_DOMAIN = "cluster.local"
 RUNTIME_DEFAULT_SECCOMP = {"type": "RuntimeDefault"}
+MANAGED_BY = "singularity-operator"
 
 
 # -- names and labels ---------------------------------------------------------------------------------
@@ -35,8 +36,13 @@ def labels(stack: str, component: str) -> dict[str, str]:
         "app.kubernetes.io/name": APP,
         "app.kubernetes.io/instance": stack,
         "app.kubernetes.io/component": component,
-        "app.kubernetes.io/managed-by": "singularity-operator",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
     }
+
+
+def stack_selector(stack: str) -> str:
+    """A label selector for every object the operator made for `stack`."""
+    return f"app.kubernetes.io/instance={stack},app.kubernetes.io/managed-by={MANAGED_BY}"
 
 
 def selector(stack: str, component: str) -> dict[str, str]:
