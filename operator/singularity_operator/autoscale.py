@@ -7,6 +7,8 @@ the oldest request is older than `targetOldestAgeSeconds`, within [minReplicas, 
 down only to the highest recommendation of the last `stabilizationWindowSeconds`, as the Horizontal Pod
 Autoscaler does, so a backlog that comes in bursts does not make pods come and go. The recommendations are
 kept in the operator's memory: after a restart the window starts again, which only delays a scale-down.
+They are forgotten when a service's autoscale goes from its spec, when its stack is deleted, and once
+older than the longest window the CRD allows (a stack deleted while no operator watched).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from singularity_stack.topology import StackLayout
 
 # The queue whose backlog each scalable service works off.
 WORK_QUEUE = {"nexus": "llm_requests", "genesis": "job_requests"}
+FORGET_AFTER_S = 3600.0  # the longest stabilizationWindowSeconds the CRD allows: older samples decide nothing
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,25 @@ class ScaleMemory:
             recent = [(at, n) for at, n in self._seen.get(key, []) if now - at <= window]
             recent.append((now, recommended))
             self._seen[key] = recent
+            for stale in [k for k, samples in self._seen.items() if now - samples[-1][0] > FORGET_AFTER_S]:
+                del self._seen[stale]
         if recommended >= current:
             return Decision(current, recommended, reason)
         desired = min(current, max(n for _, n in recent))
         if desired > recommended:
             reason += f"; scaling down to {recommended} once it has asked for no more for {window:g} s"
         return Decision(current, desired, reason)
+
+    def forget(self, stack: str, service: str | None = None) -> None:
+        """Drop the samples of one service of `stack` ("namespace/name"), or of all its services."""
+        with self._lock:
+            for key in [k for k in self._seen if k[0] == stack and service in (None, k[1])]:
+                del self._seen[key]
+
+    def known(self) -> set[tuple[str, str]]:
+        """The (stack, service) pairs with samples."""
+        with self._lock:
+            return set(self._seen)
 
 
 def read_backlog(admin_dsn: str, database: str, queue: str, connect_timeout: int = 5) -> Backlog:
@@ -108,13 +124,15 @@ class Autoscaler:
         prefix: str,
         live: Mapping[str, dict[str, Any] | None],
     ) -> tuple[api.StackSpec, dict[str, Any]]:
-        """(the spec with the replicas decided, status.autoscale); the spec unchanged without autoscale."""
+        """(the spec with the replicas decided, status.autoscale); the spec unchanged without autoscale, and
+        then status.autoscale None: the operator's key with nothing in it, removed from the stack's status."""
         decisions: dict[str, Decision] = {}
         database = StackLayout(spec.singularity.replicas, prefix).shared_queue_database
         for service, queue in WORK_QUEUE.items():
             service_spec: api.ScalableService = getattr(spec, service)
             rule = service_spec.autoscale
             if rule is None:
+                self.memory.forget(f"{namespace}/{stack}", service)  # re-enabled later, its window starts anew
                 continue
             running = (live.get(service) or {}).get("spec", {}).get("replicas")
             current = int(running) if running else rule.min_replicas
@@ -126,5 +144,5 @@ class Autoscaler:
             if running and decision.desired != current:
                 self.event("Normal", "Scaled", f"{service}: {current} -> {decision.desired} replicas ({reason})")
             spec = spec.model_copy(update={service: service_spec.model_copy(update={"replicas": decision.desired})})
-        status = {"autoscale": {service: d.status() for service, d in decisions.items()}} if decisions else {}
+        status = {"autoscale": {service: d.status() for service, d in decisions.items()} if decisions else None}
         return spec, status

@@ -121,10 +121,9 @@ class StackHandlers:
             "conditions": conditions,
             **{k: v for k, v in outcome.status.items() if k != "retryAfter"},
         }
-        if any(current.get(k) != v for k, v in wanted.items()):
-            self.kube().patch_status(
-                API_VERSION, api.KIND, body.meta["name"], body.meta["namespace"], _merge_patch(current, wanted)
-            )
+        patch = status_patch(current, wanted)
+        if patch is not None:
+            self.kube().patch_status(API_VERSION, api.KIND, body.meta["name"], body.meta["namespace"], patch)
 
     def _reconcile(self, body: kopf.Body) -> ReconcileOutcome:
         outcome = self._controller(body).reconcile(body.meta["name"], body.meta["namespace"], dict(body.spec))
@@ -150,8 +149,23 @@ class StackHandlers:
     def delete(self, body: kopf.Body, **_: Any) -> None:
         with self._lock(body):
             self._controller(body).cleanup(body.meta["name"], body.meta["namespace"], dict(body.spec))
+        self._scale_memory.forget(f"{body.meta['namespace']}/{body.meta['name']}")
         with self._locks_lock:
             self._locks.pop(str(body.meta.get("uid")), None)
+
+
+def status_patch(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any] | None:
+    """The merge patch from the stack's `current` status to `wanted`, or None when nothing differs.
+
+    A top-level key `wanted` holds as None is one the operator owns but has nothing for now (any of them:
+    status.autoscale once no service autoscales, status.backup once spec.backup is gone): sent as null when
+    the status has it, so the API server removes it (a merge patch keeps what it is not told to drop), and
+    left out when it has not. A key `wanted` does not name at all is left as it is: an outcome that stopped
+    early (PostgreSQL unreachable) says nothing about the keys of the steps it did not reach."""
+    wanted = {k: v for k, v in wanted.items() if v is not None or k in current}
+    if all(current.get(k) == v for k, v in wanted.items()):
+        return None
+    return _merge_patch(current, wanted)
 
 
 def _merge_patch(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
@@ -165,11 +179,14 @@ def _merge_patch(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, A
     return patch
 
 
-def register(config: OperatorConfig, registry: kopf.OperatorRegistry | None = None) -> kopf.OperatorRegistry:
-    """A registry with every handler, configured by `config`. The ids are the ones the handlers always
-    had: they name kopf's progress annotations on existing stacks."""
+def register(
+    config: OperatorConfig, registry: kopf.OperatorRegistry | None = None, handlers: StackHandlers | None = None
+) -> kopf.OperatorRegistry:
+    """A registry with every handler, configured by `config` (or `handlers`' own, to look into their state
+    in tests). The ids are the ones the handlers always had: they name kopf's progress annotations on
+    existing stacks."""
     registry = registry if registry is not None else kopf.OperatorRegistry()
-    handlers = StackHandlers(config)
+    handlers = handlers if handlers is not None else StackHandlers(config)
     resource = (api.GROUP, api.VERSION, api.PLURAL)
     kopf.on.login(registry=registry, id="login")(handlers.login)
     kopf.on.startup(registry=registry, id="configure")(handlers.configure)
