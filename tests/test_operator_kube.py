@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,9 @@ from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from prometheus_client import REGISTRY
 
+from singularity_stack import cli
 from singularity_stack.postgres.cluster import LocalCluster, free_port
+from singularity_stack.provision import migrations
 from singularity_stack_testing.kube.apiserver import SERVICE_ACCOUNT_ISSUER, ControlPlane
 from singularity_stack_testing.postgres import throwaway_cluster
 
@@ -218,8 +219,22 @@ class Stacks:
             for d in self.apps.list_namespaced_deployment(self.namespace, label_selector=selector).items
         }
 
+    def run_init_containers(self, name: str) -> dict[str, int]:
+        """What each Deployment's pod runs first, here in-process: its init container's command (`migrate
+        <service>`, from this checkout's package) with the DATABASE_URL its Secret gives it. Exit codes by
+        Deployment."""
+        codes = {}
+        for deployment_name, deployment in self.deployments(name).items():
+            for init in deployment.spec.template.spec.init_containers or []:
+                [ref] = [e.value_from.secret_key_ref for e in init.env if e.name == "DATABASE_URL"]
+                url = self.secret(ref.name)[ref.key]
+                codes[deployment_name] = cli.main([*init.args, "--database-url", url])
+        return codes
+
     def make_available(self, name: str) -> None:
-        """What a kubelet would do: report every Deployment of the stack as available."""
+        """What a kubelet would do: run each pod's init container, then report every Deployment available."""
+        codes = self.run_init_containers(name)
+        assert set(codes.values()) == {0}, codes
         for deployment in self.deployments(name):
             self.apps.patch_namespaced_deployment_status(
                 deployment,
@@ -281,10 +296,20 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         }
         status = stacks.get("alpha")["status"]
         assert status["observedGeneration"] == 1 and status["pgmq"].startswith("1.13.0")
-        assert status["migrations"][prefix + "singularity_1"][-1] == "0004.step-names"
         assert stacks.condition("alpha", "QueueReady")["status"] == "True"
-        assert stacks.condition("alpha", "MigrationsSucceeded")["status"] == "True"
         assert stacks.condition("alpha", "Ready")["status"] == "False"  # no workload is available yet
+        # The operator migrated no database: its package is not the image's. Each stays empty until its pods'
+        # init container runs, and the status says so.
+        owners = ("centralcloud", "genesis", "nexus", "singularity_1")
+        assert status["migrations"] == {prefix + o: [] for o in owners}
+        assert {o: yoyo_table(stacks, f"alpha-{o.replace('_', '-')}-db") for o in owners} == dict.fromkeys(owners)
+        waiting = stacks.condition("alpha", "MigrationsSucceeded")
+        assert (waiting["status"], waiting["reason"]) == ("Unknown", "AwaitingInitContainers")
+        assert (
+            waiting["message"].startswith(f"{prefix}centralcloud, {prefix}genesis, ")
+            and "init container" in waiting["message"]
+        )
+        assert all("lastMigration" not in s for s in status["services"].values())
 
         # the workloads carry the right image, environment and secret references, and their credentials work
         deployments = stacks.deployments("alpha")
@@ -308,9 +333,16 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
             "alpha-nexus-reviewers", stacks.namespace, {"stringData": {"reviewers.json": admins}}
         )
 
+        # the pods' init containers (`singularity-stack migrate <service>`, as the pod runs it) apply the image's
+        # migrations; the status then shows what each database records
         stacks.make_available("alpha")
         ready = stacks.wait_condition("alpha", "Ready", "True")
         assert ready["reason"] == "AllReady"
+        status = stacks.get("alpha")["status"]
+        latest = {o: migrations.available_migrations(migrations.service_kind(o)) for o in owners}
+        assert status["migrations"] == {prefix + o: latest[o] for o in owners}
+        assert status["services"]["singularity_1"]["lastMigration"] == latest["singularity_1"][-1]
+        assert stacks.condition("alpha", "MigrationsSucceeded")["reason"] == "Applied"
 
         # every step left an Event on the stack; the operator is alive and counts its reconciles
         reasons = wait_for("events", lambda: {e.reason for e in stacks.events("alpha")} >= {"Provisioned", "Created"})
@@ -327,7 +359,7 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         assert idle == [], describe(idle)
 
         # scale 1 → 3: the new instances' databases are provisioned (roles, databases, their credentials'
-        # Secrets, migrations) before any Deployment is written, new or existing
+        # Secrets) before any Deployment is written, new or existing; not migrated (their pods' init containers do)
         since = len(writes(plane))
         stacks.patch_spec("alpha", {"singularity": {"replicas": 3}})
         wait_for("three instances", lambda: len([d for d in stacks.deployments("alpha") if "singularity" in d]) == 3)
@@ -338,15 +370,16 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
         assert max(new_secrets) < first_deployment, order
         created = {name for verb, kind, name in order if verb == "create" and kind == "deployments"}
         assert created == {"alpha-singularity-2", "alpha-singularity-3"}, order
-        # the new databases were migrated before their Deployments were created (same clock: one machine)
-        for i in (2, 3):
-            name = f"alpha-singularity-{i}"
-            deployment_created = next(_audit_time(w) for w in scaling if w["objectRef"] == {
-                "resource": "deployments", "namespace": namespace, "name": name, "apiGroup": "apps", "apiVersion": "v1"
-            })  # fmt: skip
-            with psycopg.connect(stacks.secret(f"alpha-singularity-{i}-db")["DATABASE_URL"]) as conn:
-                (migrated,) = conn.execute("SELECT max(applied_at_utc) FROM _yoyo_migration").fetchone()
-            assert migrated.replace(tzinfo=UTC) < deployment_created
+        # the new databases are left empty for their pods' init containers: the first reconcile makes no Job for
+        # them and does not wait on one, and the stack says what it waits for
+        waiting = stacks.wait_condition("alpha", "MigrationsSucceeded", "Unknown")
+        assert waiting["message"].startswith(f"{prefix}singularity_2, {prefix}singularity_3: no migration"), waiting
+        assert {yoyo_table(stacks, f"alpha-singularity-{i}-db") for i in (2, 3)} == {None}
+        assert not [w for w in scaling if w["objectRef"]["resource"] == "jobs"], describe(scaling)
+        stacks.make_available("alpha")
+        stacks.wait_condition("alpha", "Ready", "True")
+        instances = stacks.get("alpha")["status"]["services"]
+        assert {instances[f"singularity_{i}"]["lastMigration"] for i in (1, 2, 3)} == {latest["singularity_1"][-1]}
         assert prefix + "singularity_3" in databases(pg_cluster, prefix)
         stacks.wait_event("alpha", "Provisioned", f"created database {prefix}singularity_3")  # Events for changes
         stacks.wait_event("alpha", "Created", "Deployment alpha-singularity-3")
@@ -364,9 +397,11 @@ def test_apply_provision_become_ready_scale_and_delete_retaining(cluster, operat
     assert prefix + "shared_queue" in databases(pg_cluster, prefix)  # Retain
 
 
-def _audit_time(write: dict[str, Any]) -> datetime:
-    """When the API server received the request (audit timestamps are UTC, to the microsecond)."""
-    return datetime.fromisoformat(write["requestReceivedTimestamp"].replace("Z", "+00:00"))
+def yoyo_table(stacks: Stacks, secret: str) -> str | None:
+    """Whether the database of a credentials Secret has yoyo's table (None: never migrated), as its role sees it."""
+    with psycopg.connect(stacks.secret(secret)["DATABASE_URL"]) as conn:
+        row = conn.execute("SELECT to_regclass('_yoyo_migration')::text").fetchone()
+    return row[0] if row else None
 
 
 def _exists(stacks: Stacks, name: str) -> bool:
@@ -642,3 +677,44 @@ def test_the_operator_command_writes_nothing_while_idle(cluster, namespace, pg_c
         idle = writes(plane, since=start)
     assert idle == [], describe(idle)
     assert stacks.events("idle")  # the changes were reported: Events are posted by this command
+
+
+def test_back_to_bubblewrap_deletes_the_pod_sandboxs_account_binding_and_policy(
+    cluster, operator, namespace, pg_cluster
+):
+    """spec.genesis.sandbox pod → bubblewrap: Genesis's ServiceAccount, its RoleBinding of the job-Pods
+    ClusterRole and the job Pods' NetworkPolicy go (nothing left that could still manage Pods); the stack's own
+    account and its other policies stay, and once done, idle reconciles write nothing."""
+    plane, api_client = cluster
+    stacks = Stacks(api_client, namespace)
+    stacks.admin_secret(pg_cluster)
+    rbac, networking = client.RbacAuthorizationV1Api(api_client), client.NetworkingV1Api(api_client)
+
+    def present() -> dict[str, set[str]]:
+        return {
+            "ServiceAccount": {a.metadata.name for a in stacks.core.list_namespaced_service_account(namespace).items},
+            "RoleBinding": {b.metadata.name for b in rbac.list_namespaced_role_binding(namespace).items},
+            "NetworkPolicy": {p.metadata.name for p in networking.list_namespaced_network_policy(namespace).items},
+        }
+
+    with operator():
+        stacks.create("box", external(pg_cluster, genesis={"sandbox": "pod"}))
+        policies = {"box-genesis-jobs", "box-genesis", "box-nexus", "box-centralcloud", "box-singularity"}
+        wait_for("the pod sandbox and every policy", lambda: policies <= present()["NetworkPolicy"])
+        before = present()
+        assert "box-genesis-jobs" in before["RoleBinding"]
+        assert {"box", "box-genesis"} <= before["ServiceAccount"] and "box-genesis-jobs" in before["NetworkPolicy"]
+        stacks.patch_spec("box", {"genesis": {"sandbox": "bubblewrap"}})
+        wait_for("the job Pods' NetworkPolicy to go", lambda: "box-genesis-jobs" not in present()["NetworkPolicy"])
+        after = present()
+        assert after["RoleBinding"] == before["RoleBinding"] - {"box-genesis-jobs"}
+        assert after["ServiceAccount"] == before["ServiceAccount"] - {"box-genesis"}
+        assert after["NetworkPolicy"] == before["NetworkPolicy"] - {"box-genesis-jobs"}
+        assert after["NetworkPolicy"] == policies - {"box-genesis-jobs"}  # the services' own stay
+        assert stacks.deployments("box")["box-genesis"].spec.template.spec.service_account_name == "box"
+        for kind in ("ServiceAccount box-genesis", "RoleBinding box-genesis-jobs", "NetworkPolicy box-genesis-jobs"):
+            stacks.wait_event("box", "Deleted", f"deleted {kind} (genesis.sandbox is bubblewrap)")
+        stacks.make_available("box")
+        stacks.wait_condition("box", "Ready", "True")
+        idle = writes_while_reconciling(plane, 4)
+        assert idle == [], describe(idle)

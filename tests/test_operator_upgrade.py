@@ -100,6 +100,7 @@ def ready_stack(stacks: Stacks, name: str, spec: dict[str, Any]) -> None:
     stacks.create(name, spec)
     stacks.wait_condition(name, "DatabasesReady", "True")
     wait_for("the Deployments", lambda: len(stacks.deployments(name)) >= 4)
+    assert set(stacks.run_init_containers(name).values()) == {0}  # each pod's first step: its image's migrations
     roll_out(stacks, name)
     stacks.wait_condition(name, "Ready", "True")
 

@@ -2,9 +2,10 @@
 
 One idempotent pass: PostgreSQL (managed StatefulSet or external), databases, roles, pgmq and
 queues through the project's provisioner, a Secret per service and instance (never regenerating a
-password), the workloads, then conditions. Each step reports Events. Migrations: a new service's
-database gets the packaged ones before its first pods; a running service's come from its new image,
-in a Job that gates its rollout (rollout.py).
+password), the workloads, then conditions. Each step reports Events. Migrations never come from the
+operator's own package: every service pod's init container applies its image's (`singularity-stack
+migrate <service>`, so a new database gets the schema of the image that runs on it, older or newer than
+the operator), and an image change runs the new image's in a Job that gates the rollout (rollout.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,12 @@ ERRORS = Counter("singularity_operator_errors_total", "Reconcile failures by rea
 DURATION = Histogram("singularity_operator_reconcile_seconds", "Time for one reconcile")
 API_VERSION = f"{api.GROUP}/{api.VERSION}"
 CONNECT_TIMEOUT = 5
+# Kinds whose objects the stack needs or not by its spec: one it made and no longer wants is deleted.
+PRUNED = (
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+)
 
 
 class RetryLater(Exception):
@@ -89,16 +96,29 @@ class StackController:
         self.adopt = adopt
         self.event = event
         self.rollout = Rollout(kube, adopt=adopt, event=event)
+        self._listed_secrets: dict[str, dict[str, Any]] | None = None  # this reconcile's (a controller makes one)
         # Shared across reconciles (the operator's handlers keep one): the autoscaler's scale-down window.
         self.autoscaler = Autoscaler(scale_memory if scale_memory is not None else ScaleMemory(), event)
 
     # -- PostgreSQL ----------------------------------------------------------------------------------
 
-    def _ensure_secret(self, stack: str, namespace: str, name: str, component: str, values: dict[str, str]) -> None:
-        secret = objects.generated_secret(stack, namespace, name, component, values)
+    def _create_secret(self, stack: str, namespace: str, secret: dict[str, Any]) -> None:
+        """A Secret written once, when missing, never again (a password or token is never regenerated)."""
+        listed = self._secrets(stack, namespace)
+        name = secret["metadata"]["name"]
+        if name in listed:
+            return
         self.adopt(secret)
-        if self.kube.apply(secret, create_only=True) == "created":
+        if self.kube.apply(secret, create_only=True, listed=listed) == "created":
+            values = secret.get("stringData") or {}
+            # as the API server would list it: `data`, base64 (what _known_passwords reads back)
+            listed[name] = {**secret, "data": {k: base64.b64encode(v.encode()).decode() for k, v in values.items()}}
             self.event("Normal", "SecretCreated", f"created Secret {name}")
+        else:  # there already, without the stack's labels: read, never written over
+            listed[name] = self.kube.get("v1", "Secret", name, namespace) or secret
+
+    def _ensure_secret(self, stack: str, namespace: str, name: str, component: str, values: dict[str, str]) -> None:
+        self._create_secret(stack, namespace, objects.generated_secret(stack, namespace, name, component, values))
 
     def admin_dsn(self, stack: str, namespace: str, spec: api.StackSpec) -> tuple[str, Endpoint, str]:
         """(admin DSN, where services reach Postgres, database/role name prefix)."""
@@ -127,10 +147,20 @@ class StackController:
             "",
         )
 
+    def _secrets(self, stack: str, namespace: str) -> dict[str, dict[str, Any]]:
+        """The stack's Secrets by name, listed once per reconcile (by its labels) instead of a GET per Secret;
+        kept current by what this controller creates. A Secret without those labels is not in it: created
+        over, its create refused as existing, and then read (Kube.apply with `listed`)."""
+        if self._listed_secrets is None:
+            found = self.kube.list("v1", "Secret", namespace, objects.stack_selector(stack))
+            self._listed_secrets = {item["metadata"]["name"]: item for item in found}
+        return self._listed_secrets
+
     def _known_passwords(self, stack: str, namespace: str, layout: StackLayout) -> dict[str, str]:
         known: dict[str, creds.ServiceCredentials] = {}
+        listed = self._secrets(stack, namespace)
         for logical in layout.owners:
-            secret = self.kube.get("v1", "Secret", objects.credentials_secret_name(stack, logical), namespace)
+            secret = listed.get(objects.credentials_secret_name(stack, logical))
             url = _decode(secret, "DATABASE_URL")
             if url:
                 known[logical] = creds.ServiceCredentials(
@@ -148,11 +178,11 @@ class StackController:
         admin_dsn: str,
         public: Endpoint,
         prefix: str,
-        new: Collection[str] = (),
     ) -> tuple[dict[str, Any], dict[str, list[str]]]:
-        """(status, the migrations each logical owner's database records). Only the databases of services
-        that have no Deployment yet (`new`) get the operator's packaged migrations, so that they start on a
-        schema; a running service's database is migrated by its image's Job (rollout), never from here."""
+        """(status, the migrations each logical owner's database records). Roles, databases, queues and
+        privileges only: no service database is migrated from here (the image the operator was packaged
+        with may be older or newer than the one a service runs). A new database stays empty until its
+        pods' init container migrates it; a running service's is migrated by its new image's Job."""
         layout = StackLayout(spec.singularity.replicas, prefix)
         provisioner = Provisioner(
             admin_dsn + ("&" if "?" in admin_dsn else "?") + f"connect_timeout={CONNECT_TIMEOUT}",
@@ -161,7 +191,7 @@ class StackController:
             public_endpoint=public,
             persist=lambda c: self._write_credentials(stack, namespace, c),
             owner=f"{namespace}/{stack}",
-            migrate=new,
+            migrate=False,
         )
         result = provisioner.run()
         for change in result.changes:
@@ -169,7 +199,7 @@ class StackController:
         status = {
             "singularityReplicas": spec.singularity.replicas,
             "pgmq": f"{result.pgmq.version} ({result.pgmq.method})",
-            # what each database's _yoyo_migration records, whoever applied it (a Job, or this process)
+            # what each database's _yoyo_migration records, as an init container or a Job applied it
             "migrations": {layout.database(name): applied for name, applied in result.applied.items()},
         }
         return status, result.applied
@@ -177,10 +207,9 @@ class StackController:
     def _write_credentials(self, stack: str, namespace: str, credentials: dict[str, creds.ServiceCredentials]) -> None:
         """One Secret per service and instance, written before anything else can fail: passwords are never lost."""
         for logical, entry in credentials.items():
-            secret = objects.credentials_secret(stack, namespace, logical, entry.model_dump())
-            self.adopt(secret)
-            if self.kube.apply(secret, create_only=True) == "created":
-                self.event("Normal", "SecretCreated", f"created Secret {secret['metadata']['name']}")
+            self._create_secret(
+                stack, namespace, objects.credentials_secret(stack, namespace, logical, entry.model_dump())
+            )
 
     # -- workloads ------------------------------------------------------------------------------------
 
@@ -197,19 +226,55 @@ class StackController:
         for service, key in objects.API_TOKEN_KEYS.items():
             name = objects.api_token_secret_name(stack, service)
             self._ensure_secret(stack, namespace, name, service, {key: secrets.token_urlsafe(24)})
-        for desired in objects.workloads(stack, namespace, spec):
-            manifest = planned.get(desired["metadata"]["name"], desired) if desired["kind"] == "Deployment" else desired
+        desired = objects.workloads(stack, namespace, spec)
+        live = self._live_objects(stack, namespace, {(m["apiVersion"], m["kind"]) for m in desired} | set(PRUNED))
+        wanted_names: set[tuple[str, str, str]] = set()
+        for wanted in desired:
+            manifest = planned.get(wanted["metadata"]["name"], wanted) if wanted["kind"] == "Deployment" else wanted
             self.adopt(manifest)
-            done = self.kube.apply(manifest)
+            wanted_names.add((manifest["apiVersion"], manifest["kind"], manifest["metadata"]["name"]))
+            done = self.kube.apply(manifest, listed=live[(manifest["apiVersion"], manifest["kind"])])
             if done:
                 self.event("Normal", done.capitalize(), f"{done} {manifest['kind']} {manifest['metadata']['name']}")
+        self._prune(namespace, spec, live, wanted_names)
+
+    def _live_objects(
+        self, stack: str, namespace: str, kinds: set[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+        """The stack's objects of these kinds, by (apiVersion, kind) and name: one LIST per kind, by its labels."""
+        return {
+            (api_version, kind): {
+                item["metadata"]["name"]: item
+                for item in self.kube.list(api_version, kind, namespace, objects.stack_selector(stack))
+            }
+            for api_version, kind in sorted(kinds)
+        }
+
+    def _prune(
+        self,
+        namespace: str,
+        spec: api.StackSpec,
+        live: dict[tuple[str, str], dict[str, dict[str, Any]]],
+        wanted: set[tuple[str, str, str]],
+    ) -> None:
+        """What the stack made and no longer wants, of the kinds whose need follows the spec (spec.genesis.sandbox
+        back to bubblewrap: Genesis's ServiceAccount, its RoleBinding and the job Pods' NetworkPolicy). Extra
+        instances' Deployments and Services are remove_extra_instances' (with their data, by the policy)."""
+        for api_version, kind in PRUNED:
+            for name in sorted(live.get((api_version, kind), {})):
+                if (api_version, kind, name) not in wanted:
+                    self._delete(namespace, spec, api_version, kind, name)
+
+    def _delete(self, namespace: str, spec: api.StackSpec, api_version: str, kind: str, name: str) -> None:
+        if self.kube.delete(api_version, kind, name, namespace):
+            why = f"genesis.sandbox is {spec.genesis.sandbox.value}" if "genesis" in name else "no longer wanted"
+            self.event("Normal", "Deleted", f"deleted {kind} {name} ({why})")
 
     def remove_extra_instances(
         self, stack: str, namespace: str, spec: api.StackSpec, admin_dsn: str, prefix: str
     ) -> None:
         """Workloads of instances above N go; their data stays unless the deletion policy is Delete."""
-        selector = f"app.kubernetes.io/instance={stack},app.kubernetes.io/managed-by=singularity-operator"
-        for deployment in self.kube.list("apps/v1", "Deployment", namespace, selector):
+        for deployment in self.kube.list("apps/v1", "Deployment", namespace, objects.stack_selector(stack)):
             component = deployment["metadata"]["labels"].get("app.kubernetes.io/component", "")
             if not component.startswith("singularity-"):
                 continue
@@ -228,9 +293,10 @@ class StackController:
 
     def services_verdict(self, stack: str, namespace: str, spec: api.StackSpec) -> cond.Verdict:
         expected = {d["metadata"]["name"] for d in objects.service_deployments(stack, namespace, spec)}
+        listed = self._deployments(stack, namespace)
         unavailable = []
         for name in sorted(expected):
-            live = self.kube.get("apps/v1", "Deployment", name, namespace)
+            live = listed.get(name)
             if not live or (live.get("status") or {}).get("availableReplicas", 0) < 1:
                 unavailable.append(name)
         if unavailable:
@@ -241,6 +307,7 @@ class StackController:
 
     def reconcile(self, stack: str, namespace: str, spec_body: dict[str, Any]) -> ReconcileOutcome:
         started = time.monotonic()
+        self._listed_secrets = None  # listed afresh by each reconcile
         try:
             outcome = self._reconcile(stack, namespace, spec_body)
             RECONCILES.labels("ok" if all(v.ok for v in outcome.verdicts) else "not_ready").inc()
@@ -296,8 +363,7 @@ class StackController:
             if backed_up.waiting:
                 return self._not_ready(*backed_up.waiting, delay=10)
             live = self.live_deployments(stack, namespace, spec)
-            new = [logical for logical, deployment in live.items() if deployment is None]
-            status, applied = self.provision(stack, namespace, spec, admin_dsn, public, prefix, new)
+            status, applied = self.provision(stack, namespace, spec, admin_dsn, public, prefix)
             status.update(backed_up.status)
             spec, scaled = self.autoscaler.scale(stack, namespace, spec, admin_dsn, prefix, live)
             status.update(scaled)
@@ -327,17 +393,36 @@ class StackController:
         verdicts = [
             cond.Verdict(cond.DATABASES, True, "Provisioned", f"{len(status['migrations'])} databases and their roles"),
             cond.Verdict(cond.QUEUE, True, "QueuesReady", f"pgmq {status['pgmq']}"),
-            plan.verdict(status["migrations"]),
+            plan.verdict(status["migrations"], self._awaiting_init(spec, prefix, applied, live)),
             self.services_verdict(stack, namespace, spec),
         ]
         return ReconcileOutcome(verdicts, status)
 
+    @staticmethod
+    def _awaiting_init(
+        spec: api.StackSpec, prefix: str, applied: dict[str, list[str]], live: dict[str, dict[str, Any] | None]
+    ) -> list[str]:
+        """The databases that record no migration while no pod of theirs is available yet: their init
+        containers have not run (an available pod's has: whatever it recorded is its image's)."""
+        layout = StackLayout(spec.singularity.replicas, prefix)
+        return [
+            layout.database(logical)
+            for logical, recorded in applied.items()
+            if not recorded and (((live.get(logical) or {}).get("status") or {}).get("availableReplicas") or 0) < 1
+        ]
+
     def live_deployments(self, stack: str, namespace: str, spec: api.StackSpec) -> dict[str, dict[str, Any] | None]:
         """Each service's and instance's Deployment as it is now (None: not made yet), by logical owner."""
+        listed = self._deployments(stack, namespace)
         return {
-            migration_jobs.logical_of(d): self.kube.get("apps/v1", "Deployment", d["metadata"]["name"], namespace)
+            migration_jobs.logical_of(d): listed.get(d["metadata"]["name"])
             for d in objects.service_deployments(stack, namespace, spec)
         }
+
+    def _deployments(self, stack: str, namespace: str) -> dict[str, dict[str, Any]]:
+        """The stack's Deployments as they are now, by name (one LIST)."""
+        found = self.kube.list("apps/v1", "Deployment", namespace, objects.stack_selector(stack))
+        return {item["metadata"]["name"]: item for item in found}
 
     @staticmethod
     def _queue_not_upgraded(message: str) -> ReconcileOutcome:

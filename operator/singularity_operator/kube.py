@@ -1,5 +1,6 @@
 """Applying desired objects with as few API writes as possible: create what is missing, patch what
-differs, leave alone what already matches (so an idle reconcile writes nothing)."""
+differs, leave alone what already matches (so an idle reconcile writes nothing). With `listed`, the
+live objects can come from a list the caller made (one LIST per kind rather than a GET per object)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import NotFoundError
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError
 
 
 def covers(live: Any, desired: Any) -> bool:
@@ -44,14 +45,25 @@ class Kube:
         found = self._resource(api_version, kind).get(namespace=namespace, label_selector=label_selector)
         return [item.to_dict() for item in found.items]
 
-    def apply(self, desired: dict[str, Any], *, create_only: bool = False) -> str | None:
-        """Make the object match `desired`; returns "created", "updated" or None (already right)."""
+    def apply(
+        self, desired: dict[str, Any], *, create_only: bool = False, listed: dict[str, dict[str, Any]] | None = None
+    ) -> str | None:
+        """Make the object match `desired`; returns "created", "updated" or None (already right). `listed`: the
+        live objects of its kind by name, from one LIST the caller made (not in it: taken as missing, no GET)."""
         meta = desired["metadata"]
         resource = self._resource(desired["apiVersion"], desired["kind"])
-        live = self.get(desired["apiVersion"], desired["kind"], meta["name"], meta["namespace"])
+        if listed is None:
+            live = self.get(desired["apiVersion"], desired["kind"], meta["name"], meta["namespace"])
+        else:
+            live = listed.get(meta["name"])
         if live is None:
-            resource.create(body=desired, namespace=meta["namespace"])
-            return "created"
+            try:
+                resource.create(body=desired, namespace=meta["namespace"])
+                return "created"
+            except ConflictError:  # there, but not in the list (without the labels it was listed by): compared
+                live = self.get(desired["apiVersion"], desired["kind"], meta["name"], meta["namespace"])
+                if listed is None or live is None:
+                    raise
         if create_only:
             return None
         matches = _secret_matches(live, desired) if desired["kind"] == "Secret" else covers(live, _comparable(desired))

@@ -9,7 +9,7 @@ module only reads Jobs and Pods and creates a Job when one is due.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from singularity_operator.kube import Kube
 
 Adopt = Callable[[dict[str, Any]], None]
 EventRecorder = Callable[[str, str, str], None]  # (type Normal|Warning, reason, message)
+SHOWN = 5  # databases named in a condition message (200 instances' names would not make one readable)
 
 
 @dataclass
@@ -33,11 +34,19 @@ class Plan:
     failures: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)
 
-    def verdict(self, migrations: dict[str, list[str]]) -> cond.Verdict:
+    def verdict(self, migrations: dict[str, list[str]], awaiting: Collection[str] = ()) -> cond.Verdict:
+        """From the Jobs of this pass and what each database records. `awaiting`: the databases that record
+        nothing and whose pods are not available yet: new, their pods' init container not done (the operator
+        never migrates a database itself; once a pod is available, its init container has applied its image's)."""
         if self.failures:
             return cond.Verdict(cond.MIGRATIONS, False, "MigrationFailed", "; ".join(self.failures))
         if self.pending:
             return cond.Verdict(cond.MIGRATIONS, None, "Migrating", "; ".join(self.pending))
+        empty = sorted(awaiting)
+        if empty:
+            named = ", ".join(empty[:SHOWN]) + (f" and {len(empty) - SHOWN} more" if len(empty) > SHOWN else "")
+            waiting = f"{named}: no migration recorded yet (each pod's init container applies its image's)"
+            return cond.Verdict(cond.MIGRATIONS, None, "AwaitingInitContainers", waiting)
         applied = ", ".join(f"{db}: {v[-1]}" for db, v in sorted(migrations.items()) if v)
         return cond.Verdict(cond.MIGRATIONS, True, "Applied", applied)
 
