@@ -13,7 +13,6 @@ scripts/build-kubernetes.sh
 # apiextensions-apiserver 1.36 from Debian sid's Go sources (about 10 minutes cold, cached the same way): the
 # CRD's CEL rules are tested on it (tests/test_crd_on_kubernetes_1_36.py).
 scripts/build-apiextensions-apiserver.sh >/dev/null
-scripts/build-network-policies.sh >/dev/null  # NetworkPolicy on the e2e node (about 4 minutes cold)
 export SINGULARITY_REQUIRE_KUBE=1
 # nats-server comes with the test packages (scripts/debian-test-packages.txt): the NATS tests must run too.
 export SINGULARITY_REQUIRE_NATS=1
