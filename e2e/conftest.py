@@ -1,7 +1,8 @@
 """End-to-end suite on a real cluster: the project's images, the Helm chart, SingularityStacks, a task.
 
     .venv/bin/python -m pytest e2e                            # the local node (root; what CI runs)
-    .venv/bin/python -m pytest e2e --cluster-provider=kind    # kind (Docker, kind and kubectl on PATH)
+    .venv/bin/python -m pytest e2e --cluster-provider=kind    # kind via pytest-kind (a Docker engine; kind and
+                                                              # kubectl from PATH, else pytest-kind downloads them)
 
 The provider is chosen with `--cluster-provider` or $SINGULARITY_E2E_PROVIDER (default `local`, the
 single-node cluster of singularity_stack_testing.kube.localnode). Where a provider cannot run the suite
