@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -85,6 +86,14 @@ async def test_publish_batch_routes_each_message_and_keeps_order(sq):
     llm_ids = [r[0] for r in sq.owner_query("SELECT msg_id FROM pgmq.q_llm_requests ORDER BY msg_id")]
     assert llm_ids == [ids[0], *ids[2:]]
     assert sq.owner_query("SELECT msg_id FROM pgmq.q_job_requests") == [(ids[1],)]
+    # each stored as its own model_dump_json, though a queue's messages are serialized in one call
+    stored = {
+        (queue, msg_id): message
+        for queue in ("llm_requests", "job_requests")
+        for msg_id, message in sq.owner_query(f"SELECT msg_id, message FROM pgmq.q_{queue}")
+    }
+    written = [stored[m.queue, i] for m, i in zip(messages, ids, strict=True)]
+    assert written == [json.loads(m.model_dump_json()) for m in messages]
 
 
 async def test_replies_go_to_the_recipients_own_queue(sq):

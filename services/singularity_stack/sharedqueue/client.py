@@ -9,6 +9,7 @@ A retried publish may deliver twice: receivers deduplicate on `request_id`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -23,6 +24,7 @@ from typing import Any, NamedTuple, TypeVar
 import psycopg
 from psycopg import sql
 from psycopg.rows import TupleRow
+from pydantic import TypeAdapter
 
 from singularity_stack.contract import DeadLetter, DeadLetterReason, Message, Reply
 from singularity_stack.sharedqueue.errors import Unavailable
@@ -66,6 +68,13 @@ def queue_for(message: Message) -> str:
     if isinstance(message, Reply):
         return reply_queue(message.queue, message.recipient)
     return message.queue
+
+
+@functools.cache
+def _list_of(kind: type[Message]) -> TypeAdapter[list[Any]]:
+    """A JSON serializer for a list of `kind` (exactly that class): the same JSON as each message's
+    `model_dump_json`, without a call into pydantic per message."""
+    return TypeAdapter(list[kind])  # type: ignore[valid-type]
 
 
 SEND_BATCH_SQL = "SELECT * FROM pgmq.send_batch(%s, ARRAY(SELECT jsonb_array_elements(%s::jsonb)))"
@@ -146,14 +155,14 @@ class SharedQueue:
 
     async def publish_batch(self, messages: Sequence[Message]) -> list[int]:
         """Send many messages, one `send_batch` per destination queue; ids come back in input order."""
-        by_queue: dict[str, list[int]] = defaultdict(list)
+        by_queue: dict[tuple[str, type[Message]], list[int]] = defaultdict(list)
         for index, message in enumerate(messages):
-            by_queue[queue_for(message)].append(index)
+            by_queue[queue_for(message), type(message)].append(index)
         ids = [0] * len(messages)
-        for queue, indexes in by_queue.items():
+        for (queue, kind), indexes in by_queue.items():
             # One JSON array parameter, split server-side: psycopg's text-array quoting of many
-            # JSON strings costs more than the whole round trip.
-            bodies = "[" + ",".join(messages[i].model_dump_json() for i in indexes) + "]"
+            # JSON strings costs more than the whole round trip. Serialized in one call, not one per message.
+            bodies = _list_of(kind).dump_json([messages[i] for i in indexes]).decode()
             rows = await self._rows(SEND_BATCH_SQL, (queue, bodies))
             for index, row in zip(indexes, rows, strict=True):
                 ids[index] = int(row[0])
