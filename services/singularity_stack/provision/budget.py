@@ -24,7 +24,7 @@ INSTANCE_POOL_SIZE = 4  # per pool, for each Singularity instance: N of them sha
 LISTEN_CONNECTIONS = 1
 CENTRALCLOUD_EXTRA = 2 + 1  # the analytics pool, and one connection for queue checks and pruning
 SUPERUSER_RESERVED = 3  # PostgreSQL's superuser_reserved_connections default
-HEADROOM = 10  # the operator's provisioning, migrations, a psql session
+HEADROOM = 10  # the operator's provisioning (provisioner.MAX_CONNECTIONS: 5 at once), a psql session
 MANAGED_STEP = 100  # managed max_connections is rounded up to this: a few more instances never restart it
 
 

@@ -13,6 +13,9 @@ pgmq's functions run with the caller's privileges, so table grants decide who ca
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 from psycopg import sql
 
 from singularity_stack.contract import REQUESTS
@@ -75,19 +78,50 @@ def reply_archive_statements(queue: str, role: str) -> list[sql.Composed]:
     return [_statement(privileges, [table], role) for privileges, table in _reply_archive_grants(queue)]
 
 
-def queue_statements(layout: StackLayout) -> list[sql.Composed]:
-    """Per-queue privileges for every grant of the layout, plus read-only archives for analytics: the same
-    privileges as a GRANT per table would give, one GRANT per role and kind of privilege over all its tables
-    (a stack of N instances has about 45 N of them, rerun at each reconcile: a statement each cost seconds)."""
+# (role, the privileges as GRANT spells them, the pgmq table): one privilege a role holds on one table.
+Privilege = tuple[str, str, str]
+
+
+def queue_privileges(layout: StackLayout) -> list[Privilege]:
+    """Every per-queue privilege of the layout, plus read-only archives for analytics; each once, in first-seen
+    order."""
     replied = set(layout.work_queues) - set(REQUESTS)  # the reply queues (their dead-letter queues excluded)
-    tables: dict[tuple[str, str], dict[str, None]] = {}  # (role, privileges) -> tables, in first-seen order
+    wanted: dict[Privilege, None] = {}
     for grant in layout.grants:
         role = layout.role(grant.role)
-        wanted = _table_grants(grant)
+        tables = _table_grants(grant)
         if grant.access is Access.SEND and grant.queue in replied:
-            wanted += _reply_archive_grants(grant.queue)
-        for privileges, table in wanted:
-            tables.setdefault((role, privileges), {})[table] = None
+            tables += _reply_archive_grants(grant.queue)
+        for privileges, table in tables:
+            wanted[(role, privileges, table)] = None
     for queue in layout.queues:
-        tables.setdefault((layout.analytics_role, "SELECT"), {})[f"a_{queue}"] = None
+        wanted[(layout.analytics_role, "SELECT", f"a_{queue}")] = None
+    return list(wanted)
+
+
+def grouped_statements(wanted: Iterable[Privilege]) -> list[sql.Composed]:
+    """The same privileges as a GRANT per table would give, one GRANT per role and kind of privilege over all its
+    tables (a stack of N instances has about 45 N of them: a statement each cost seconds)."""
+    tables: dict[tuple[str, str], dict[str, None]] = {}  # (role, privileges) -> tables, in first-seen order
+    for role, privileges, table in wanted:
+        tables.setdefault((role, privileges), {})[table] = None
     return [_statement(privileges, list(found), role) for (role, privileges), found in tables.items()]
+
+
+def queue_statements(layout: StackLayout) -> list[sql.Composed]:
+    """Every per-queue privilege of the layout, grouped (see `grouped_statements`)."""
+    return grouped_statements(queue_privileges(layout))
+
+
+# (role, table, column or None, one privilege): what has_table_privilege / has_column_privilege check.
+Check = tuple[str, str, str | None, str]
+
+
+def checks(privilege: Privilege) -> list[Check]:
+    """The single privileges a GRANT's privilege list gives: "SELECT, UPDATE, DELETE" is three, "SELECT (msg_id)"
+    one on a column."""
+    role, privileges, table = privilege
+    column = re.fullmatch(r"(\w+) \((\w+)\)", privileges)
+    if column:
+        return [(role, table, column.group(2), column.group(1))]
+    return [(role, table, None, kind.strip()) for kind in privileges.split(",")]

@@ -23,14 +23,20 @@ from singularity_stack.postgres.pgmq_install import Method, PgmqInstall, ensure_
 from singularity_stack.provision import privileges
 from singularity_stack.provision.credentials import ServiceCredentials, generate_password, postgres_url
 from singularity_stack.provision.errors import ProvisionError as ProvisionError  # re-exported: callers import it here
+from singularity_stack.provision.errors import failing
 from singularity_stack.provision.migrations import applied_migrations, migrate, service_kind
+from singularity_stack.provision.parallel import Task, on_connections
 from singularity_stack.provision.pgmq_upgrade import ensure_current_pgmq
-from singularity_stack.provision.queues import ensure_queues
+from singularity_stack.provision.queues import create_queues, ensure_queues
 from singularity_stack.topology import StackLayout
 
 log = logging.getLogger(__name__)
-# Databases migrated at once: connections beside the admin one, well within budget.HEADROOM.
-MIGRATION_WORKERS = 4
+# Databases created, queue batches created and databases migrated at once. The provisioner has at most
+# WORKERS + 1 connections open (the workers' and one that coordinates them): 5 of budget.HEADROOM's 10.
+WORKERS = 4
+MIGRATION_WORKERS = WORKERS
+MAX_CONNECTIONS = WORKERS + 1
+QUEUE_CHUNK = 64  # queues per transaction on a worker (a stack of N instances has 8 N + 8)
 
 
 @dataclass
@@ -117,6 +123,7 @@ class Provisioner:
         # Which service databases get this package's migrations: all (`up`, the CLI), none, or only the
         # named logical owners (the operator: new databases; the others are migrated by their image's Job).
         self.migrate = migrate
+        self._created: set[str] = set()  # the databases this run created
 
     def _changed(self, what: str) -> None:
         self.changes.append(what)
@@ -124,31 +131,50 @@ class Provisioner:
 
     # -- roles and databases (autocommit: CREATE DATABASE cannot run in a transaction) ---------------
 
-    def _ensure_role(self, conn: psycopg.Connection, role: str) -> None:
-        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    def _role_statement(self, role: str, exists: bool) -> sql.Composed | None:
+        """The CREATE or ALTER (a rotated password) a role needs; None when it has what it should."""
         if exists and role not in self.rotate:
             if role not in self.passwords:
                 raise ProvisionError(
                     f"role {role} exists but its password is not known: pass the credentials file that holds it, "
                     f"or set a new one with --rotate-password {role}"
                 )
-            return
+            return None
         password = generate_password() if role in self.rotate or role not in self.passwords else self.passwords[role]
         self.passwords[role] = password
         verb = "ALTER" if exists else "CREATE"
-        conn.execute(
-            sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
-                sql.Identifier(role), sql.Literal(password)
-            )
+        return sql.SQL(verb + " ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)
         )
-        self._changed(f"{'rotated password of' if exists else 'created'} role {role}")
 
-    def _ensure_database(self, conn: psycopg.Connection, database: str, owner: str) -> None:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
-        if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner)))
-            self._changed(f"created database {database}")
-        conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+    def _ensure_roles(self, conn: psycopg.Connection) -> None:
+        """Every role, in one round trip and one transaction (a multi-statement query): all are made, or none."""
+        roles = [self.layout.role(logical) for logical in self.layout.owners] + [self.layout.analytics_role]
+        existing = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles WHERE rolname = ANY(%s)", (roles,))}
+        statements = {role: self._role_statement(role, role in existing) for role in roles}
+        todo = {role: statement for role, statement in statements.items() if statement is not None}
+        if not todo:
+            return
+        names = list(todo)
+        which = ", ".join(names) if len(names) <= 3 else f"{len(names)} roles ({names[0]} .. {names[-1]})"
+        with failing(f"creating or altering {which}"):
+            conn.execute(sql.SQL("; ").join(todo.values()))
+        for role in todo:
+            self._changed(f"{'rotated password of' if role in existing else 'created'} role {role}")
+
+    @staticmethod
+    def _create_database(database: str, owner: str) -> Task[None]:
+        """No STRATEGY: PostgreSQL 15's default WAL_LOG. FILE_COPY was no faster at 4 connections with fsync on
+        (8x slower one at a time), and it forces two checkpoints per database on a server that may be serving."""
+
+        def create(conn: psycopg.Connection) -> None:
+            with failing(f"creating database {database}"):
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(owner))
+                )
+                conn.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database)))
+
+        return create
 
     def _plan_new_passwords(self) -> None:
         """A password for every role still to be created, chosen before any is: `persist` can then keep them
@@ -169,48 +195,118 @@ class Provisioner:
             self.passwords[role] = generate_password()  # a new role's, or a lost one about to be set anew
 
     def _roles_and_databases(self) -> None:
+        """The roles, then shared_queue (with its grants and owner mark) on one connection; then the other
+        databases, WORKERS at a time: CREATE DATABASE is most of the time a new stack takes, and copies of
+        template1 made side by side do not wait for each other."""
         layout = self.layout
+        shared = layout.shared_queue_database
+        owners = {shared: layout.role("centralcloud"), **{layout.database(o): layout.role(o) for o in layout.owners}}
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            for logical in layout.owners:
-                self._ensure_role(conn, layout.role(logical))
-            self._ensure_role(conn, layout.analytics_role)
-            self._ensure_database(conn, layout.shared_queue_database, layout.role("centralcloud"))
-            for logical in layout.owners:
-                self._ensure_database(conn, layout.database(logical), layout.role(logical))
-            members = [layout.role(r) for r in layout.owners] + [layout.analytics_role]
-            conn.execute(
-                sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-                    sql.Identifier(layout.shared_queue_database), sql.SQL(", ").join(map(sql.Identifier, members))
-                )
-            )
-            if self.owner is not None:  # only now: the roles' passwords were known, so the stack is ours
+            self._ensure_roles(conn)
+            # each database that exists, and whether PUBLIC still has a privilege on it (NULL: the default ones)
+            found: dict[str, bool] = dict(
                 conn.execute(
-                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(
-                        sql.Identifier(layout.shared_queue_database), sql.Literal(OWNER_MARK + self.owner)
+                    "SELECT datname, datacl IS NULL OR EXISTS (SELECT FROM aclexplode(datacl) a WHERE a.grantee = 0)"
+                    " FROM pg_database WHERE datname = ANY(%s)",
+                    (list(owners),),
+                ).fetchall()
+            )
+            if shared not in found:
+                self._create_database(shared, owners[shared])(conn)
+                self._created.add(shared)
+                self._changed(f"created database {shared}")
+            public = [name for name, granted in found.items() if granted]
+            if public:
+                with failing(f"revoking PUBLIC's privileges on {', '.join(public)}"):
+                    conn.execute(
+                        sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(
+                            sql.SQL(", ").join(map(sql.Identifier, public))
+                        )
                     )
+            members = [layout.role(r) for r in layout.owners] + [layout.analytics_role]
+            # only what is not there yet: a GRANT or COMMENT rewrites the database's catalog row even when it
+            # changes nothing, and a rerun should write nothing
+            lacking = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT m FROM unnest(%s::text[]) AS m WHERE NOT has_database_privilege(m, %s, 'CONNECT')",
+                    (members, shared),
                 )
+            ]
+            with failing(f"granting CONNECT on {shared}"):
+                if lacking:
+                    conn.execute(
+                        sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                            sql.Identifier(shared), sql.SQL(", ").join(map(sql.Identifier, lacking))
+                        )
+                    )
+                # only now: the roles' passwords were known, so the stack is ours
+                if self.owner is not None and recorded_owner(conn, layout) != self.owner:
+                    conn.execute(
+                        sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                            sql.Identifier(shared), sql.Literal(OWNER_MARK + self.owner)
+                        )
+                    )
+        missing = [name for name in owners if name not in found and name != shared]
+        on_connections(self.admin_dsn, [self._create_database(name, owners[name]) for name in missing], WORKERS)
+        for name in missing:  # in the layout's order, as one at a time would
+            self._created.add(name)
+            self._changed(f"created database {name}")
 
     # -- shared_queue: pgmq, queues owned by CentralCloud, privileges --------------------------------
 
+    def _create_queues(self, conn: psycopg.Connection, dsn: str) -> list[str]:
+        """The missing queues, QUEUE_CHUNK per transaction on WORKERS connections (each queue is two tables and
+        their indexes: thousands of them for a large stack); returns those created. Few are left to ensure_queues."""
+        layout = self.layout
+        existing = {r[0] for r in conn.execute("SELECT queue_name FROM pgmq.meta")}
+        conn.commit()
+        missing = [queue for queue in layout.queues if queue not in existing]
+        if len(missing) <= QUEUE_CHUNK:
+            return []
+        work, owner = set(layout.work_queues), sql.Identifier(layout.role("centralcloud"))
+
+        def create(chunk: list[str]) -> Task[None]:
+            def run(worker: psycopg.Connection) -> None:
+                with failing(f"creating the queues {chunk[0]} .. {chunk[-1]}"), worker.transaction():
+                    worker.execute(sql.SQL("SET LOCAL ROLE {}").format(owner))  # CentralCloud owns every queue
+                    create_queues(worker, chunk, [queue for queue in chunk if queue in work])
+
+            return run
+
+        # Contiguous runs in the layout's order: pgmq locks each queue it creates, and every creator (CentralCloud
+        # at its start too) takes them in that order, so none waits on another in a cycle.
+        chunks = [missing[i : i + QUEUE_CHUNK] for i in range(0, len(missing), QUEUE_CHUNK)]
+        on_connections(dsn, [create(chunk) for chunk in chunks], WORKERS, "queues")
+        return missing
+
     def _shared_queue(self) -> PgmqInstall:
         layout = self.layout
-        with psycopg.connect(with_database(self.admin_dsn, layout.shared_queue_database)) as conn:
-            installed = ensure_pgmq(conn, prefer=self.pgmq_method)
+        dsn = with_database(self.admin_dsn, layout.shared_queue_database)
+        with psycopg.connect(dsn) as conn:
+            with failing(f"installing pgmq in {layout.shared_queue_database}"):
+                installed = ensure_pgmq(conn, prefer=self.pgmq_method)
+            upgraded = False
             if installed.newly_installed:
                 self._changed(f"installed pgmq {installed.version} ({installed.method})")
             else:
                 # In the same transaction as the privileges and queues below: all of it lands, or none.
                 current = ensure_current_pgmq(conn, layout, installed)
-                if current.version != installed.version:
+                upgraded = current.version != installed.version
+                if upgraded:
                     self._changed(f"upgraded pgmq {installed.version} -> {current.version} ({installed.method})")
                 installed = current
-            for statement in privileges.schema_statements(layout):
-                conn.execute(statement)
-            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(layout.role("centralcloud"))))
-            for queue in ensure_queues(conn, layout):
+            with failing(f"setting up the queues in {layout.shared_queue_database}"):
+                for statement in privileges.schema_statements(layout):
+                    conn.execute(statement)
+                # Without an upgrade to land with them, the new queues are made a few transactions at a time.
+                created = [] if upgraded else self._create_queues(conn, dsn)
+                conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(layout.role("centralcloud"))))
+                created += ensure_queues(conn, layout)
+                conn.execute("RESET ROLE")
+                conn.commit()
+            for queue in sorted(created, key=layout.queues.index):
                 self._changed(f"created queue {queue}")
-            conn.execute("RESET ROLE")
-            conn.commit()
             return installed
 
     # -- results -------------------------------------------------------------------------------------
@@ -241,6 +337,8 @@ class Provisioner:
         """(the migrations applied now, None when this database is not ours to migrate; all it records)."""
         if self._migrates(logical):
             return migrate(service_kind(logical), database_url)
+        if self.layout.database(logical) in self._created:  # made by this run: nothing to read
+            return None, []
         return None, applied_migrations(database_url)
 
     def _migrate(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
