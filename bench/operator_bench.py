@@ -10,6 +10,10 @@ stack (policy Delete, deleted after it), and reported as median and spread. Writ
 tests count them: every write request in the API server's audit log (ControlPlane(audit_writes=True)),
 Events included; the idle windows end on the operator's own reconcile counter, not on a clock.
 
+--provisioner-only: no API server nor operator: the Provisioner alone on the same PostgreSQL, a new stack's
+first run and its rerun (which must change nothing) per N, interleaved, with --phases' breakdown if asked for.
+The operator's own migrations are left out (migrate=False), as the operator now leaves them to each image.
+
 --phases: where an apply's time goes. The provisioner's steps, its migrations and the operator's API calls are
 timed (wall time, summed over the threads that ran them, so parallel work can add up to more than the sample)
 and printed per N as the median over the samples.
@@ -84,16 +88,19 @@ class Phases:
             return dict(self.seconds), dict(self.calls)
 
 
-def timed_phases() -> Phases:
+def timed_phases(operator: bool = True) -> Phases:
     """The steps an apply spends its time in: the provisioner's, each database's migrations, the API calls."""
     from singularity_operator import controller, kube
     from singularity_stack.provision import provisioner
 
     phases = Phases()
-    for step in ("_roles_and_databases", "_shared_queue", "_migrate"):
-        phases.wrap(provisioner.Provisioner, step)
+    for step in ("_roles_and_databases", "_shared_queue", "_create_queues", "_migrate"):
+        if hasattr(provisioner.Provisioner, step):  # _create_queues: queues made on several connections
+            phases.wrap(provisioner.Provisioner, step)
     for function in ("migrate", "applied_migrations"):  # the provisioner's own bindings, looked up at each call
         phases.wrap(provisioner, function)
+    if not operator:
+        return phases
     for step in ("provision", "apply_workloads", "live_deployments", "services_verdict", "_known_passwords"):
         phases.wrap(controller.StackController, step)
     for call in ("get", "apply", "list"):
@@ -223,12 +230,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--idle-windows", type=int, default=3)
     parser.add_argument("--phases", action="store_true", help="print where each apply's time goes")
+    parser.add_argument("--provisioner-only", action="store_true", help="time the Provisioner alone")
     args = parser.parse_args()
     # Every instance's pools count against max_connections (the provisioner refuses a stack that could
     # exhaust it): room for the largest N.
     connections = max(300, 12 * max(args.instances) + 100)
     datadir = Path(tempfile.mkdtemp(prefix="singularity-pg-"))
     postgres = LocalCluster(datadir, settings={**FAST_SETTINGS, "max_connections": str(connections)}).start()
+    if args.provisioner_only:
+        try:
+            provisioner_only(postgres, args)
+        finally:
+            postgres.stop("immediate")
+            shutil.rmtree(postgres.datadir, ignore_errors=True)
+        return
     plane = ControlPlane(audit_writes=True).start()
     try:
         bench = Bench(plane, postgres)
@@ -257,6 +272,45 @@ def main() -> None:
 
 
 Window = tuple[list[dict[str, Any]], float]
+
+
+def provisioner_only(postgres: LocalCluster, args: argparse.Namespace) -> None:
+    """A new stack's first run and its rerun per N, interleaved, on the Provisioner alone."""
+    from singularity_stack.provision.provisioner import Provisioner
+    from singularity_stack.topology import StackLayout
+
+    phases = timed_phases(operator=False) if args.phases else None
+    spent: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+    reruns: dict[int, list[float]] = collections.defaultdict(list)
+
+    def sample(n: int) -> Callable[[], float]:
+        def measure() -> float:
+            layout = StackLayout(n, f"p{next(_names)}_")
+            before = phases.snapshot()[0] if phases else {}
+            started = time.monotonic()
+            first = Provisioner(postgres.dsn(), layout, report=lambda _: None, migrate=False).run()
+            seconds = time.monotonic() - started
+            if phases:
+                spent[str(n)].append({k: v - before.get(k, 0.0) for k, v in phases.snapshot()[0].items()})
+            started = time.monotonic()
+            again = Provisioner(
+                postgres.dsn(), layout, known_passwords=first.passwords, report=lambda _: None, migrate=False
+            )
+            if again.run().changes:
+                raise AssertionError(f"N = {n}: the rerun changed something")
+            reruns[n].append(time.monotonic() - started)
+            return seconds
+
+        return measure
+
+    times = interleave({str(n): sample(n) for n in args.instances}, samples=args.samples, warmup=args.warmup)
+    print(f"the Provisioner alone, PostgreSQL {postgres.installation.version} (fsync off), migrate=False:")
+    for n in args.instances:
+        rerun = Samples("rerun", reruns[n][args.warmup :])
+        print(f"  N = {n:>3}: first run {times[str(n)].format('s', '{:.1f}')}; rerun {rerun.format('s', '{:.1f}')}")
+        for name in sorted({k for found in spent[str(n)] for k in found}):
+            step = Samples(name, [found.get(name, 0.0) for found in spent[str(n)][args.warmup :]])
+            print(f"      {name:<40} {step.median:6.1f} s (median)")
 
 
 def run(bench: Bench, runner: Any, args: argparse.Namespace) -> tuple[dict[str, Samples], list[Window], int]:
