@@ -129,11 +129,13 @@ def test_a_bump_runs_the_new_image_s_migrations_in_jobs_before_the_rollout(varia
         for logical in ("centralcloud", "genesis", "nexus", "singularity_1")
     }
     assert gated, "no Job was seen running before its Deployment rolled"
-    # each Job wrote its outcome as its Pod's termination message
+    # each Job's successful Pod wrote its outcome as its termination message (an attempt that found
+    # PostgreSQL not answering under load fails and is retried by the Job: that one is left out)
     pods = cluster.json("get", "pods", "-n", NAMESPACE, "-l", "job-name")["items"]
-    messages = {p["status"]["containerStatuses"][0]["state"]["terminated"].get("message", "") for p in pods
-                if p["metadata"]["labels"].get("app.kubernetes.io/instance") == STACK}  # fmt: skip
-    assert {m.strip() for m in messages} == {f"last applied {NEW_MIGRATION}"}, messages
+    ends = [p["status"]["containerStatuses"][0]["state"]["terminated"] for p in pods
+            if p["metadata"]["labels"].get("app.kubernetes.io/instance") == STACK]  # fmt: skip
+    messages = [end.get("message", "").strip() for end in ends if end.get("exitCode") == 0]
+    assert messages == [f"last applied {NEW_MIGRATION}"] * len(KINDS), ends
 
     # The task started on the old image, its approval still pending, completes on the new pods.
     with apis(cluster) as (singularity_api, nexus_api):

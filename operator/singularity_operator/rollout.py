@@ -48,7 +48,8 @@ class Plan:
             waiting = f"{named}: no migration recorded yet (each pod's init container applies its image's)"
             return cond.Verdict(cond.MIGRATIONS, None, "AwaitingInitContainers", waiting)
         applied = ", ".join(f"{db}: {v[-1]}" for db, v in sorted(migrations.items()) if v)
-        return cond.Verdict(cond.MIGRATIONS, True, "Applied", applied)
+        # never an empty message: the CRD's condition message is a required string
+        return cond.Verdict(cond.MIGRATIONS, True, "Applied", applied or "no migration recorded by any database")
 
 
 class Rollout:
