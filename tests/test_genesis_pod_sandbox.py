@@ -385,30 +385,36 @@ async def wait_until(check: Any, timeout: float = 10.0) -> None:
     raise AssertionError("timed out")
 
 
+class HeldCreate:
+    """The real API client, except that creating a Pod waits in its thread until `release` is set (so a
+    cancel can arrive while the create is in flight), then reaches the real API server."""
+
+    def __init__(self, core: Any) -> None:
+        import threading
+
+        self.core = core
+        self.api_client = core.api_client
+        self.entered, self.release, self.answered = threading.Event(), threading.Event(), threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.core, name)
+
+    def create_namespaced_pod(self, namespace: str, body: Any) -> Any:
+        self.entered.set()
+        self.release.wait(10)
+        try:
+            return self.core.create_namespaced_pod(namespace, body)
+        finally:
+            self.answered.set()
+
+
 async def test_a_job_cancelled_while_its_pod_is_created_leaves_no_pod(job_namespace):
     """The create call is held in its thread until the job has been cancelled; it then reaches the real API
     server, which makes the Pod: PodRunner waits for that answer and deletes it."""
-    import threading
-
     core, namespace = job_namespace
-    entered, release, answered = threading.Event(), threading.Event(), threading.Event()
-    real_create = core.create_namespaced_pod
-
-    class HeldCore:
-        api_client = core.api_client
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(core, name)
-
-        def create_namespaced_pod(self, namespace: str, body: Any) -> Any:
-            entered.set()
-            release.wait(10)
-            try:
-                return real_create(namespace, body)
-            finally:
-                answered.set()
-
-    runner = PodRunner(HeldCore(), PodSandboxSettings(job_namespace=namespace))
+    held = HeldCreate(core)
+    entered, release, answered = held.entered, held.release, held.answered
+    runner = PodRunner(held, PodSandboxSettings(job_namespace=namespace))
     job = asyncio.ensure_future(runner.run("print(1)\n", "python"))
     await asyncio.to_thread(entered.wait, 10)
     job.cancel()
@@ -423,27 +429,10 @@ async def test_a_job_cancelled_while_its_pod_is_created_leaves_no_pod(job_namesp
 
 
 async def test_a_second_cancel_during_the_cleanup_still_deletes_the_pod(job_namespace):
-    import threading
-
     core, namespace = job_namespace
-    entered, release, answered = threading.Event(), threading.Event(), threading.Event()
-    real_create = core.create_namespaced_pod
-
-    class HeldCore:
-        api_client = core.api_client
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(core, name)
-
-        def create_namespaced_pod(self, namespace: str, body: Any) -> Any:
-            entered.set()
-            release.wait(10)
-            try:
-                return real_create(namespace, body)
-            finally:
-                answered.set()
-
-    runner = PodRunner(HeldCore(), PodSandboxSettings(job_namespace=namespace))
+    held = HeldCreate(core)
+    entered, release, answered = held.entered, held.release, held.answered
+    runner = PodRunner(held, PodSandboxSettings(job_namespace=namespace))
     job = asyncio.ensure_future(runner.run("print(1)\n", "python"))
     await asyncio.to_thread(entered.wait, 10)
     job.cancel()
