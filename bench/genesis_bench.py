@@ -74,6 +74,19 @@ def mean_ms_of(jobs: int, one: Callable[[], Awaitable[None]]) -> Callable[[], Aw
     return measure
 
 
+async def run_bare(case: Case, workdir: str) -> None:
+    """The bare interpreter on the same file, with the job's flags and environment; it must print 1."""
+    process = await asyncio.create_subprocess_exec(
+        *case.bare_argv(),
+        cwd=workdir,
+        env=case.bare_env(workdir),
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    stdout, _ = await process.communicate()
+    assert process.returncode == 0 and stdout == b"1\n", (process.returncode, stdout)
+
+
 def verdict(case: Case, sandboxed: Samples, bare: Samples, overhead: Samples) -> str:
     if bare.median < SMALL_BARE_MS:
         above = Samples("above", [s - b for s, b in zip(sandboxed.values, bare.values, strict=True)])
@@ -99,18 +112,7 @@ async def measure_case(case: Case, jobs: int, samples: int, workdir: str) -> Non
         for phase, taken in outcome.timings_ms.items():
             phases.setdefault(phase, []).append(taken)
 
-    async def bare_run() -> None:
-        process = await asyncio.create_subprocess_exec(
-            *case.bare_argv(),
-            cwd=workdir,
-            env=case.bare_env(workdir),
-            stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        stdout, _ = await process.communicate()
-        assert process.returncode == 0 and stdout == b"1\n", (process.returncode, stdout)
-
-    modes = {"sandboxed": mean_ms_of(jobs, sandboxed_job), "bare": mean_ms_of(jobs, bare_run)}
+    modes = {"sandboxed": mean_ms_of(jobs, sandboxed_job), "bare": mean_ms_of(jobs, lambda: run_bare(case, workdir))}
     results = await interleave_async(modes, samples=samples, warmup=1)
     sandboxed, bare = results["sandboxed"], results["bare"]
     overhead = ratio(sandboxed, bare, "job / bare")

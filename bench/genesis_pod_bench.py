@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from genesis_bench import CASES, mean_ms_of
+from genesis_bench import CASES, mean_ms_of, run_bare
 from kubernetes import client, config
 from samples import interleave_async, ratio
 
@@ -67,21 +67,10 @@ async def measure(cluster: Cluster, jobs: int, samples: int, workdir: str) -> No
     pod_phases: dict[str, list[float]] = {}
     bwrap_phases: dict[str, list[float]] = {}
 
-    async def bare() -> None:
-        process = await asyncio.create_subprocess_exec(
-            *case.bare_argv(),
-            cwd=workdir,
-            env=case.bare_env(workdir),
-            stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        stdout, _ = await process.communicate()
-        assert process.returncode == 0 and stdout == b"1\n", (process.returncode, stdout)
-
     modes = {
         "pod": mean_ms_of(jobs, checked(lambda: in_pods.run(case.code, "python"), pod_phases)),
         "bubblewrap": mean_ms_of(jobs, checked(lambda: in_bubblewrap.run(case.code, "python"), bwrap_phases)),
-        "bare": mean_ms_of(jobs, bare),
+        "bare": mean_ms_of(jobs, lambda: run_bare(case, workdir)),
     }
     print(f"a python job ({case.code.strip()!r}: syntax, lint, run); {samples} samples of {jobs} jobs one at a time,")
     print(f"interleaved after a warm-up round; {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
